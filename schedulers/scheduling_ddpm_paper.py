@@ -1,0 +1,563 @@
+# Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
+"""The diffusion process of Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (arXiv:2006.11239).
+
+`DDPMPaperScheduler` is config-compatible with `diffusers.DDPMScheduler` (a config saved by either loads into the
+other) and gives the same samples from the same generator, but writes the paper's math out explicitly: the forward
+process q(x_t|x_0), the posterior q(x_{t-1}|x_t,x_0), the reverse process p_theta(x_{t-1}|x_t) and the terms of the
+variational bound, with coefficients computed once in float64.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad"]
+
+# Schedules DDPMScheduler builds itself; any other one is exported to it as `trained_betas`.
+DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
+
+
+@dataclass
+class DDPMPaperSchedulerOutput(BaseOutput):
+    """
+    Output of [`DDPMPaperScheduler.step`], the same fields as diffusers' `DDPMSchedulerOutput`.
+
+    Args:
+        prev_sample (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+            The sample x_{t-1} drawn from p_theta(x_{t-1}|x_t); the next input of the denoising loop.
+        pred_original_sample (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+            The model's prediction of x_0 at this step (clipped when the config says so).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+def _alpha_bar_betas(num_timesteps: int, alpha_bar, max_beta: float = 0.999) -> np.ndarray:
+    """Betas that discretise a continuous abar(s), s in [0, 1] (Nichol & Dhariwal 2021, Eq. 17)."""
+    s = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    abar = np.array([alpha_bar(v) for v in s])
+    return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+
+
+def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """The beta_1..beta_T of a named schedule, in float64."""
+    T = num_train_timesteps
+    if beta_schedule == "linear":  # the paper's schedule (Sec. 4): 1e-4 to 0.02
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    if beta_schedule == "quad":  # the paper's code (diffusion_utils_2.get_beta_schedule): same as scaled_linear
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    if beta_schedule == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-np.linspace(-6, 6, T, dtype=np.float64))) * (beta_end - beta_start) + beta_start
+    if beta_schedule == "squaredcos_cap_v2":  # cosine schedule, Nichol & Dhariwal 2021
+        return _alpha_bar_betas(T, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
+    if beta_schedule == "laplace":
+
+        def laplace(s):
+            lmb = -0.5 * math.copysign(1, 0.5 - s) * math.log(1 - 2 * math.fabs(0.5 - s) + 1e-6)
+            return math.sqrt(math.exp(lmb) / (1 + math.exp(lmb)))
+
+        return _alpha_bar_betas(T, laplace)
+    raise ValueError(
+        f"Unknown beta_schedule {beta_schedule!r}: choose one of {', '.join(DIFFUSERS_BETA_SCHEDULES + ('quad',))}, "
+        "or pass trained_betas."
+    )
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023 (arXiv:2305.08891), Algorithm 1: shift and scale sqrt(abar) so that abar_T = 0."""
+    sqrt_abar = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+def _chain_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> dict[str, np.ndarray]:
+    """
+    Step coefficients of the reverse chain that visits `timesteps` (descending), in float64, indexed by timestep.
+
+    For the full chain T-1, ..., 0 these are the paper's coefficients; for a respaced chain they are those of the
+    diffusion whose betas are 1 - abar_t / abar_prev(t) (Nichol & Dhariwal 2021, Appendix), which is what
+    `DDPMScheduler.step` computes on the fly. Entries for timesteps the chain does not visit are NaN.
+    """
+    T = len(alphas_cumprod)
+    prev = np.full(T, -1, dtype=np.int64)
+    prev[timesteps[:-1]] = timesteps[1:]
+    names = ("betas", "log_betas", "coef1", "coef2", "variance", "log_variance_clipped", "large_variance")
+    table = {name: np.full(T, np.nan) for name in names}
+    abar_t = alphas_cumprod[timesteps]
+    abar_prev = np.where(prev[timesteps] >= 0, alphas_cumprod[np.maximum(prev[timesteps], 0)], 1.0)
+    beta = 1.0 - abar_t / abar_prev
+    variance = (1.0 - abar_prev) / (1.0 - abar_t) * beta  # beta-tilde_t, Eq. 7
+    table["betas"][timesteps] = beta
+    table["variance"][timesteps] = variance
+    table["coef1"][timesteps] = np.sqrt(abar_prev) * beta / (1.0 - abar_t)  # Eq. 7, weight of x_0
+    table["coef2"][timesteps] = np.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar_t)  # Eq. 7, weight of x_t
+    # beta-tilde is 0 at the chain's last step; the paper's code uses the next one there (its log is finite).
+    log_var = np.log(np.where(variance > 0, variance, np.nan))
+    if len(timesteps) > 1:
+        log_var[-1] = log_var[-2] if variance[-1] <= 0 else log_var[-1]
+    table["log_variance_clipped"][timesteps] = log_var
+    table["log_betas"][timesteps] = np.log(beta)
+    # fixed_large: sigma^2 = beta_t, except beta-tilde at the last step, whose beta would give the decoder L_0 a
+    # different variance from the one the paper's code evaluates.
+    large = beta.copy()
+    large[-1] = np.exp(log_var[-1])
+    table["large_variance"][timesteps] = large
+    table["prev_timestep"] = prev
+    return table
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
+    """
+    log p(x) per element, in nats, of 8-bit data in [-1, 1] under N(means, exp(log_scales)^2) integrated over bins of
+    width 2/255, with the first and last bins open-ended (the paper's decoder L_0, Sec. 3.3).
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_probs = torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))),
+    )
+    return log_probs
+
+
+def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
+    """
+    The DDPM of Ho et al. 2020 (arXiv:2006.11239), with the same constructor, `step` and config as
+    `diffusers.DDPMScheduler`, so checkpoints move between the two.
+
+    Defaults are the paper's: T = 1000, linear betas from 1e-4 to 0.02, `fixed_small` variance sigma_t^2 =
+    beta-tilde_t, epsilon prediction, x_0 clipped to [-1, 1] while sampling. These are also DDPMScheduler's defaults.
+
+    Args:
+        num_train_timesteps (`int`, defaults to `1000`):
+            T, the number of diffusion steps the model is trained with.
+        beta_start (`float`, defaults to `0.0001`):
+            beta_1 of the `linear`, `scaled_linear`, `quad` and `sigmoid` schedules.
+        beta_end (`float`, defaults to `0.02`):
+            beta_T of those schedules.
+        beta_schedule (`str`, defaults to `"linear"`):
+            `linear` (the paper), `scaled_linear` / `quad` (linear in sqrt(beta); `quad` is the paper code's name),
+            `squaredcos_cap_v2` (cosine, Nichol & Dhariwal 2021), `laplace` or `sigmoid`.
+        trained_betas (`np.ndarray` or `list[float]`, *optional*):
+            Explicit betas; overrides `beta_schedule`. Schedules DDPMScheduler lacks are exported this way.
+        variance_type (`str`, defaults to `"fixed_small"`):
+            sigma_t^2 of p_theta(x_{t-1}|x_t): `fixed_small` (beta-tilde_t, the paper's lower bound),
+            `fixed_large` (beta_t, the upper bound), their `_log` variants (same variance, computed in log space),
+            `learned` (the model's extra output channels are sigma_t^2, as in DDPMScheduler) or `learned_range`
+            (they interpolate log beta-tilde_t and log beta_t, Nichol & Dhariwal 2021 Eq. 15).
+        clip_sample (`bool`, defaults to `True`):
+            Clip the predicted x_0 to [-clip_sample_range, clip_sample_range] while sampling (the paper's code does).
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the model predicts: `epsilon` (the paper, Eq. 11), `sample` (x_0) or `v_prediction`.
+        thresholding (`bool`, defaults to `False`):
+            Dynamic thresholding of the predicted x_0 (Saharia et al. 2022) instead of clipping.
+        dynamic_thresholding_ratio (`float`, defaults to `0.995`):
+            Percentile of |x_0| used by dynamic thresholding.
+        clip_sample_range (`float`, defaults to `1.0`):
+            The clipping range of `clip_sample`.
+        sample_max_value (`float`, defaults to `1.0`):
+            The largest threshold of dynamic thresholding.
+        timestep_spacing (`str`, defaults to `"leading"`):
+            How `set_timesteps` spaces a respaced chain: `linspace`, `leading` or `trailing`.
+        steps_offset (`int`, defaults to `0`):
+            Offset added to `leading` timesteps.
+        rescale_betas_zero_snr (`bool`, defaults to `False`):
+            Rescale the betas to zero terminal SNR (Lin et al. 2023).
+    """
+
+    _compatibles = [DDPMScheduler.__name__] + [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: BetaSchedule = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        variance_type: VarianceType = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: Literal["linspace", "leading", "trailing"] = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        if variance_type not in VarianceType.__args__:
+            raise ValueError(
+                f"Unknown variance_type {variance_type!r}: choose one of {', '.join(VarianceType.__args__)}."
+            )
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"Unknown prediction_type {prediction_type!r}: choose epsilon, sample or v_prediction.")
+        if trained_betas is not None:
+            betas = np.asarray(trained_betas, dtype=np.float64)
+        else:
+            betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        if rescale_betas_zero_snr:
+            betas = _rescale_zero_terminal_snr(betas)
+        if len(betas) != num_train_timesteps:
+            raise ValueError(
+                f"trained_betas has {len(betas)} values but num_train_timesteps is {num_train_timesteps}."
+            )
+        if not (np.all(betas > 0) and np.all(betas <= 1)):
+            raise ValueError("Every beta must lie in (0, 1].")
+
+        # The training chain's coefficients, computed in float64 under improved-diffusion's names.
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        full = _chain_coefficients(alphas_cumprod, np.arange(num_train_timesteps)[::-1].copy())
+        training = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": np.append(1.0, alphas_cumprod[:-1]),
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+            "posterior_variance": full["variance"],
+            "posterior_log_variance_clipped": full["log_variance_clipped"],
+            "posterior_mean_coef1": full["coef1"],
+            "posterior_mean_coef2": full["coef2"],
+        }
+        # Public float32 tensors, as DDPMScheduler and improved-diffusion expose them.
+        for name, value in training.items():
+            setattr(self, name, torch.from_numpy(value).float())
+        full.pop("prev_timestep")
+        self._tables = {"training": {**full, **training}}
+        self._device_tables: dict[tuple[str, str, torch.device], torch.Tensor] = {}
+        self.one = torch.tensor(1.0)
+        self.init_noise_sigma = 1.0
+
+        self.custom_timesteps = False
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy())
+        self._set_sampling_chain(self.timesteps.numpy())
+
+    @property
+    def variance_type(self) -> str:
+        return self.config.variance_type
+
+    def _set_sampling_chain(self, timesteps: np.ndarray) -> None:
+        """Precomputes the step coefficients of the chain `step` walks, so that a step only looks them up."""
+        table = _chain_coefficients(self._tables["training"]["alphas_cumprod"], np.asarray(timesteps, dtype=np.int64))
+        self._prev_timestep = table.pop("prev_timestep")
+        self._tables["sampling"] = table
+        self._device_tables = {key: value for key, value in self._device_tables.items() if key[0] != "sampling"}
+
+    def _extract(self, chain: str, name: str, t: int | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+        """
+        Coefficient `name` of `chain` ("training" or "sampling") at timestep t, shaped to broadcast against `like`:
+        a Python float for a scalar t (no kernel, no host-device copy), else a gather from a tensor cached on
+        `like`'s device.
+        """
+        values = self._tables[chain][name]
+        if not torch.is_tensor(t) or t.ndim == 0:
+            return float(values[int(t)])
+        key = (chain, name, like.device)
+        if key not in self._device_tables:
+            self._device_tables[key] = torch.from_numpy(values).to(device=like.device, dtype=torch.float32)
+        gathered = self._device_tables[key][t.to(like.device, torch.long)].to(like.dtype)
+        return gathered.reshape(-1, *([1] * (like.ndim - 1)))
+
+    # Forward process ------------------------------------------------------------------------------------------------
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
+    ) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, a draw of q(x_t|x_0) (Eq. 4)."""
+        x0 = original_samples
+        return (
+            self._extract("training", "sqrt_alphas_cumprod", timesteps, x0) * x0
+            + self._extract("training", "sqrt_one_minus_alphas_cumprod", timesteps, x0) * noise
+        )
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the v-prediction target (Salimans & Ho 2022, Sec. 4)."""
+        return (
+            self._extract("training", "sqrt_alphas_cumprod", timesteps, sample) * noise
+            - self._extract("training", "sqrt_one_minus_alphas_cumprod", timesteps, sample) * sample
+        )
+
+    def q_mean_variance(
+        self, x0: torch.Tensor, t: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, variance and log-variance of q(x_t|x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Eq. 4)."""
+        ones = torch.ones_like(x0)
+        mean = self._extract("training", "sqrt_alphas_cumprod", t, x0) * x0
+        log_variance = self._extract("training", "log_one_minus_alphas_cumprod", t, x0) * ones
+        return mean, torch.exp(log_variance), log_variance
+
+    def q_posterior_mean_variance(
+        self, x0: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean mu-tilde_t(x_t, x_0), variance beta-tilde_t and clipped log-variance of q(x_{t-1}|x_t,x_0) (Eqs. 6-7)."""
+        ones = torch.ones_like(xt)
+        mean = self._extract("training", "coef1", t, xt) * x0 + self._extract("training", "coef2", t, xt) * xt
+        variance = self._extract("training", "variance", t, xt) * ones
+        log_variance = self._extract("training", "log_variance_clipped", t, xt) * ones
+        return mean, variance, log_variance
+
+    def predict_x0_from_eps(self, xt: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps: Eq. 4 solved for x_0."""
+        return (
+            self._extract("training", "sqrt_recip_alphas_cumprod", t, xt) * xt
+            - self._extract("training", "sqrt_recipm1_alphas_cumprod", t, xt) * eps
+        )
+
+    def predict_eps_from_x0(self, xt: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1): Eq. 4 solved for eps."""
+        return (self._extract("training", "sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self._extract(
+            "training", "sqrt_recipm1_alphas_cumprod", t, xt
+        )
+
+    # Reverse process ------------------------------------------------------------------------------------------------
+    def _predict_x0(self, model_output: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        if self.config.prediction_type == "epsilon":
+            return self.predict_x0_from_eps(xt, t, model_output)
+        if self.config.prediction_type == "sample":
+            return model_output
+        # v-prediction: x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
+        return (
+            self._extract("training", "sqrt_alphas_cumprod", t, xt) * xt
+            - self._extract("training", "sqrt_one_minus_alphas_cumprod", t, xt) * model_output
+        )
+
+    def _split_variance(
+        self, model_output: torch.Tensor, xt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.variance_type not in ("learned", "learned_range"):
+            return model_output, None
+        if model_output.shape[1] != 2 * xt.shape[1]:
+            raise ValueError(
+                f"variance_type={self.variance_type!r} needs a model with {2 * xt.shape[1]} output channels "
+                f"(prediction, then variance), got {model_output.shape[1]}."
+            )
+        return torch.split(model_output, xt.shape[1], dim=1)
+
+    def _p_mean_variance(
+        self, model_output: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor, chain: str, clip: bool
+    ) -> dict[str, torch.Tensor]:
+        """p_theta(x_{t-1}|x_t) with the step coefficients of `chain` (the training chain or the sampling chain)."""
+        model_output, predicted_variance = self._split_variance(model_output, xt)
+        pred_x0 = self._predict_x0(model_output, xt, t)
+        if clip and self.config.thresholding:
+            pred_x0 = self._threshold_sample(pred_x0)
+        elif clip and self.config.clip_sample:
+            pred_x0 = pred_x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        # mu_theta(x_t, t) = mu-tilde_t(x_t, x0_theta); with epsilon prediction and no clipping this is Eq. 11.
+        mean = self._extract(chain, "coef1", t, xt) * pred_x0 + self._extract(chain, "coef2", t, xt) * xt
+
+        ones = torch.ones_like(xt)
+        log_small = self._extract(chain, "log_variance_clipped", t, xt)
+        if self.variance_type in ("fixed_small", "fixed_small_log"):
+            variance = self._extract(chain, "variance", t, xt) * ones
+            log_variance = log_small * ones
+        elif self.variance_type in ("fixed_large", "fixed_large_log"):
+            variance = self._extract(chain, "large_variance", t, xt) * ones
+            log_variance = torch.log(variance)
+        elif self.variance_type == "learned":  # the extra channels are sigma_t^2 itself, as in DDPMScheduler
+            variance = predicted_variance
+            log_variance = torch.log(predicted_variance)
+        else:  # learned_range: v in [-1, 1] interpolates log beta-tilde_t and log beta_t
+            frac = (predicted_variance + 1) / 2
+            log_variance = frac * self._extract(chain, "log_betas", t, xt) + (1 - frac) * log_small
+            variance = torch.exp(log_variance)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_original_sample": pred_x0}
+
+    def p_mean_variance(
+        self, model_output: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor, clip_denoised: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Mean (Eq. 11 for epsilon prediction), variance, log-variance and predicted x_0 of p_theta(x_{t-1}|x_t)."""
+        return self._p_mean_variance(model_output, xt, t, "training", clip=clip_denoised)
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): clip x_0 to the s-quantile of |x_0|, then rescale."""
+        flat = sample.float().reshape(sample.shape[0], -1)
+        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        s = s.clamp(min=1, max=self.config.sample_max_value).unsqueeze(1)
+        return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(sample.dtype)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> DDPMPaperSchedulerOutput | tuple:
+        """
+        One step of ancestral sampling, x_{t-1} = mu_theta(x_t, t) + sigma_t z (Algorithm 2, line 4).
+
+        Args:
+            model_output (`torch.Tensor`):
+                The model's output at `timestep` (with the variance channels for the learned variance types).
+            timestep (`int`):
+                The current timestep t of the chain set by `set_timesteps`.
+            sample (`torch.Tensor`):
+                x_t.
+            generator (`torch.Generator`, *optional*):
+                The source of z, drawn exactly as `DDPMScheduler.step` draws it (one `randn_tensor` of the sample's
+                shape when t > 0), so both schedulers give the same samples from the same seed.
+            return_dict (`bool`, defaults to `True`):
+                Return a [`DDPMPaperSchedulerOutput`] instead of a tuple.
+        """
+        t = int(timestep)
+        p = self._p_mean_variance(model_output, sample, t, "sampling", clip=True)
+        prev_sample = p["mean"]
+        if t > 0:
+            z = randn_tensor(sample.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            if self.variance_type in ("fixed_small", "fixed_small_log"):
+                std = math.sqrt(max(self._tables["sampling"]["variance"][t], 1e-20))
+            elif self.variance_type in ("fixed_large", "fixed_large_log"):
+                std = math.sqrt(self._tables["sampling"]["betas"][t])
+            elif self.variance_type == "learned":
+                std = p["variance"] ** 0.5
+            else:
+                std = torch.exp(0.5 * p["log_variance"])
+            prev_sample = prev_sample + std * z
+        if not return_dict:
+            return prev_sample, p["pred_original_sample"]
+        return DDPMPaperSchedulerOutput(prev_sample=prev_sample, pred_original_sample=p["pred_original_sample"])
+
+    # Variational bound (Eq. 5), in bits per dimension ---------------------------------------------------------------
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T|x_0) || N(0, I)) per example, in bits/dim (Eq. 5, first term)."""
+        mean, _, log_variance = self.q_mean_variance(x0, self.config.num_train_timesteps - 1)
+        zeros = torch.zeros_like(mean)
+        return _mean_over_dims(normal_kl(mean, log_variance, zeros, zeros)) / math.log(2.0)
+
+    def vlb_terms(
+        self, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """
+        L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for t > 0 and L_0 = -log p_theta(x_0|x_1) for t = 0,
+        per example in bits/dim (Eq. 5; the decoder is the discretized Gaussian of Sec. 3.3). t is 0-based: t = 0 is
+        the paper's x_1 -> x_0 step. No clipping. Returns `output` (the term) and `pred_original_sample`.
+        """
+        if not torch.is_tensor(t) or t.ndim == 0:
+            t = torch.full((x0.shape[0],), int(t), device=x0.device, dtype=torch.long)
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
+        p = self.p_mean_variance(model_output, xt, t, clip_denoised=False)
+        kl = _mean_over_dims(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, means=p["mean"], log_scales=0.5 * p["log_variance"])
+        decoder_nll = _mean_over_dims(nll) / math.log(2.0)
+        return {
+            "output": torch.where(t.to(x0.device) == 0, decoder_nll, kl),
+            "pred_original_sample": p["pred_original_sample"],
+        }
+
+    # The sampling chain, DDPMScheduler's interface ------------------------------------------------------------------
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """The identity: DDPM feeds x_t to the model as it is."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ):
+        """
+        Sets the chain of timesteps `step` walks, respaced as DDPMScheduler respaces it (`timestep_spacing`).
+
+        Args:
+            num_inference_steps (`int`, *optional*):
+                Number of sampling steps.
+            device (`str` or `torch.device`, *optional*):
+                Where `timesteps` is placed.
+            timesteps (`list[int]`, *optional*):
+                An explicit strictly descending chain, instead of `num_inference_steps`.
+        """
+        T = self.config.num_train_timesteps
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Pass either `num_inference_steps` or `timesteps`, not both.")
+        if timesteps is not None:
+            timesteps = np.array(timesteps, dtype=np.int64)
+            if np.any(np.diff(timesteps) >= 0):
+                raise ValueError("`timesteps` must be strictly descending.")
+            if timesteps[0] >= T:
+                raise ValueError(f"`timesteps` must start below num_train_timesteps={T}, got {timesteps[0]}.")
+            self.custom_timesteps = True
+        else:
+            if num_inference_steps is None or not 0 < num_inference_steps <= T:
+                raise ValueError(
+                    f"num_inference_steps must be between 1 and num_train_timesteps={T}, got {num_inference_steps}."
+                )
+            self.num_inference_steps = num_inference_steps
+            self.custom_timesteps = False
+            spacing = self.config.timestep_spacing
+            if spacing == "linspace":
+                timesteps = np.linspace(0, T - 1, num_inference_steps).round()[::-1].copy().astype(np.int64)
+            elif spacing == "leading":
+                step_ratio = T // num_inference_steps
+                timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].copy().astype(np.int64)
+                timesteps += self.config.steps_offset
+            elif spacing == "trailing":
+                timesteps = np.round(np.arange(T, 0, -T / num_inference_steps)).astype(np.int64) - 1
+            else:
+                raise ValueError(f"Unknown timestep_spacing {spacing!r}: choose linspace, leading or trailing.")
+        self._set_sampling_chain(timesteps)
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
+        """The timestep after `timestep` in the sampling chain (-1 after the last one)."""
+        prev = int(self._prev_timestep[int(timestep)])
+        return torch.tensor(prev) if torch.is_tensor(timestep) else prev
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # Interoperability -----------------------------------------------------------------------------------------------
+    def to_diffusers_config(self) -> dict:
+        """
+        A `DDPMScheduler` config with the same betas: a schedule it lacks becomes `trained_betas`, and
+        `fixed_large_log` becomes the equal `fixed_large` (DDPMScheduler's own `fixed_large_log` samples NaN,
+        diffusers issue #14569).
+        """
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        if config["trained_betas"] is None and config["beta_schedule"] not in DIFFUSERS_BETA_SCHEDULES:
+            config["trained_betas"] = self._tables["training"]["betas"].tolist()
+            config["beta_schedule"] = "linear"
+        if config["variance_type"] == "fixed_large_log":
+            config["variance_type"] = "fixed_large"
+        return config

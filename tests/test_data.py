@@ -1,0 +1,231 @@
+"""training.data: the embedded digits, local and Hub datasets, the uint8 image cache and per-batch model input."""
+
+import time
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from training import data
+from training.data import (
+    DatasetUnavailableError,
+    ImageDataError,
+    collate_pixels,
+    digits_dataset,
+    find_image_column,
+    images_to_model_input,
+    load_image_dataset,
+    preprocess_images,
+)
+
+
+def banded_image() -> Image.Image:
+    """A 24x8 grayscale image of three vertical bands, 0 | 100 | 200, each 8 pixels wide."""
+    array = np.zeros((8, 24), dtype=np.uint8)
+    array[:, 8:16] = 100
+    array[:, 16:] = 200
+    return Image.fromarray(array, mode="L")
+
+
+def write_png(path, value: int, size=(6, 6)) -> None:
+    Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8), mode="RGB").save(path)
+
+
+def all_pixels(dataset) -> torch.Tensor:
+    return collate_pixels(list(dataset))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_dataset()
+
+
+def test_digits_dataset_is_sklearn_digits_scaled_to_uint8_grayscale(digits):
+    assert digits.num_rows == 1797
+    assert isinstance(digits.features["image"], datasets.Image)
+    assert digits.features["label"].names == [str(i) for i in range(10)]
+    first = digits[0]["image"]
+    assert (first.mode, first.size) == ("L", (8, 8))
+
+    stored = np.stack([np.asarray(image) for image in digits[:]["image"]])
+    expected = np.rint(load_digits().images * 255 / 16)
+    np.testing.assert_array_equal(stored, expected)
+    assert (stored.min(), stored.max()) == (0, 255)
+    assert digits[:]["label"] == load_digits().target.tolist()
+
+
+def test_no_dataset_given_loads_the_embedded_digits():
+    dataset = load_image_dataset()
+    assert isinstance(dataset, datasets.Dataset) and dataset.num_rows == 1797
+    assert isinstance(load_image_dataset(streaming=True), datasets.IterableDataset)
+
+
+def test_local_folder_in_hub_layout_loads_by_path_and_caches_pixels_on_disk(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    values = [10, 120, 250]
+    images = [Image.fromarray(np.full((4, 4), v, dtype=np.uint8), mode="L") for v in values]
+    table = datasets.Dataset.from_dict(
+        {"picture": images, "caption": ["a", "b", "c"]},
+        features=datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    table.to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+
+    dataset = load_image_dataset(str(repo), cache_dir=str(tmp_path / "cache"))
+    assert dataset.num_rows == 3
+    assert find_image_column(dataset) == "picture"
+
+    processed = preprocess_images(dataset, "picture", resolution=4, channels=3)
+    assert processed.column_names == ["pixels"]
+    assert processed.cache_files, "the uint8 cache should be an Arrow file next to the dataset's own"
+    pixels = processed[:]["pixels"]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 4, 4)
+    assert pixels.flatten(1).min(1).values.tolist() == values
+    assert pixels.flatten(1).max(1).values.tolist() == values
+
+
+def test_plain_image_folder_loads_with_train_data_dir(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_png(folder / "a.png", 30)
+    write_png(folder / "b.png", 60)
+    dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert dataset.num_rows == 2
+    pixels = all_pixels(preprocess_images(dataset, find_image_column(dataset), resolution=4, channels=3))
+    assert pixels.shape == (2, 3, 4, 4)
+    assert sorted(pixels[:, 0, 0, 0].tolist()) == [30, 60]
+
+
+def test_missing_or_empty_image_folder_says_what_is_wrong(tmp_path):
+    with pytest.raises(DatasetUnavailableError, match="is not a folder"):
+        load_image_dataset(train_data_dir=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageDataError, match="Found no data files"):
+        load_image_dataset(train_data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_both_dataset_name_and_train_data_dir_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="pass only one"):
+        load_image_dataset("uoft-cs/cifar10", train_data_dir=str(tmp_path))
+
+
+def test_find_image_column_auto_detects_and_errors_list_the_columns(digits):
+    assert find_image_column(digits) == "image"
+    assert find_image_column(digits, "image") == "image"
+    with pytest.raises(ImageDataError, match=r"'img' is not a column.*\['image', 'label'\]"):
+        find_image_column(digits, "img")
+    no_images = datasets.Dataset.from_dict({"x": [1], "y": ["a"]})
+    with pytest.raises(ImageDataError, match=r"\['x', 'y'\].*--image_column"):
+        find_image_column(no_images)
+
+
+def test_corrupt_png_in_image_folder_is_named(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_png(folder / "good.png", 80)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ImageDataError, match=r"broken\.png.*Remove or fix that file"):
+        preprocess_images(dataset, "image", resolution=4, channels=3)
+
+
+def test_corrupt_image_without_a_path_is_named_by_row():
+    dataset = datasets.Dataset.from_dict(
+        {"image": [banded_image(), {"bytes": b"garbage", "path": None}]},
+        features=datasets.Features({"image": datasets.Image()}),
+    )
+    with pytest.raises(ImageDataError, match="at row 1"):
+        preprocess_images(dataset, "image", resolution=4, channels=1)
+
+
+def test_uncached_hub_dataset_offline_fails_fast_naming_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(DatasetUnavailableError) as error:
+        load_image_dataset("some-user/not-cached")
+    assert time.monotonic() - start < 5
+    message = str(error.value)
+    assert "'some-user/not-cached'" in message
+    assert "--train_data_dir" in message and "network" in message
+
+
+def test_unreachable_hub_forces_offline_mode_and_restores_it(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    probes = []
+    monkeypatch.setattr(data, "hub_is_reachable", lambda: probes.append(1) or False)
+
+    start = time.monotonic()
+    with pytest.raises(DatasetUnavailableError, match="cannot be reached"):
+        load_image_dataset("some-user/not-cached")
+    assert time.monotonic() - start < 5
+    assert probes == [1]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False
+
+
+def test_preprocess_gives_uint8_channels_first_at_the_requested_size(digits):
+    processed = preprocess_images(digits, "image", resolution=8, channels=1)
+    pixels = processed[:]["pixels"]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1797, 1, 8, 8)
+    np.testing.assert_array_equal(pixels[:, 0].numpy(), np.rint(load_digits().images * 255 / 16))
+
+    rgb = preprocess_images(digits.select(range(4)), "image", resolution=4, channels=3)[:]["pixels"]
+    assert rgb.shape == (4, 3, 4, 4)
+    assert torch.equal(rgb[:, 0], rgb[:, 1]) and torch.equal(rgb[:, 0], rgb[:, 2])
+
+
+def test_non_square_image_is_resized_on_the_short_side_then_center_cropped():
+    dataset = datasets.Dataset.from_dict(
+        {"image": [banded_image()]}, features=datasets.Features({"image": datasets.Image()})
+    )
+    pixels = preprocess_images(dataset, "image", resolution=4, channels=1)[0]["pixels"]
+    # 24x8 -> 12x4 (bilinear, antialiased: 0 0 0 13 88 100 100 113 188 200 200 200), center crop = columns 4..7.
+    assert pixels.shape == (1, 4, 4)
+    assert pixels[0].tolist() == [[88, 100, 100, 113]] * 4
+
+
+def test_random_crop_is_chosen_once_per_image_from_the_seed():
+    dataset = datasets.Dataset.from_dict(
+        {"image": [banded_image()] * 8}, features=datasets.Features({"image": datasets.Image()})
+    )
+    resized = [0, 0, 0, 13, 88, 100, 100, 113, 188, 200, 200, 200]
+    windows = {tuple(resized[left : left + 4]) for left in range(9)}
+    first = preprocess_images(dataset, "image", resolution=4, channels=1, center_crop=False, seed=3)[:]["pixels"]
+    again = preprocess_images(dataset, "image", resolution=4, channels=1, center_crop=False, seed=3)[:]["pixels"]
+    assert torch.equal(first, again)
+    rows = {tuple(image[0, 0].tolist()) for image in first}
+    assert rows <= windows and len(rows) > 1, "crops should be valid windows that vary from image to image"
+    assert all((image[0] == image[0, :1]).all() for image in first), "every row of a crop is the same"
+
+
+def test_streaming_yields_the_same_pixels_as_the_cached_dataset(digits):
+    cached = preprocess_images(digits, "image", resolution=8, channels=1)[:]["pixels"]
+    streamed = preprocess_images(load_image_dataset(streaming=True), "image", resolution=8, channels=1)
+    assert isinstance(streamed, datasets.IterableDataset)
+    batch = all_pixels(streamed)
+    assert batch.dtype == torch.uint8
+    assert torch.equal(batch, cached)
+
+
+def test_model_input_maps_0_to_minus_1_and_255_to_1():
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    images = images_to_model_input(pixels, random_flip=False)
+    assert images.dtype == torch.float32
+    torch.testing.assert_close(images.flatten(), torch.tensor([-1.0, 51 / 127.5 - 1, 1.0]))
+
+
+def test_random_flip_flips_exactly_the_examples_the_generator_picks():
+    pixels = torch.arange(16 * 2 * 3 * 5, dtype=torch.int64).remainder(256).to(torch.uint8).view(16, 2, 3, 5)
+    images = images_to_model_input(pixels, random_flip=True, generator=torch.Generator().manual_seed(7))
+    coins = torch.rand(16, generator=torch.Generator().manual_seed(7)) < 0.5
+    assert 0 < coins.sum() < 16
+    unflipped = pixels.float() / 127.5 - 1
+    for image, original, flipped in zip(images, unflipped, coins, strict=True):
+        torch.testing.assert_close(image, original.flip(-1) if flipped else original, rtol=0, atol=0)

@@ -1,0 +1,396 @@
+"""Training data for train_ddpm.py: loading, and the uint8 image cache.
+
+Images are decoded, resized and cropped once with PIL and stored by `datasets` as uint8 arrays (Arrow files,
+memory-mapped, reused on the next run through the `datasets` cache). Scaling to [-1, 1] and random flips happen per
+batch on the training device with torch ops (`images_to_model_input`), so no per-sample Python transform runs in the
+training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+import huggingface_hub
+import numpy as np
+import torch
+from datasets import Dataset, IterableDataset
+from datasets.exceptions import DatasetNotFoundError
+from PIL import Image
+
+HUB_PROBE_TIMEOUT = 3.0
+"""Seconds to wait for the Hub before loading in offline mode (without it, `datasets` retries for ~25 s a name)."""
+
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The requested dataset can neither be downloaded nor found locally."""
+
+
+class ImageDataError(ValueError):
+    """The dataset is available but its content cannot be used (missing column, corrupt image, ...)."""
+
+
+def digits_dataset() -> Dataset:
+    r"""
+    The embedded default dataset: scikit-learn's bundled 8x8 handwritten digits (1,797 images), no network needed.
+
+    The original values 0..16 are scaled to 0..255 (`round(v * 255 / 16)`) and stored as grayscale ("L") images.
+
+    Returns:
+        `datasets.Dataset`: columns `image` (`datasets.Image`, 8x8, mode "L") and `label` (`datasets.ClassLabel`,
+        names "0".."9").
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(mode="L"), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    images = [Image.fromarray(array, mode="L") for array in pixels]
+    return Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").upper() in _TRUE_VALUES
+
+
+def offline_mode_requested() -> bool:
+    r"""
+    Whether the user asked for offline mode (`HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`, read now or at import).
+    """
+    return (
+        _env_flag("HF_HUB_OFFLINE")
+        or _env_flag("HF_DATASETS_OFFLINE")
+        or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+        or bool(datasets.config.HF_HUB_OFFLINE)
+    )
+
+
+def hub_is_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    r"""
+    Whether the Hugging Face Hub endpoint (`huggingface_hub.constants.ENDPOINT`) answers within `timeout` seconds.
+
+    Any HTTP answer, even an error status, counts as reachable; DNS failures, refused connections and timeouts do not.
+    """
+    request = urllib.request.Request(huggingface_hub.constants.ENDPOINT, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def forced_offline_mode() -> Iterator[None]:
+    r"""
+    Put `huggingface_hub` and `datasets` in offline mode for the duration of the block.
+
+    Both libraries read `HF_HUB_OFFLINE` once at import, so setting the environment variable now would not be seen;
+    their module-level flags are switched instead and restored afterwards.
+    """
+    saved = (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _unavailable_message(name: str, reason: str) -> str:
+    return (
+        f"Dataset '{name}' is not available: {reason}. Check the name; run once with network access so that "
+        "`datasets` caches it; or pass a local folder instead: --train_data_dir for a plain folder of images, or "
+        "--dataset_name /path/to/folder for a folder laid out like a Hub dataset repository (data/train-*.parquet)."
+    )
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+    split: str = "train",
+    streaming: bool = False,
+) -> Dataset | IterableDataset:
+    r"""
+    Load the training images: a Hub dataset, a local folder, or the embedded digits.
+
+    When `dataset_name` is not a local path and offline mode was not requested, the Hub is probed first (for
+    `HUB_PROBE_TIMEOUT` seconds). If it does not answer, the dataset is loaded in offline mode, so a cached copy is still
+    used and a missing one fails at once instead of after ~25 s of retries.
+
+    Args:
+        dataset_name (`str`, *optional*):
+            A Hub dataset id (`uoft-cs/cifar10`) or a local folder laid out like a Hub dataset repository.
+        dataset_config_name (`str`, *optional*):
+            The dataset configuration, if the dataset has several.
+        train_data_dir (`str`, *optional*):
+            A plain folder of images, loaded with the `imagefolder` builder (subfolder names become labels).
+        cache_dir (`str`, *optional*):
+            Where `datasets` stores downloads and Arrow files; defaults to the `datasets` cache.
+        split (`str`, defaults to `"train"`):
+            The split to load. Ignored by the embedded digits, which have only a train split.
+        streaming (`bool`, defaults to `False`):
+            Return an `IterableDataset` that reads the data lazily (for data larger than the disk cache).
+
+    Returns:
+        `datasets.Dataset` or `datasets.IterableDataset` (when `streaming`). With neither `dataset_name` nor
+        `train_data_dir`, the embedded digits (`digits_dataset()`).
+
+    Raises:
+        `DatasetUnavailableError`: the dataset is not on the Hub, the Hub cannot be reached and no cached copy exists,
+        or the local folder does not exist.
+        `ImageDataError`: the local folder holds no data files.
+        `ValueError`: both `dataset_name` and `train_data_dir` are given.
+    """
+    if dataset_name is not None and train_data_dir is not None:
+        raise ValueError(
+            f"Got both --dataset_name ({dataset_name!r}) and --train_data_dir ({train_data_dir!r}); pass only one."
+        )
+    if dataset_name is None and train_data_dir is None:
+        dataset = digits_dataset()
+        return dataset.to_iterable_dataset() if streaming else dataset
+
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise DatasetUnavailableError(
+                f"--train_data_dir {train_data_dir!r} is not a folder. Pass a folder that holds the training images "
+                "(directly or in one subfolder per class)."
+            )
+        name, load_args, load_kwargs = train_data_dir, ("imagefolder",), {"data_dir": train_data_dir}
+    else:
+        name, load_args, load_kwargs = dataset_name, (dataset_name, dataset_config_name), {}
+
+    is_local = train_data_dir is not None or os.path.exists(dataset_name)
+    offline = not is_local and (offline_mode_requested() or not hub_is_reachable())
+    try:
+        with forced_offline_mode() if offline else contextlib.nullcontext():
+            return datasets.load_dataset(
+                *load_args, **load_kwargs, cache_dir=cache_dir, split=split, streaming=streaming
+            )
+    except datasets.data_files.EmptyDatasetError as error:
+        raise ImageDataError(
+            f"Found no data files in '{name}' ({error}). Put the images (or data/train-*.parquet files) there, or "
+            "point to the folder that holds them."
+        ) from error
+    except ConnectionError as error:
+        reason = "offline mode is on" if offline_mode_requested() else "the Hugging Face Hub cannot be reached"
+        raise DatasetUnavailableError(
+            _unavailable_message(name, f"{reason} and no cached copy was found ({error})")
+        ) from error
+    except (DatasetNotFoundError, FileNotFoundError) as error:
+        where = "it is not a local folder and no cached copy was found" if offline else "it was not found"
+        raise DatasetUnavailableError(_unavailable_message(name, f"{where} ({error})")) from error
+
+
+def find_image_column(dataset: Dataset | IterableDataset, image_column: str | None = None) -> str:
+    r"""
+    The name of the column that holds the images.
+
+    Args:
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            The loaded dataset.
+        image_column (`str`, *optional*):
+            The column to use; by default the first column whose feature is `datasets.Image`.
+
+    Raises:
+        `ImageDataError`: `image_column` is not a column, or no column holds images; the message lists the columns.
+    """
+    features = dataset.features
+    if features is None:
+        # Streaming datasets without metadata learn their columns from the first example.
+        first = next(iter(dataset))
+        columns = list(first)
+        candidates = [name for name, value in first.items() if isinstance(value, Image.Image)]
+    else:
+        columns = list(features)
+        candidates = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if image_column is not None:
+        if image_column not in columns:
+            raise ImageDataError(
+                f"--image_column {image_column!r} is not a column of the dataset; its columns are {columns}."
+            )
+        return image_column
+    if not candidates:
+        raise ImageDataError(
+            f"Found no image column (a `datasets.Image` feature) in the dataset; its columns are {columns}. "
+            "Name the column that holds the images with --image_column."
+        )
+    return candidates[0]
+
+
+def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    # torchvision's Resize(int): the short side becomes `resolution`, the long side is scaled and truncated.
+    if width <= height:
+        return resolution, int(resolution * height / width)
+    return int(resolution * width / height), resolution
+
+
+def _decode_image(value: dict[str, Any], row: int, mode: str) -> Image.Image:
+    path, data = value.get("path"), value.get("bytes")
+    where = f"'{path}' (row {row})" if path else f"at row {row}"
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            return image.convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageDataError(
+            f"Cannot decode the image {where}: {error}. Remove or fix that file, then run again."
+        ) from error
+
+
+def _to_pixels(
+    batch: dict[str, list],
+    indices: list[int],
+    image_column: str,
+    resolution: int,
+    mode: str,
+    center_crop: bool,
+    seed: int,
+) -> dict[str, list[np.ndarray]]:
+    pixels = []
+    for value, index in zip(batch[image_column], indices, strict=True):
+        if value is None:
+            raise ImageDataError(f"Row {index} has no image. Remove that row or fill it, then run again.")
+        image = _decode_image(value, index, mode)
+        size = _resized_size(*image.size, resolution)
+        if size != image.size:
+            image = image.resize(size, resample=Image.BILINEAR)
+        width, height = image.size
+        if center_crop:
+            # torchvision's CenterCrop rounding.
+            top, left = int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0))
+        else:
+            rng = np.random.default_rng([seed, index])
+            top = int(rng.integers(0, height - resolution + 1))
+            left = int(rng.integers(0, width - resolution + 1))
+        image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.uint8)
+        pixels.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    return {"pixels": pixels}
+
+
+def preprocess_images(
+    dataset: Dataset | IterableDataset,
+    image_column: str,
+    resolution: int,
+    channels: int,
+    center_crop: bool = True,
+    seed: int = 0,
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    r"""
+    Decode, resize and crop every image once, into a uint8 `pixels` column of shape (channels, resolution, resolution).
+
+    This is what diffusers' `train_unconditional.py` does per sample and per step with torchvision's `Resize`
+    (bilinear, short side to `resolution`) and `CenterCrop` / `RandomCrop`, done once with PIL and cached by `datasets`.
+    A random crop (`center_crop=False`) is chosen once per image, from `seed` and the row index, rather than anew
+    every epoch: the two differ only for non-square images, since a square image resized to `resolution` has a single
+    possible crop.
+
+    Datasets with Arrow files on disk (Hub, local folders) get the result cached next to them and memory-mapped, so a
+    later run with the same arguments reuses it; in-memory datasets (the embedded digits) keep it in memory.
+
+    Args:
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            The loaded dataset; streaming datasets are processed lazily, as they are read.
+        image_column (`str`):
+            The column that holds the images (see `find_image_column`).
+        resolution (`int`):
+            Side of the square output images.
+        channels (`int`):
+            1 converts the images to grayscale ("L"), 3 to "RGB".
+        center_crop (`bool`, defaults to `True`):
+            Crop the center of the resized image; otherwise a random crop chosen once per image.
+        seed (`int`, defaults to 0):
+            Seed of the random crops.
+        num_proc (`int`, *optional*):
+            Worker processes for the conversion (not used when streaming).
+
+    Returns:
+        The dataset with the single column `pixels`, in torch format: a `torch.Tensor` of shape (channels, resolution,
+        resolution) per example, uint8 for a `Dataset` and int64 for an `IterableDataset` (whose `with_format` takes
+        no dtype). Batch either with `collate_pixels`, which gives uint8.
+
+    Raises:
+        `ImageDataError`: a missing image column, or an image that cannot be decoded (the message names its file or
+        row).
+        `ValueError`: `channels` is not 1 or 3, or `resolution` is not positive.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}.")
+    find_image_column(dataset, image_column)
+    features = datasets.Features({"pixels": datasets.Array3D(shape=(channels, resolution, resolution), dtype="uint8")})
+    fn_kwargs = {
+        "image_column": image_column,
+        "resolution": resolution,
+        "mode": "L" if channels == 1 else "RGB",
+        "center_crop": center_crop,
+        "seed": seed,
+    }
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    map_kwargs = {"num_proc": num_proc, "desc": "Decoding and resizing images"} if isinstance(dataset, Dataset) else {}
+    dataset = dataset.map(
+        _to_pixels,
+        batched=True,
+        with_indices=True,
+        fn_kwargs=fn_kwargs,
+        remove_columns=dataset.column_names,
+        features=features,
+        **map_kwargs,
+    )
+    if isinstance(dataset, Dataset):
+        return dataset.with_format("torch", dtype=torch.uint8)
+    # IterableDataset.with_format takes no tensor options: its torch tensors come out as int64 (`collate_pixels`
+    # turns them back into uint8).
+    return dataset.with_format("torch")
+
+
+def collate_pixels(examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    r"""
+    `collate_fn` for a `torch.utils.data.DataLoader` over `preprocess_images`' output: a uint8 batch (B, C, H, W).
+
+    Streaming datasets give int64 tensors (see `preprocess_images`); the values are 0..255, so the cast is exact and
+    the batch moves to the training device at one byte a value.
+    """
+    return torch.stack([example["pixels"] for example in examples]).to(torch.uint8)
+
+
+def images_to_model_input(
+    pixels_uint8: torch.Tensor, random_flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    r"""
+    Turn a batch of cached uint8 images into model input: float32 in [-1, 1], optionally flipped left-right.
+
+    Args:
+        pixels_uint8 (`torch.Tensor`):
+            uint8 images of shape (batch, channels, height, width), on the training device.
+        random_flip (`bool`):
+            Flip each image horizontally with probability 1/2 (the paper's only augmentation).
+        generator (`torch.Generator`, *optional*):
+            Source of the per-example coins; torch's global RNG by default. The coins are drawn on the generator's
+            device and moved to the images' device.
+
+    Returns:
+        `torch.Tensor`: float32, `pixels / 127.5 - 1`, same shape and device.
+    """
+    images = pixels_uint8.to(torch.float32) / 127.5 - 1.0
+    if not random_flip:
+        return images
+    device = generator.device if generator is not None else images.device
+    flip = torch.rand(images.shape[0], generator=generator, device=device) < 0.5
+    flip = flip.to(images.device).view(-1, *([1] * (images.ndim - 1)))
+    return torch.where(flip, images.flip(-1), images)
