@@ -121,6 +121,13 @@ def _chain_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> di
     return table
 
 
+def _axpby(a: float | torch.Tensor, x: torch.Tensor, b: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """a * x + b * y in two kernels when b is a scalar (the sampling loop's case)."""
+    if isinstance(b, float):
+        return torch.add(x * a, y, alpha=b)
+    return a * x + b * y
+
+
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) per element, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
@@ -306,10 +313,8 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
     ) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, a draw of q(x_t|x_0) (Eq. 4)."""
         x0 = original_samples
-        return (
-            self._extract("training", "sqrt_alphas_cumprod", timesteps, x0) * x0
-            + self._extract("training", "sqrt_one_minus_alphas_cumprod", timesteps, x0) * noise
-        )
+        a = self._extract("training", "sqrt_alphas_cumprod", timesteps, x0)
+        return _axpby(a, x0, self._extract("training", "sqrt_one_minus_alphas_cumprod", timesteps, x0), noise)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the v-prediction target (Salimans & Ho 2022, Sec. 4)."""
@@ -339,10 +344,9 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
 
     def predict_x0_from_eps(self, xt: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps: Eq. 4 solved for x_0."""
-        return (
-            self._extract("training", "sqrt_recip_alphas_cumprod", t, xt) * xt
-            - self._extract("training", "sqrt_recipm1_alphas_cumprod", t, xt) * eps
-        )
+        a = self._extract("training", "sqrt_recip_alphas_cumprod", t, xt)
+        b = self._extract("training", "sqrt_recipm1_alphas_cumprod", t, xt)
+        return _axpby(a, xt, -b, eps)
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1): Eq. 4 solved for eps."""
@@ -375,9 +379,18 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         return torch.split(model_output, xt.shape[1], dim=1)
 
     def _p_mean_variance(
-        self, model_output: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor, chain: str, clip: bool
+        self,
+        model_output: torch.Tensor,
+        xt: torch.Tensor,
+        t: int | torch.Tensor,
+        chain: str,
+        clip: bool,
+        with_variance: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """p_theta(x_{t-1}|x_t) with the step coefficients of `chain` (the training chain or the sampling chain)."""
+        """
+        p_theta(x_{t-1}|x_t) with the step coefficients of `chain` (the training chain or the sampling chain).
+        `with_variance=False` skips the variance tensors (`step` needs them only for the learned variance types).
+        """
         model_output, predicted_variance = self._split_variance(model_output, xt)
         pred_x0 = self._predict_x0(model_output, xt, t)
         if clip and self.config.thresholding:
@@ -385,7 +398,9 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         elif clip and self.config.clip_sample:
             pred_x0 = pred_x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         # mu_theta(x_t, t) = mu-tilde_t(x_t, x0_theta); with epsilon prediction and no clipping this is Eq. 11.
-        mean = self._extract(chain, "coef1", t, xt) * pred_x0 + self._extract(chain, "coef2", t, xt) * xt
+        mean = _axpby(self._extract(chain, "coef1", t, xt), pred_x0, self._extract(chain, "coef2", t, xt), xt)
+        if not with_variance:
+            return {"mean": mean, "pred_original_sample": pred_x0}
 
         ones = torch.ones_like(xt)
         log_small = self._extract(chain, "log_variance_clipped", t, xt)
@@ -442,7 +457,8 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
                 Return a [`DDPMPaperSchedulerOutput`] instead of a tuple.
         """
         t = int(timestep)
-        p = self._p_mean_variance(model_output, sample, t, "sampling", clip=True)
+        learned = self.variance_type in ("learned", "learned_range")
+        p = self._p_mean_variance(model_output, sample, t, "sampling", clip=True, with_variance=learned)
         prev_sample = p["mean"]
         if t > 0:
             z = randn_tensor(sample.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
@@ -454,7 +470,7 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
                 std = p["variance"] ** 0.5
             else:
                 std = torch.exp(0.5 * p["log_variance"])
-            prev_sample = prev_sample + std * z
+            prev_sample = prev_sample.add_(z, alpha=std) if isinstance(std, float) else prev_sample + std * z
         if not return_dict:
             return prev_sample, p["pred_original_sample"]
         return DDPMPaperSchedulerOutput(prev_sample=prev_sample, pred_original_sample=p["pred_original_sample"])
