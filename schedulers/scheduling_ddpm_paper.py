@@ -124,7 +124,7 @@ def _chain_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> di
 def _axpby(a: float | torch.Tensor, x: torch.Tensor, b: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """a * x + b * y in two kernels when b is a scalar (the sampling loop's case)."""
     if isinstance(b, float):
-        return torch.add(x * a, y, alpha=b)
+        return torch.mul(x, a).add_(y, alpha=b)  # in place: one allocation
     return a * x + b * y
 
 
@@ -396,7 +396,12 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         if clip and self.config.thresholding:
             pred_x0 = self._threshold_sample(pred_x0)
         elif clip and self.config.clip_sample:
-            pred_x0 = pred_x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+            limit = self.config.clip_sample_range
+            # In place on a tensor made here; with `sample` prediction pred_x0 is (a view of) the model's output.
+            if self.config.prediction_type == "sample":
+                pred_x0 = pred_x0.clamp(-limit, limit)
+            else:
+                pred_x0 = pred_x0.clamp_(-limit, limit)
         # mu_theta(x_t, t) = mu-tilde_t(x_t, x0_theta); with epsilon prediction and no clipping this is Eq. 11.
         mean = _axpby(self._extract(chain, "coef1", t, xt), pred_x0, self._extract(chain, "coef2", t, xt), xt)
         if not with_variance:
