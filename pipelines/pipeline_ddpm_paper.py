@@ -177,9 +177,7 @@ class DDPMPaperPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps.tolist()  # plain ints: no device sync per step
         every = trajectory_every or max(1, len(timesteps) // 10)
         snapshots, snapshot_timesteps = [], []
-        if show_progress is not None:
-            self.set_progress_bar_config(disable=not show_progress)
-        for i, t in enumerate(self.progress_bar(timesteps)):
+        for i, t in enumerate(self._progress(timesteps, show_progress)):
             model_output = self.unet(image, t).sample  # eps_theta(x_t, t)
             step = self.scheduler.step(model_output, t, image, generator=generator)
             image = step.prev_sample  # x_{t-1} = mu_theta + sigma_t z (Algorithm 2, line 4)
@@ -201,6 +199,16 @@ class DDPMPaperPipeline(DiffusionPipeline):
             x0_trajectory=trajectory,
             trajectory_timesteps=snapshot_timesteps if return_x0_trajectory else None,
         )
+
+    def _progress(self, timesteps: list[int], show_progress: bool | None):
+        """The progress bar; `show_progress` overrides `set_progress_bar_config(disable=...)` for this call only."""
+        default = getattr(self, "_progress_bar_config", {})
+        if show_progress is not None:
+            self._progress_bar_config = {**default, "disable": not show_progress}
+        try:
+            return self.progress_bar(timesteps)
+        finally:
+            self._progress_bar_config = default
 
     # The paper's evaluations (Sec. 3.3 and 4.3) -----------------------------------------------------------------------
     def bits_per_dim(self, images: torch.Tensor, **kwargs):

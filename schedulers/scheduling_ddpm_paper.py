@@ -488,24 +488,29 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         return _mean_over_dims(normal_kl(mean, log_variance, zeros, zeros)) / math.log(2.0)
 
     def vlb_terms(
-        self, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor
+        self,
+        model_output: torch.Tensor,
+        x0: torch.Tensor,
+        xt: torch.Tensor,
+        t: int | torch.Tensor,
+        clip_denoised: bool = False,
     ) -> dict[str, torch.Tensor]:
         """
         L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for t > 0 and L_0 = -log p_theta(x_0|x_1) for t = 0,
         per example in bits/dim (Eq. 5; the decoder is the discretized Gaussian of Sec. 3.3). t is 0-based: t = 0 is
-        the paper's x_1 -> x_0 step. No clipping. Returns `output` (the term) and `pred_original_sample`.
+        the paper's x_1 -> x_0 step. `clip_denoised` clips the predicted x_0 as `step` does, giving the terms of the
+        model the sampler draws from (the paper code's `calc_bpd_loop` default). Returns `output` (the term) and
+        `pred_original_sample`.
         """
         if not torch.is_tensor(t) or t.ndim == 0:
             t = torch.full((x0.shape[0],), int(t), device=x0.device, dtype=torch.long)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
-        p = self.p_mean_variance(model_output, xt, t, clip_denoised=False)
+        p = self.p_mean_variance(model_output, xt, t, clip_denoised=clip_denoised)
         kl = _mean_over_dims(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, means=p["mean"], log_scales=0.5 * p["log_variance"])
         decoder_nll = _mean_over_dims(nll) / math.log(2.0)
-        return {
-            "output": torch.where(t.to(x0.device) == 0, decoder_nll, kl),
-            "pred_original_sample": p["pred_original_sample"],
-        }
+        output = torch.where(t.to(x0.device) == 0, decoder_nll, kl)
+        return {"output": output, "pred_original_sample": p["pred_original_sample"]}
 
     # The sampling chain, DDPMScheduler's interface ------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:

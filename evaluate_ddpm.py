@@ -1,0 +1,509 @@
+#!/usr/bin/env python
+# Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
+"""
+Evaluate a trained DDPM as Ho et al. 2020 (arXiv:2006.11239) do, and plot what the paper plots.
+
+    python evaluate_ddpm.py --pipeline ddpm-output                       # the embedded digits, digits features
+    python evaluate_ddpm.py --pipeline me/ddpm-cifar10 --dataset_name uoft-cs/cifar10 --split test \\
+        --bpd_timesteps 100 --num_samples 50000
+
+Writes to `--output_dir`:
+- `metrics.json`: bits/dim (Table 2) with its standard error and the prior term L_T, FID, KID, precision and recall
+  of generated samples against the dataset, the settings, and the curves behind the plots;
+- `rate_distortion.png`: progressive lossy compression, rate and distortion against reverse steps (Sec. 4.3, Fig. 5);
+- `bpd_terms.png`: the terms L_t of the bound per timestep;
+- `progressive.png`: the predicted x_0 along sampling chains, progressive generation (Fig. 6);
+- `interpolation.png`: interpolation in x_t decoded by the reverse process, one row per t (Figs. 8 and 9).
+
+The data flags are those of train_ddpm.py. Under `accelerate launch --num_processes N` the images and samples are
+split across the processes; every image and sample has its own random stream, so the numbers do not depend on N.
+
+`evaluate(pipeline, images, ...)` computes the scalar metrics without plots; train_ddpm.py calls it during training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import HfArgumentParser
+
+from evaluation import extract_features, load_feature_extractor, reference_features, sample_quality_metrics
+from pipelines import DDPMPaperPipeline
+from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, interpolate, rate_distortion_curve
+from training.data import find_image_column, load_image_dataset, preprocess_images
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+_BPD_STREAM, _SAMPLE_STREAM = 0, 1  # independent random streams per image (bits/dim) and per sample (generation)
+
+
+@dataclass
+class EvaluationArguments:
+    pipeline: str = field(metadata={"help": "A pipeline folder (as train_ddpm.py exports it) or a Hub model id."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id or local Hub-layout folder (as for training). None: the embedded digits."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
+    train_data_dir: str | None = field(default=None, metadata={"help": "A plain folder of images (imagefolder)."})
+    image_column: str | None = field(default=None, metadata={"help": "The image column (auto-detected)."})
+    split: str = field(default="train", metadata={"help": "The split to evaluate on and to compare samples with."})
+    resolution: int | None = field(default=None, metadata={"help": "Image side; defaults to the model's."})
+    center_crop: bool = field(default=False, metadata={"help": "Center crop (else one random crop per image)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "The `datasets` cache folder."})
+    num_images: int = field(default=256, metadata={"help": "Dataset images whose bits/dim is computed."})
+    bpd_timesteps: int = field(
+        default=0,
+        metadata={"help": "K > 0: unbiased estimate of the bound from K random timesteps per image. 0: all T terms."},
+    )
+    rate_distortion_images: int = field(
+        default=16, metadata={"help": "Images for the rate-distortion and per-term plots (all T terms each)."}
+    )
+    num_samples: int = field(default=1000, metadata={"help": "Samples generated for FID, KID, precision/recall."})
+    num_inference_steps: int | None = field(
+        default=None, metadata={"help": "Sampling steps (respaced chain); defaults to the T of training."}
+    )
+    num_reference_images: int | None = field(
+        default=None, metadata={"help": "Dataset images the samples are compared with; all by default."}
+    )
+    feature_extractor: str | None = field(
+        default=None,
+        metadata={"help": "inception or digits; defaults to digits for the embedded dataset, inception otherwise."},
+    )
+    interpolation_timesteps: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "0-based timesteps of the interpolation rows; default T/20, T/4 and T/2 (minus 1): fine to coarse "
+            "as Fig. 9, the last one Fig. 8's 500 of 1000."
+        },
+    )
+    batch_size: int = field(default=256, metadata={"help": "Images per model call."})
+    seed: int = field(default=0, metadata={"help": "Seed of every random draw."})
+    output_dir: str = field(default="ddpm-evaluation", metadata={"help": "Where metrics.json and the plots go."})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, ...; defaults to CUDA when available (or accelerate's)."}
+    )
+
+
+def _stream_generators(seed: int, stream: int, indices: range) -> list[torch.Generator]:
+    """One CPU generator per image index, seeded from (seed, stream, index): results do not depend on batching."""
+    seeds = [int(np.random.SeedSequence([seed, stream, i]).generate_state(1, np.uint64)[0] >> 1) for i in indices]
+    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+
+
+def _as_pixels(images, count: int | None) -> torch.Tensor:
+    """The first `count` images (all if None) as uint8 (N, C, H, W), from a tensor or a `preprocess_images` dataset."""
+    count = len(images) if count is None else min(count, len(images))
+    pixels = images[:count] if isinstance(images, torch.Tensor) else images[:count]["pixels"]
+    if isinstance(pixels, list):
+        pixels = torch.stack([torch.as_tensor(p) for p in pixels])
+    return pixels.to(torch.uint8)
+
+
+def _shard(count: int, accelerator) -> tuple[range, list[int]]:
+    """This process's contiguous share of `count` items and every process's share size."""
+    processes = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    bounds = [count * r // processes for r in range(processes + 1)]
+    return range(bounds[rank], bounds[rank + 1]), [bounds[r + 1] - bounds[r] for r in range(processes)]
+
+
+def _gather(tensor: torch.Tensor, accelerator, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every process's `tensor` (of `sizes[rank]` rows) in rank order."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensor
+    padded = accelerator.pad_across_processes(tensor.to(accelerator.device), dim=0)
+    gathered = accelerator.gather(padded).cpu()
+    rows = gathered.shape[0] // accelerator.num_processes
+    return torch.cat([gathered[r * rows : r * rows + size] for r, size in enumerate(sizes)])
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _generate(
+    pipeline: DDPMPaperPipeline,
+    indices: range,
+    *,
+    seed: int,
+    num_inference_steps: int,
+    batch_size: int,
+    show_progress: bool,
+) -> torch.Tensor:
+    """Samples number `indices` (each from its own generator) as uint8 (N, C, H, W)."""
+    batches = []
+    for start in range(indices.start, indices.stop, batch_size):
+        batch = range(start, min(start + batch_size, indices.stop))
+        images = pipeline(
+            batch_size=len(batch),
+            generator=_stream_generators(seed, _SAMPLE_STREAM, batch),
+            num_inference_steps=num_inference_steps,
+            output_type="pt",
+            show_progress=show_progress,
+        ).images
+        batches.append((images * 255).round().to(torch.uint8).cpu())
+    unet = pipeline.unet.config
+    return torch.cat(batches) if batches else torch.empty(0, unet.in_channels, *(unet.sample_size,) * 2).byte()
+
+
+def evaluate(
+    pipeline: DDPMPaperPipeline,
+    images,
+    *,
+    num_images: int = 256,
+    bpd_timesteps: int | None = None,
+    num_samples: int = 1000,
+    num_inference_steps: int | None = None,
+    feature_extractor: str | torch.nn.Module = "digits",
+    num_reference_images: int | None = None,
+    dataset_id: str = "images",
+    batch_size: int = 256,
+    seed: int = 0,
+    accelerator=None,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    r"""
+    The scalar metrics of a DDPM: bits/dim on dataset images and sample quality of generated images.
+
+    Args:
+        pipeline ([`DDPMPaperPipeline`]):
+            The model, on its device (EMA weights if those are evaluated); its UNet is in eval mode during the call.
+        images (`torch.Tensor` or `datasets.Dataset`):
+            Real images, uint8 (N, C, H, W), or the (non-streaming) output of `training.data.preprocess_images`.
+        num_images (`int`, defaults to 256):
+            How many of them (the first ones) get their bits/dim computed; 0 skips bits/dim.
+        bpd_timesteps (`int`, *optional*):
+            K: the unbiased K-term estimate of the bound per image (K model calls per image); None or 0: all T terms.
+        num_samples (`int`, defaults to 1000):
+            Samples generated for FID, KID and precision/recall; 0 skips them.
+        num_inference_steps (`int`, *optional*):
+            Sampling steps; the full chain of T steps by default.
+        feature_extractor (`str` or `torch.nn.Module`, defaults to `"digits"`):
+            `"digits"`, `"inception"` (see `evaluation.features`) or a module mapping uint8 images to features.
+        num_reference_images (`int`, *optional*):
+            How many real images (the first ones) the samples are compared with; all by default. Their features are
+            cached (see `evaluation.reference_features`).
+        dataset_id (`str`, defaults to `"images"`):
+            The dataset's name in the reference-feature cache.
+        batch_size (`int`, defaults to 256):
+            Images per model call.
+        seed (`int`, defaults to 0):
+            Seed of the noise of the bound, of the samples and of KID's subsets.
+        accelerator (`accelerate.Accelerator`, *optional*):
+            Split the images and samples across its processes; every process returns the same dict. Call it on every
+            process.
+        show_progress (`bool`, defaults to `False`):
+            Show the sampling progress bars.
+
+    Returns:
+        `dict[str, float]`: `bits_per_dim`, `bits_per_dim_stderr` (standard error over images, which includes the
+        timestep sampling of an estimate), `prior_bpd` (L_T), `fid`, `kid_mean`, `kid_std`, `precision`, `recall`,
+        `num_images`, `num_samples` (keys of skipped parts are absent).
+    """
+    unet = pipeline.unet
+    T = pipeline.scheduler.config.num_train_timesteps
+    metrics: dict[str, float] = {}
+    with _eval_mode(unet):  # evaluate runs inside the training loop: no dropout here, training mode restored after
+        if num_images > 0:
+            data = _as_pixels(images, num_images)
+            indices, sizes = _shard(data.shape[0], accelerator)
+            output = bits_per_dim(
+                unet,
+                pipeline.scheduler,
+                data[indices.start : indices.stop].float() / 127.5 - 1.0,
+                num_timesteps=bpd_timesteps or None,
+                generator=_stream_generators(seed, _BPD_STREAM, indices),
+                batch_size=batch_size,
+            )
+            total = _gather(output.total, accelerator, sizes).double()
+            prior = _gather(output.prior, accelerator, sizes).double()
+            stderr = total.std().item() / math.sqrt(total.numel()) if total.numel() > 1 else float("nan")
+            metrics.update(
+                bits_per_dim=total.mean().item(),
+                bits_per_dim_stderr=stderr,
+                prior_bpd=prior.mean().item(),
+                num_images=total.numel(),
+            )
+
+        if num_samples > 0:
+            extractor = (
+                load_feature_extractor(feature_extractor) if isinstance(feature_extractor, str) else feature_extractor
+            )
+            extractor_name = (
+                feature_extractor if isinstance(feature_extractor, str) else type(feature_extractor).__name__
+            )
+            extractor.to(unet.device)
+            indices, sizes = _shard(num_samples, accelerator)
+            samples = _generate(
+                pipeline,
+                indices,
+                seed=seed,
+                num_inference_steps=num_inference_steps or T,
+                batch_size=batch_size,
+                show_progress=show_progress,
+            )
+            fake = _gather(extract_features(extractor, samples, batch_size), accelerator, sizes)
+            real_images = _as_pixels(images, num_reference_images)
+            # With several processes the main one fills the reference cache first and the others read it.
+            first = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+            with first:
+                real = reference_features(
+                    extractor, real_images, extractor_name=extractor_name, dataset_id=dataset_id, batch_size=batch_size
+                )
+            metrics.update(
+                sample_quality_metrics(real, fake, seed=seed, device=unet.device), num_samples=fake.shape[0]
+            )
+    return metrics
+
+
+# Plots ----------------------------------------------------------------------------------------------------------------
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(
+            "The plots of evaluate_ddpm.py need matplotlib: `pip install matplotlib` (or this package's [metrics] extra)."
+        ) from error
+    return plt
+
+
+def plot_rate_distortion(curve, num_train_timesteps: int, path: Path) -> None:
+    """Fig. 5: distortion and rate against reverse-process steps, and distortion against rate."""
+    plt = _pyplot()
+    steps = (num_train_timesteps - curve.timesteps).numpy()
+    rate, distortion = curve.rate.numpy(), curve.distortion.numpy()
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    axes[0].plot(steps, distortion)
+    axes[0].set(xlabel="Reverse process steps (T - t)", ylabel="Distortion (RMSE [0, 255])")
+    axes[1].plot(steps, rate)
+    axes[1].set(xlabel="Reverse process steps (T - t)", ylabel="Rate (bits/dim)")
+    axes[2].plot(rate, distortion)
+    axes[2].set(xlabel="Rate (bits/dim)", ylabel="Distortion (RMSE [0, 255])")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.suptitle("Progressive lossy compression (Ho et al. 2020, Fig. 5)")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_bpd_terms(bpd: BitsPerDimOutput, path: Path) -> None:
+    """The terms of the bound per timestep, averaged over images (t = 0 is the decoder L_0)."""
+    plt = _pyplot()
+    terms = bpd.terms.double().mean(dim=0).numpy()
+    figure, axis = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    axis.semilogy(np.arange(1, len(terms)), np.clip(terms[1:], 1e-12, None), label="L_t = KL(q || p_theta), t > 0")
+    axis.semilogy([0], [terms[0]], "o", label=f"L_0 decoder NLL ({terms[0]:.3f})")
+    prior = bpd.prior.double().mean().item()
+    axis.axhline(max(prior, 1e-12), color="gray", linestyle="--", label=f"L_T prior ({prior:.2e})")
+    axis.set(
+        xlabel="timestep t (0-based)", ylabel="bits/dim", title=f"Terms of the bound: {bpd.total.mean():.3f} bits/dim"
+    )
+    axis.grid(alpha=0.3, which="both")
+    axis.legend()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _image_grid(rows: torch.Tensor, min_side: int = 64, gap: int = 2) -> PIL.Image.Image:
+    """(R, C_cols, channels, H, W) in [0, 1] -> a PIL grid, upscaled (nearest) so that small images stay visible."""
+    num_rows, num_cols, channels, height, width = rows.shape
+    scale = max(1, math.ceil(min_side / min(height, width)))
+    tiles = (rows.clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
+    mode = "L" if channels == 1 else "RGB"
+    side_h, side_w = height * scale, width * scale
+    grid = PIL.Image.new(mode, (num_cols * (side_w + gap) - gap, num_rows * (side_h + gap) - gap), color=255)
+    for r in range(num_rows):
+        for c in range(num_cols):
+            tile = PIL.Image.fromarray(tiles[r, c].squeeze(-1) if channels == 1 else tiles[r, c])
+            grid.paste(tile.resize((side_w, side_h), PIL.Image.NEAREST), (c * (side_w + gap), r * (side_h + gap)))
+    return grid
+
+
+def write_plots(
+    pipeline: DDPMPaperPipeline,
+    images: torch.Tensor,
+    output_dir: Path,
+    *,
+    rate_distortion_images: int = 16,
+    num_inference_steps: int | None = None,
+    interpolation_timesteps: list[int] | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict:
+    """
+    Writes the four plots for uint8 `images` and returns the curves behind them (`rate_distortion`, `bpd_terms`).
+    """
+    unet, scheduler = pipeline.unet, pipeline.scheduler
+    T = scheduler.config.num_train_timesteps
+    data = images[:rate_distortion_images].float() / 127.5 - 1.0
+
+    # 1. Rate-distortion and per-term bits/dim: one exact pass over all T terms.
+    bpd = bits_per_dim(
+        unet, scheduler, data, generator=_stream_generators(seed, _BPD_STREAM, range(len(data))), batch_size=batch_size
+    )
+    curve = rate_distortion_curve(bpd)
+    plot_rate_distortion(curve, T, output_dir / "rate_distortion.png")
+    plot_bpd_terms(bpd, output_dir / "bpd_terms.png")
+
+    # 2. Progressive generation: x_0 predicted along four sampling chains (rows), over time (columns).
+    trajectory = pipeline(
+        batch_size=4,
+        generator=_stream_generators(seed, _SAMPLE_STREAM, range(4)),
+        num_inference_steps=num_inference_steps or T,
+        output_type="pt",
+        return_x0_trajectory=True,
+    ).x0_trajectory
+    _image_grid(trajectory.transpose(0, 1)).save(output_dir / "progressive.png")
+
+    # 3. Interpolation between the first two images, one row per t (small t keeps details, large t only the layout:
+    #    Fig. 9; t = 500 of 1000 is Fig. 8), the two sources at both ends.
+    if interpolation_timesteps is None:
+        interpolation_timesteps = sorted({max(T // d - 1, 0) for d in (20, 4, 2)})
+    pair = images[:2].float() / 127.5 - 1.0
+    rows = []
+    for t in interpolation_timesteps:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        mixed = interpolate(unet, scheduler, pair[0], pair[-1], t=t, generator=generator).cpu()
+        rows.append(torch.cat([pair[:1], mixed, pair[-1:]]))
+    _image_grid((torch.stack(rows) + 1) / 2).save(output_dir / "interpolation.png")
+
+    return {
+        "rate_distortion": {
+            "timesteps": curve.timesteps.tolist(),
+            "rate_bits_per_dim": curve.rate.tolist(),
+            "distortion_rmse": curve.distortion.tolist(),
+        },
+        "bpd_terms": {
+            "timesteps": list(range(T)),
+            "bits_per_dim": bpd.terms.double().mean(dim=0).tolist(),
+            "prior_bpd": bpd.prior.double().mean().item(),
+            "num_images": len(data),
+        },
+        "interpolation_timesteps": list(interpolation_timesteps),
+    }
+
+
+def _finite_or_null(value):
+    """NaN and infinities as JSON null (a single image has no standard error), so metrics.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+# Command line ---------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
+    parser = HfArgumentParser(EvaluationArguments, description=__doc__.split("\n\n")[0].strip())
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        path = os.path.abspath(sys.argv[1])
+        (args,) = parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
+    else:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with accelerate launch --num_processes N
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=args.device == "cpu")
+        device = accelerator.device
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    is_main = accelerator is None or accelerator.is_main_process
+
+    # The feature network first: a missing one fails in seconds, not after the bound.
+    embedded = args.dataset_name is None and args.train_data_dir is None
+    extractor_name = args.feature_extractor or ("digits" if embedded else "inception")
+    extractor = load_feature_extractor(extractor_name) if args.num_samples > 0 else None
+
+    pipeline = DDPMPaperPipeline.from_pretrained(args.pipeline).to(device)
+    pipeline.unet.eval()
+    unet_config = pipeline.unet.config
+    resolution = args.resolution or unet_config.sample_size
+
+    dataset = load_image_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, cache_dir=args.cache_dir, split=args.split
+    )
+    column = find_image_column(dataset, args.image_column)
+    pixels = preprocess_images(
+        dataset, column, resolution, unet_config.in_channels, center_crop=args.center_crop, seed=args.seed
+    )
+    dataset_id = args.dataset_name or args.train_data_dir or "digits"
+    dataset_id = f"{dataset_id}-{args.dataset_config_name or ''}-{args.split}"
+
+    metrics = evaluate(
+        pipeline,
+        pixels,
+        num_images=args.num_images,
+        bpd_timesteps=args.bpd_timesteps,
+        num_samples=args.num_samples,
+        num_inference_steps=args.num_inference_steps,
+        feature_extractor=extractor if extractor is not None else extractor_name,
+        num_reference_images=args.num_reference_images,
+        dataset_id=dataset_id,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        accelerator=accelerator,
+        show_progress=is_main,
+    )
+    if not is_main:
+        return metrics
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    curves = write_plots(
+        pipeline,
+        _as_pixels(pixels, max(args.rate_distortion_images, 2)),
+        output_dir,
+        rate_distortion_images=args.rate_distortion_images,
+        num_inference_steps=args.num_inference_steps,
+        interpolation_timesteps=args.interpolation_timesteps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    settings = {
+        **asdict(args),
+        "feature_extractor": extractor_name,
+        "resolution": resolution,
+        "num_train_timesteps": pipeline.scheduler.config.num_train_timesteps,
+        "variance_type": pipeline.scheduler.config.variance_type,
+        "num_processes": accelerator.num_processes if accelerator is not None else 1,
+    }
+    report = {**metrics, "settings": settings, **curves}
+    (output_dir / METRICS_FILE).write_text(json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    logger.info("Wrote %s and the plots to %s: %s", METRICS_FILE, output_dir, summary)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+# Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
+"""
+The likelihood evaluations of Ho et al. 2020 (arXiv:2006.11239) over a trained noise predictor.
+
+Pure functions of `(unet, scheduler, images)`, images being float tensors in [-1, 1] of shape (B, C, H, W):
+
+- `bits_per_dim`: the negative log-likelihood bound L = L_T + sum_{t>1} L_{t-1} + L_0 of Eq. 5 in bits/dim (Table 2),
+  summed over all T terms or estimated without bias from K of them;
+- `rate_distortion` / `rate_distortion_curve`: progressive lossy compression (Sec. 4.3, Fig. 5, Table 4);
+- `interpolate`: interpolation in x_t decoded by the reverse process (Sec. 4.3, Fig. 8).
+
+Timesteps are 0-based as in the scheduler: model timestep t takes x_{t+1} of the paper, and term t is the paper's
+L_t (t = 0 the decoder -log p(x_0|x_1), t > 0 the KL of x_t given x_{t+1}).
+
+Randomness comes from `generator`, which may be a list with one generator per image (as in diffusers pipelines): each
+image then draws its timesteps and noise from its own generator only, so its result does not depend on the batch size
+or on how the images are split across processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from schedulers import DDPMPaperScheduler
+
+Generator = torch.Generator | list[torch.Generator] | None
+
+
+@dataclass
+class BitsPerDimOutput(BaseOutput):
+    """
+    Output of [`bits_per_dim`]; every value is per image, in bits per dimension.
+
+    Args:
+        total (`torch.Tensor` of shape `(batch_size,)`):
+            The bound L_T + sum_t L_t (Eq. 5): exact sum over all T terms, or the unbiased K-term estimate.
+        prior (`torch.Tensor` of shape `(batch_size,)`):
+            L_T = KL(q(x_T|x_0) || N(0, I)).
+        terms (`torch.Tensor` of shape `(batch_size, num_train_timesteps)`):
+            L_t at each 0-based timestep t (t = 0: the decoder NLL); NaN at the timesteps an estimate did not draw.
+        pred_original_sample_mse (`torch.Tensor` of shape `(batch_size, num_train_timesteps)`):
+            Mean squared error of the model's x_0 prediction from x_t, on the [-1, 1] scale; NaN where not drawn.
+        timesteps (`torch.Tensor` of shape `(batch_size, num_timesteps)`):
+            The timesteps evaluated for each image (all T of them, descending, for the exact sum).
+    """
+
+    total: torch.Tensor
+    prior: torch.Tensor
+    terms: torch.Tensor
+    pred_original_sample_mse: torch.Tensor
+    timesteps: torch.Tensor
+
+
+@dataclass
+class RateDistortionOutput(BaseOutput):
+    """
+    Output of [`rate_distortion`]: the receiver of progressive lossy compression (Sec. 4.3) holds x_t.
+
+    Args:
+        timesteps (`torch.Tensor` of shape `(n,)`):
+            0-based model timesteps t, descending (the receiver's progress is `num_train_timesteps - t` steps).
+        rate (`torch.Tensor` of shape `(n,)`):
+            Bits/dim received so far, L_T + sum_{s > t} L_s, averaged over the images (at t = 0 it is the bound
+            minus the decoder term L_0, the paper's "rate" of 1.78 bits/dim on CIFAR-10).
+        distortion (`torch.Tensor` of shape `(n,)`):
+            Root mean squared error of the x_0 predicted from x_t on the [0, 255] scale, over all images and pixels.
+    """
+
+    timesteps: torch.Tensor
+    rate: torch.Tensor
+    distortion: torch.Tensor
+
+
+def _as_paper_scheduler(scheduler) -> DDPMPaperScheduler:
+    # A stock DDPMScheduler (what an exported folder names) has the same config.
+    return scheduler if isinstance(scheduler, DDPMPaperScheduler) else DDPMPaperScheduler.from_config(scheduler.config)
+
+
+def _device_and_dtype(unet: torch.nn.Module, images: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    parameter = next(unet.parameters(), None)
+    if parameter is None:  # an analytic model without weights
+        return images.device, torch.float32
+    return parameter.device, parameter.dtype
+
+
+def _generator_slice(generator: Generator, batch: slice) -> Generator:
+    return generator[batch] if isinstance(generator, list) else generator
+
+
+def _check_generator(generator: Generator, batch_size: int) -> None:
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"Got {len(generator)} generators for {batch_size} images; pass one per image, or one.")
+
+
+def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+def _draw_timesteps(generator: Generator, batch_size: int, num_train_timesteps: int, k: int) -> torch.Tensor:
+    """K distinct timesteps per image, uniform without replacement: each t is drawn with probability K/T."""
+    if isinstance(generator, list):
+        keys = torch.stack([torch.rand(num_train_timesteps, generator=g, device=g.device).cpu() for g in generator])
+    else:
+        device = generator.device if generator is not None else "cpu"
+        keys = torch.rand(batch_size, num_train_timesteps, generator=generator, device=device).cpu()
+    return keys.argsort(dim=1)[:, :k]
+
+
+@torch.no_grad()
+def bits_per_dim(
+    unet: torch.nn.Module,
+    scheduler: DDPMPaperScheduler,
+    images: torch.Tensor,
+    *,
+    num_timesteps: int | None = None,
+    generator: Generator = None,
+    batch_size: int | None = None,
+    clip_denoised: bool = True,
+) -> BitsPerDimOutput:
+    r"""
+    The negative log-likelihood bound of Eq. 5 in bits/dim, L_T + sum_{t>1} L_{t-1} + L_0 (Sec. 3.3, Table 2).
+
+    Each term draws its own x_t ~ q(x_t|x_0) (Eq. 4) and costs one model call; L_T needs none. The model runs in its
+    own device and dtype, the terms are computed in float32.
+
+    Args:
+        unet (`torch.nn.Module`):
+            The noise predictor: `unet(x_t, t).sample`, with t a tensor of 0-based timesteps of shape (B,). For the
+            learned variance types it outputs 2C channels (the scheduler splits them).
+        scheduler ([`DDPMPaperScheduler`]):
+            The diffusion; a `DDPMScheduler` is converted through its config.
+        images (`torch.Tensor` of shape `(batch_size, channels, height, width)`):
+            Data x_0 in [-1, 1], 8-bit values (the decoder integrates over bins of width 2/255).
+        num_timesteps (`int`, *optional*):
+            `None`: sum all T terms. K: draw K distinct timesteps uniformly per image (independently for every image)
+            and weight their sum by T/K, an unbiased estimate of the sum.
+        generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+            Source of the timesteps and of the noise; one per image makes each image's result independent of the
+            batching and of the process split.
+        batch_size (`int`, *optional*):
+            Images per model call; all at once by default.
+        clip_denoised (`bool`, defaults to `True`):
+            Clip the predicted x_0 as the scheduler's sampler does (`clip_sample` / `thresholding` of its config), so
+            the bound is that of the model `step` samples from; the paper's reported bits/dim are computed this way.
+            `False` gives `scheduler.vlb_terms` exactly (Eq. 11 unclipped).
+
+    Returns:
+        [`BitsPerDimOutput`]: per-image `total`, `prior`, `terms`, `pred_original_sample_mse` and `timesteps`.
+    """
+    scheduler = _as_paper_scheduler(scheduler)
+    num_images = images.shape[0]
+    T = scheduler.config.num_train_timesteps
+    _check_generator(generator, num_images)
+    if num_timesteps is None:
+        timesteps = torch.arange(T - 1, -1, -1).expand(num_images, T)
+    elif not 0 < num_timesteps <= T:
+        raise ValueError(f"num_timesteps must be between 1 and num_train_timesteps={T}, got {num_timesteps}.")
+    else:
+        timesteps = _draw_timesteps(generator, num_images, T, num_timesteps)
+    device, dtype = _device_and_dtype(unet, images)
+    x0 = images.to(device=device, dtype=torch.float32)
+    batch_size = batch_size or num_images
+
+    num_drawn = timesteps.shape[1]
+    drawn_terms = torch.empty(num_images, num_drawn)
+    drawn_mse = torch.empty(num_images, num_drawn)
+    # Timesteps outer, images inner: every image consumes its generator in the same order whatever the batching.
+    for k in range(num_drawn):
+        for start in range(0, num_images, batch_size):
+            batch = slice(start, start + batch_size)
+            t = timesteps[batch, k].to(device)
+            noise = randn_tensor(
+                x0[batch].shape, generator=_generator_slice(generator, batch), device=device, dtype=torch.float32
+            )
+            xt = scheduler.add_noise(x0[batch], noise, t)  # x_t ~ q(x_t|x_0), Eq. 4
+            model_output = unet(xt.to(dtype), t).sample.float()
+            vlb = scheduler.vlb_terms(model_output, x0[batch], xt, t, clip_denoised=clip_denoised)
+            drawn_terms[batch, k] = vlb["output"].cpu()
+            drawn_mse[batch, k] = _mean_over_dims((vlb["pred_original_sample"] - x0[batch]) ** 2).cpu()
+
+    prior = scheduler.prior_bpd(x0).cpu()  # L_T
+    total = prior + drawn_terms.sum(dim=1) * (T / num_drawn)  # T/K: each term is drawn with probability K/T
+    terms = torch.full((num_images, T), float("nan")).scatter_(1, timesteps, drawn_terms)
+    mse = torch.full((num_images, T), float("nan")).scatter_(1, timesteps, drawn_mse)
+    return BitsPerDimOutput(
+        total=total, prior=prior, terms=terms, pred_original_sample_mse=mse, timesteps=timesteps.clone()
+    )
+
+
+def rate_distortion_curve(
+    bpd: BitsPerDimOutput, timesteps: Sequence[int] | torch.Tensor | None = None
+) -> RateDistortionOutput:
+    r"""
+    Rate and distortion of progressive lossy compression (Sec. 4.3, Fig. 5) from an exact [`bits_per_dim`] output.
+
+    Args:
+        bpd ([`BitsPerDimOutput`]):
+            Computed over all T terms (`num_timesteps=None`).
+        timesteps (`Sequence[int]`, *optional*):
+            0-based timesteps to report, all of them by default; returned in descending order.
+    """
+    if torch.isnan(bpd.terms).any():
+        raise ValueError("rate_distortion_curve needs every term: compute bits_per_dim with num_timesteps=None.")
+    T = bpd.terms.shape[1]
+    timesteps = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.long).flatten()
+    timesteps = timesteps.sort(descending=True).values
+    # Bits received once x_t is known: L_T, then L_{T-1}, ..., L_{t+1} (0-based terms s > t).
+    received_after = bpd.terms.flip(1).cumsum(1).flip(1) - bpd.terms  # [:, t] = sum_{s > t} L_s
+    rate = (bpd.prior[:, None] + received_after).mean(dim=0)
+    distortion = bpd.pred_original_sample_mse.mean(dim=0).sqrt() * 127.5  # RMSE on the [0, 255] scale
+    return RateDistortionOutput(timesteps=timesteps, rate=rate[timesteps], distortion=distortion[timesteps])
+
+
+@torch.no_grad()
+def rate_distortion(
+    unet: torch.nn.Module,
+    scheduler: DDPMPaperScheduler,
+    images: torch.Tensor,
+    *,
+    timesteps: Sequence[int] | torch.Tensor | None = None,
+    generator: Generator = None,
+    batch_size: int | None = None,
+    clip_denoised: bool = True,
+) -> RateDistortionOutput:
+    r"""
+    Progressive lossy compression (Sec. 4.3, Fig. 5, Table 4): rate in bits/dim against distortion, the RMSE on the
+    [0, 255] scale of the x_0 predicted from x_t, at each timestep t.
+
+    Runs [`bits_per_dim`] over all T terms (T model calls per image) and reads the curve off it with
+    [`rate_distortion_curve`]; the arguments are those of `bits_per_dim`, plus `timesteps` (the 0-based timesteps
+    to report, all by default).
+    """
+    bpd = bits_per_dim(
+        unet, scheduler, images, generator=generator, batch_size=batch_size, clip_denoised=clip_denoised
+    )
+    return rate_distortion_curve(bpd, timesteps)
+
+
+def _clone_generator(generator: torch.Generator) -> torch.Generator:
+    clone = torch.Generator(device=generator.device)
+    clone.set_state(generator.get_state())
+    return clone
+
+
+@torch.no_grad()
+def interpolate(
+    unet: torch.nn.Module,
+    scheduler: DDPMPaperScheduler,
+    image_a: torch.Tensor,
+    image_b: torch.Tensor,
+    *,
+    t: int,
+    lambdas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""
+    Interpolation of two images through the diffusion (Sec. 4.3, Fig. 8): encode both with q(x_t|x_0) and the same
+    noise, mix x_t = (1 - lambda) x_t^a + lambda x_t^b, and decode with the reverse process from t down to 0.
+
+    Every lambda is decoded with the same reverse-process noise (copies of one generator state), so the images differ
+    only through lambda.
+
+    Args:
+        unet (`torch.nn.Module`): The noise predictor, `unet(x_t, t).sample`.
+        scheduler ([`DDPMPaperScheduler`] or `DDPMScheduler`): The diffusion; it is not modified.
+        image_a, image_b (`torch.Tensor` of shape `(channels, height, width)` or `(1, channels, height, width)`):
+            The two images, in [-1, 1].
+        t (`int`): The 0-based timestep to encode to; the paper's Fig. 8 uses 500 steps of 1000 (t = 499).
+        lambdas (`Sequence[float]`, defaults to 0, 0.1, ..., 1): The mixing weights of `image_b`.
+        generator (`torch.Generator`, *optional*): Draws the encoding noise, then (continued) the decoding noise.
+
+    Returns:
+        `torch.Tensor` of shape `(len(lambdas), channels, height, width)`: the decoded images in [-1, 1].
+    """
+    T = scheduler.config.num_train_timesteps
+    if not 0 <= t < T:
+        raise ValueError(f"t must be a 0-based timestep below num_train_timesteps={T}, got {t}.")
+    device, dtype = _device_and_dtype(unet, image_a)
+    pair = torch.stack([image_a.reshape(image_a.shape[-3:]), image_b.reshape(image_b.shape[-3:])])
+    pair = pair.to(device=device, dtype=torch.float32)
+    if generator is None:
+        generator = torch.Generator(device="cpu")
+        generator.seed()
+
+    # 1. Encode both images with the same draw of q(x_t|x_0) (Eq. 4).
+    noise = randn_tensor((1, *pair.shape[1:]), generator=generator, device=device, dtype=torch.float32)
+    xt = scheduler.add_noise(pair, noise.expand_as(pair), torch.full((2,), t, device=device, dtype=torch.long))
+    # 2. Mix linearly in x_t.
+    weights = torch.as_tensor(lambdas, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+    sample = (1 - weights) * xt[0] + weights * xt[1]
+    # 3. Decode with the full reverse chain t, t-1, ..., 0 (Algorithm 2 from x_t), the same noise for every lambda.
+    decoder = scheduler.__class__.from_config(scheduler.config)  # leaves the caller's sampling chain alone
+    decoder.set_timesteps(timesteps=list(range(t, -1, -1)))
+    generators = [_clone_generator(generator) for _ in range(len(lambdas))]
+    for step_t in decoder.timesteps.tolist():
+        model_output = unet(sample.to(dtype), step_t).sample.float()
+        sample = decoder.step(model_output, step_t, sample, generator=generators).prev_sample
+    return sample.clamp(-1.0, 1.0)

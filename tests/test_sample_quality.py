@@ -1,0 +1,137 @@
+"""FID, KID and precision/recall (evaluation/) over the offline digits features, and the feature networks' errors."""
+
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from evaluation import (
+    DigitsFeatures,
+    FeatureExtractorUnavailableError,
+    extract_features,
+    frechet_distance,
+    kernel_distance,
+    load_feature_extractor,
+    precision_recall,
+    reference_features,
+    sample_quality_metrics,
+)
+from evaluation.features import DIGITS_CLASSIFIER_FILE, digits_pixels
+
+
+@pytest.fixture(scope="module")
+def digits_features(digits_cache):
+    return load_feature_extractor("digits")
+
+
+def add_noise(pixels: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
+    noise = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(seed)) * std
+    return (pixels.float() + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_digits_classifier_is_cached_and_classifies_held_out_writers(digits_cache, digits_features):
+    assert (digits_cache / DIGITS_CLASSIFIER_FILE).is_file()
+    assert digits_features.held_out_accuracy > 0.9  # the last 297 digits, kept out of training
+    pixels, labels = digits_pixels()
+    accuracy = (digits_features.logits(pixels).argmax(dim=1) == labels).float().mean().item()
+    assert accuracy > 0.95
+    # Any size and RGB work: they are converted to 8x8 grayscale first.
+    rgb_16 = torch.nn.functional.interpolate(pixels[:64].float(), scale_factor=2).round().byte().expand(-1, 3, -1, -1)
+    assert extract_features(digits_features, rgb_16).shape == (64, DigitsFeatures.num_features)
+    reloaded = DigitsFeatures.pretrained()
+    torch.testing.assert_close(reloaded(pixels[:8]), digits_features(pixels[:8]), rtol=0, atol=0)
+
+
+def test_fid_kid_precision_recall_against_noise(digits_features):
+    pixels, _ = digits_pixels()
+    real = extract_features(digits_features, pixels[:800])
+    assert abs(frechet_distance(real, real)) < 1e-6
+    assert precision_recall(real, real) == (1.0, 1.0)
+
+    noise_levels = [8, 24, 48, 96]
+    results = [
+        sample_quality_metrics(real, extract_features(digits_features, add_noise(pixels[:800], std)), kid_subsets=10)
+        for std in noise_levels
+    ]
+    fids = [r["fid"] for r in results]
+    kids = [r["kid_mean"] for r in results]
+    precisions = [r["precision"] for r in results]
+    print("\nnoise", noise_levels, "FID", [f"{v:.3f}" for v in fids], "precision", [f"{v:.3f}" for v in precisions])
+    assert fids == sorted(fids) and fids[0] > 0
+    assert kids == sorted(kids)
+    assert precisions == sorted(precisions, reverse=True) and precisions[-1] < 0.8 * precisions[0]
+    assert all(r["kid_std"] >= 0 for r in results)
+
+
+def test_fid_between_two_halves_of_the_data_is_small_and_kid_near_zero(digits_features):
+    pixels, _ = digits_pixels()
+    first, second = extract_features(digits_features, pixels[0::2]), extract_features(digits_features, pixels[1::2])
+    noisy = extract_features(digits_features, add_noise(pixels[1::2], 96))
+    assert frechet_distance(first, second) < 0.2 * frechet_distance(first, noisy)
+    kid_mean, kid_std = kernel_distance(first, second, subsets=10, subset_size=500)
+    assert abs(kid_mean) < 3 * kid_std + 1e-3 * kernel_distance(first, noisy, subsets=10, subset_size=500)[0]
+
+
+def test_precision_recall_on_known_geometry():
+    # Real points on a line 0..9; with k = 1 each radius is 1. Fakes: two inside the real balls, two far away.
+    real = torch.arange(10.0)[:, None]
+    fake = torch.tensor([[0.5], [9.9], [50.0], [60.0]])
+    precision, recall = precision_recall(real, fake, k=1)
+    assert precision == pytest.approx(0.5)
+    # Fake radii (k = 1): 9.4, 9.4, 10, 10 -> balls around 0.5 and 9.9 cover every real point.
+    assert recall == pytest.approx(1.0)
+    precision, recall = precision_recall(real, torch.tensor([[100.0], [101.0], [102.0]]), k=1)
+    assert (precision, recall) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="more than 3"):
+        precision_recall(real, fake[:3], k=3)
+
+
+def test_reference_features_are_cached_by_content(digits_cache, digits_features):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        num_features = DigitsFeatures.num_features
+
+        def forward(self, images):
+            calls.append(len(images))
+            return digits_features(images)
+
+    pixels, _ = digits_pixels()
+    first = reference_features(Counting(), pixels[:100], extractor_name="counting", dataset_id="digits/train")
+    again = reference_features(Counting(), pixels[:100], extractor_name="counting", dataset_id="digits/train")
+    assert calls == [100] and torch.equal(first, again)
+    other = reference_features(Counting(), pixels[100:200], extractor_name="counting", dataset_id="digits/train")
+    assert calls == [100, 100] and not torch.equal(first, other)
+    names = [path.name for path in (digits_cache / "reference").iterdir() if "-counting-" in path.name]
+    assert len(names) == 2 and all(name.startswith("digits_train-1x8x8-counting-100-") for name in names)
+
+
+def test_inception_without_torch_fidelity_fails_fast_and_points_to_digits(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as on a machine without it
+    start = time.monotonic()
+    with pytest.raises(FeatureExtractorUnavailableError, match="--feature_extractor digits"):
+        load_feature_extractor("inception")
+    assert time.monotonic() - start < 5
+
+
+def test_inception_weights_offline_fail_fast_and_point_to_digits(monkeypatch, tmp_path):
+    # torch-fidelity present (a stand-in module) but its weights neither cached nor downloadable: offline mode is on.
+    fidelity = types.ModuleType("torch_fidelity")
+    inception = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    inception.URL_INCEPTION_V3 = "https://example.invalid/weights-inception-2015-12-05-6726825d.pth"
+    fidelity.feature_extractor_inceptionv3 = inception
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fidelity)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", inception)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(FeatureExtractorUnavailableError, match="not cached.*--feature_extractor digits"):
+        load_feature_extractor("inception")
+    assert time.monotonic() - start < 5
+
+
+def test_unknown_feature_extractor_lists_the_known_ones():
+    with pytest.raises(ValueError, match="digits, inception"):
+        load_feature_extractor("clip")
