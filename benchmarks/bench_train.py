@@ -1,0 +1,258 @@
+"""Training speed of train_ddpm.py, measured side by side in one run.
+
+Three loops train the same model at the same batch and resolution on the same images:
+
+- ours: `train_ddpm.py` itself (in process), on the cached uint8 data, with its EMA, clipping and logging;
+- floor: the model's forward + backward + optimizer step on a batch already on the device: the compute floor;
+- peer: a loop in the style of diffusers' `examples/unconditional_image_generation/train_unconditional.py`, written
+  here from its documented behaviour: per-sample PIL transforms through `Dataset.set_transform` (resize, crop, flip,
+  to tensor, normalise; PIL and numpy stand in for torchvision, which does not import beside the CPU torch here), a
+  `DataLoader` with its default workers, `diffusers.training_utils.EMAModel`, `DDPMScheduler.add_noise`, gradient
+  clipping and `loss.item()` every step.
+
+Each repetition runs the three in turn; the figures are medians of images/s over repetitions, warm-up excluded.
+
+    python benchmarks/bench_train.py                                   # tiny preset, CPU
+    python benchmarks/bench_train.py --preset ddpm-cifar10 --batch 16
+    python benchmarks/bench_train.py --device cuda --preset ddpm-cifar10 --batch 128 --mixed_precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_ddpm  # noqa: E402
+from training.models import build_unet  # noqa: E402
+
+
+def write_dataset(folder: str, num_images: int, resolution: int, channels: int) -> None:
+    """Random PNG images in an image folder (what --train_data_dir takes)."""
+    rng = np.random.default_rng(0)
+    mode = "RGB" if channels == 3 else "L"
+    shape = (resolution, resolution, 3) if channels == 3 else (resolution, resolution)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(num_images):
+        PIL.Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(os.path.join(folder, f"{i}.png"))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+
+
+def floor_loop(args, device: torch.device) -> float:
+    """Images/s of forward + backward + AdamW on one batch that never leaves the device."""
+    unet = build_unet(args.preset, None, args.resolution, args.channels).to(device).train()
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x0 = torch.randn(args.batch, args.channels, args.resolution, args.resolution, device=device)
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+    xt = 0.5 * x0 + 0.5 * noise
+    if args.channels_last:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    model = torch.compile(unet) if args.compile else unet
+
+    def step() -> None:
+        with autocast(device, args.mixed_precision):
+            loss = F.mse_loss(model(xt, t).sample.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    return args.steps * args.batch / (time.perf_counter() - start)
+
+
+def peer_transform(resolution: int, channels: int):
+    """Resize (bilinear, short side), centre crop, random flip, to tensor, normalise: per sample, in Python."""
+    rng = np.random.default_rng(0)
+
+    def transform(examples: dict) -> dict:
+        tensors = []
+        for image in examples["image"]:
+            image = image.convert("RGB" if channels == 3 else "L")
+            scale = resolution / min(image.size)
+            image = image.resize(
+                (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+                PIL.Image.BILINEAR,
+            )
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+            if rng.random() < 0.5:
+                image = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            tensor = torch.from_numpy(array).reshape(resolution, resolution, channels).permute(2, 0, 1)
+            tensors.append((tensor - 0.5) / 0.5)
+        return {"input": tensors}
+
+    return transform
+
+
+def peer_loop(args, device: torch.device, data_folder: str) -> float:
+    """Images/s of a train_unconditional.py-style loop."""
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
+    unet = build_unet(args.preset, None, args.resolution, args.channels)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    dataset = datasets.load_dataset("imagefolder", data_dir=data_folder, split="train")
+    dataset.set_transform(peer_transform(args.resolution, args.channels))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=0)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    if args.compile:
+        unet = torch.compile(unet)
+    ema.to(accelerator.device)
+
+    batches = iter(loader)
+
+    def step() -> None:
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        clean = batch["input"].to(accelerator.device)
+        noise = torch.randn(clean.shape, device=clean.device)
+        timesteps = torch.randint(0, 1000, (clean.shape[0],), device=clean.device).long()
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        with accelerator.accumulate(unet):
+            loss = F.mse_loss(unet(noisy, timesteps).sample.float(), noise)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            ema.step(unet.parameters())
+        loss.detach().item()  # the peer logs the loss every step
+
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    return args.steps * args.batch / (time.perf_counter() - start)
+
+
+def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> float:
+    """Images/s of train_ddpm.py's loop, as it reports after its warm-up steps."""
+    argv = [
+        "--train_data_dir", data_folder,
+        "--resolution", str(args.resolution),
+        "--model_preset", args.preset,
+        "--train_batch_size", str(args.batch),
+        "--max_train_steps", str(args.warmup + args.steps),
+        "--logging_steps", str(args.warmup),
+        "--mixed_precision", args.mixed_precision,
+        "--output_dir", output_dir,
+        "--use_ema",
+        "--random_flip",
+        "--center_crop",
+        "--checkpointing_steps", str(10**9),
+        "--save_images_epochs", "0",
+        "--save_model_epochs", "0",
+        "--eval_batch_size", "1",
+        "--ddpm_num_inference_steps", "1",
+        "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    if device.type == "cpu":
+        argv.append("--cpu")
+    if args.compile:
+        argv.append("--compile")
+    if args.channels_last:
+        argv.append("--channels_last")
+    with contextlib.redirect_stderr(io.StringIO()):
+        train_ddpm.main(argv)
+    # The loop logs images/s every --logging_steps; the last figure covers the steps after the warm-up.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(output_dir, "logs", "train_ddpm"))
+    events.Reload()
+    return events.Scalars("images_per_second")[-1].value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "ddpm-cifar10", "ddpm-256"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per loop and repetition")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num_images", type=int, default=2048)
+    args = parser.parse_args()
+    args.channels = 3  # train_ddpm.py trains RGB on every dataset but the embedded digits
+    device = torch.device(args.device)
+    logging.disable(logging.WARNING)
+    datasets.disable_progress_bars()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"device {device} ({name}), torch {torch.__version__}; preset {args.preset}, batch {args.batch}, "
+        f"{args.channels}x{args.resolution}x{args.resolution}, mixed precision {args.mixed_precision}, "
+        f"compile {args.compile}, channels_last {args.channels_last}"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_folder = os.path.join(tmp, "data")
+        write_dataset(data_folder, args.num_images, args.resolution, args.channels)
+        figures = {"ours": [], "floor": [], "peer": []}
+        for repeat in range(args.repeats):
+            figures["ours"].append(our_loop(args, device, data_folder, os.path.join(tmp, f"run-{repeat}")))
+            figures["floor"].append(floor_loop(args, device))
+            figures["peer"].append(peer_loop(args, device, data_folder))
+            print("  repetition", repeat, {k: round(v[-1], 2) for k, v in figures.items()})
+    ours, floor, peer = (statistics.median(figures[k]) for k in ("ours", "floor", "peer"))
+    print(f"images/s (median of {args.repeats}): ours {ours:.2f}, floor {floor:.2f}, peer {peer:.2f}")
+    print(f"ours/floor {ours / floor:.3f}   ours/peer {ours / peer:.3f}")
+
+
+if __name__ == "__main__":
+    # Run from the module, not __main__: `datasets` fingerprints functions with dill, which pickles __main__'s
+    # globals by value (and fails on pyarrow types under Python 3.12).
+    import bench_train
+
+    bench_train.main()
