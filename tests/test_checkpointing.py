@@ -1,0 +1,152 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from training.checkpointing import (
+    TRAINER_STATE_NAME,
+    CheckpointError,
+    StopSignal,
+    TrainerState,
+    find_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_incomplete_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
+from training.ema import EMA
+
+
+@pytest.fixture
+def accelerator():
+    accelerator = Accelerator(cpu=True)
+    yield accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def prepared(accelerator):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMA(model.parameters())
+    accelerator.register_for_checkpointing(ema)
+    return model, optimizer, ema
+
+
+def _train_step(model, optimizer, ema):
+    loss = model(torch.ones(4, 3)).pow(2).sum()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    ema.update(model.parameters())
+
+
+def test_save_checkpoint_writes_a_complete_folder_and_no_temporary_one(tmp_path, accelerator, prepared):
+    model, optimizer, ema = prepared
+    state = TrainerState(global_step=7, epoch=1, batches_in_epoch=3, training_args={"seed": 0})
+    path = save_checkpoint(accelerator, str(tmp_path), state, list(model.parameters()))
+    assert path == str(tmp_path / "checkpoint-7")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-7"]
+    files = set(os.listdir(path))
+    assert {TRAINER_STATE_NAME, "model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= files
+    assert "custom_checkpoint_0.pkl" in files  # the EMA
+    saved = json.loads((tmp_path / "checkpoint-7" / TRAINER_STATE_NAME).read_text())
+    assert saved["global_step"] == 7 and saved["batches_in_epoch"] == 3 and saved["training_args"] == {"seed": 0}
+
+
+def test_load_checkpoint_restores_model_optimizer_ema_and_trainer_state(tmp_path, accelerator, prepared):
+    model, optimizer, ema = prepared
+    _train_step(model, optimizer, ema)
+    save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=1, skipped_nonfinite_steps=2), [])
+    saved_weights = [p.detach().clone() for p in model.parameters()]
+    saved_ema = [p.clone() for p in ema.shadow_params]
+    _train_step(model, optimizer, ema)
+    _train_step(model, optimizer, ema)
+    state = load_checkpoint(accelerator, str(tmp_path / "checkpoint-1"))
+    assert state.global_step == 1 and state.skipped_nonfinite_steps == 2
+    for restored, saved in zip(model.parameters(), saved_weights, strict=True):
+        assert torch.equal(restored, saved)
+    for restored, saved in zip(ema.shadow_params, saved_ema, strict=True):
+        assert torch.equal(restored, saved)
+    assert ema.num_updates == 1
+    assert optimizer.state_dict()["state"][0]["step"].item() == 1
+
+
+def test_total_limit_keeps_the_newest_checkpoints(tmp_path, accelerator, prepared):
+    model, _, _ = prepared
+    for step in (2, 4, 6):
+        save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=step), [], total_limit=2)
+    assert [step for step, _ in find_checkpoints(str(tmp_path))] == [4, 6]
+
+
+def test_saving_a_step_again_replaces_the_old_checkpoint(tmp_path, accelerator, prepared):
+    save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=3, epoch=0), [])
+    save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=3, epoch=5), [])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3"]
+    assert TrainerState.load(str(tmp_path / "checkpoint-3" / TRAINER_STATE_NAME)).epoch == 5
+
+
+def test_non_finite_weights_are_never_written(tmp_path, accelerator, prepared):
+    model, _, _ = prepared
+    save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=1), list(model.parameters()))
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN"):
+        save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=2), list(model.parameters()))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+
+
+def _fake_checkpoint(folder, name, complete=True):
+    path = folder / name
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(b"x")
+    if complete:
+        TrainerState(global_step=int(name.split("-")[1].split(".")[0])).save(str(path / TRAINER_STATE_NAME))
+    return path
+
+
+def test_latest_skips_broken_and_temporary_folders_and_they_are_removed(tmp_path, caplog):
+    _fake_checkpoint(tmp_path, "checkpoint-2")
+    _fake_checkpoint(tmp_path, "checkpoint-10")
+    _fake_checkpoint(tmp_path, "checkpoint-12", complete=False)  # killed before trainer_state.json
+    _fake_checkpoint(tmp_path, "checkpoint-14.tmp")  # killed before the rename
+    (tmp_path / "samples").mkdir()
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # numeric, not lexical, order
+    with caplog.at_level("WARNING"):
+        assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-10")
+    assert "checkpoint-12" in caplog.text and "checkpoint-14.tmp" in caplog.text
+    removed = remove_incomplete_checkpoints(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in removed) == ["checkpoint-12", "checkpoint-14.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2", "samples"]
+
+
+def test_resume_paths_latest_none_or_named(tmp_path):
+    assert resolve_resume_checkpoint(str(tmp_path), None) is None
+    assert resolve_resume_checkpoint(str(tmp_path), "latest") is None  # nothing yet: a fresh start, as the peer
+    _fake_checkpoint(tmp_path, "checkpoint-5")
+    _fake_checkpoint(tmp_path, "checkpoint-6", complete=False)
+    expected = str(tmp_path / "checkpoint-5")
+    assert resolve_resume_checkpoint(str(tmp_path), "checkpoint-5") == expected  # a name inside output_dir
+    assert resolve_resume_checkpoint(str(tmp_path), expected) == expected
+    with pytest.raises(CheckpointError, match=r"not found.*checkpoint-5"):
+        resolve_resume_checkpoint(str(tmp_path), "checkpoint-7")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_resume_checkpoint(str(tmp_path), "checkpoint-6")
+
+
+def test_stop_signal_records_sigterm_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGTERM"
+        # A second signal would act at once: the previous handler is back.
+        assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGTERM) is before

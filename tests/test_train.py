@@ -1,0 +1,560 @@
+"""train_ddpm.py end to end: real runs through `accelerate launch` on the CPU, with a 45k-parameter U-Net on 8x8
+images, T = 50 and 5 sampling steps, so that each run takes seconds. Runs shared by several tests are module-scoped
+fixtures."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
+from diffusers import DDPMPipeline
+from hub_server import LocalHub
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_ddpm
+from schedulers import DDPMPaperScheduler
+from training.args import DIGITS_DEFAULTS, parse_args, public_config
+from training.checkpointing import TRAINER_STATE_NAME, TrainerState
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_UNET = {
+    "_class_name": "UNet2DModel",
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": None,
+    "dropout": 0.1,  # so that exact resume also covers the dropout RNG
+}
+FAST = ["--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "5", "--eval_batch_size", "4", "--use_ema"]
+RUN_TIMEOUT = 240
+
+
+# Helpers ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The folder of the module's runs: the small U-Net config, the datasets, the `datasets` cache."""
+    folder = tmp_path_factory.mktemp("train")
+    (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
+    return folder
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_DATASETS_CACHE=str(workdir / "datasets-cache"),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
+    return env
+
+
+def _command(script: str | Path, args: list[str], processes: int | None) -> list[str]:
+    """`accelerate launch` with the project's config (`processes=None`), or on N CPU processes; or plain python (0)."""
+    if processes == 0:
+        return [sys.executable, str(script), *args]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes is None:
+        launch += ["--config_file", str(REPO / "accelerate_config.yaml")]
+    else:
+        launch += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
+        launch += ["--dynamo_backend", "no", "--main_process_port", "0"]
+    return [*launch, str(script), *args]
+
+
+def run_training(workdir: Path, args: list[str], processes: int | None = None, script=None, check=True, env=None):
+    """Run train_ddpm.py (or a wrapper `script`) to completion; returns the CompletedProcess."""
+    command = _command(script or REPO / "train_ddpm.py", args, processes)
+    result = subprocess.run(
+        command, cwd=workdir, env={**_env(workdir), **(env or {})}, capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Sample in this process on one thread: two threads on a busy 2-core machine are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_stock_pipeline_samples(output_dir: Path, channels: int, resolution: int = 8) -> None:
+    pipeline = DDPMPipeline.from_pretrained(output_dir)
+    assert type(pipeline.scheduler).__name__ == "DDPMScheduler"
+    assert pipeline.unet.config.in_channels == channels and pipeline.unet.config.sample_size == resolution
+    pipeline.set_progress_bar_config(disable=True)
+    with one_thread():
+        images = pipeline(batch_size=2, num_inference_steps=5, generator=torch.manual_seed(0)).images
+    assert len(images) == 2 and images[0].size == (resolution, resolution)
+    assert images[0].mode == ("L" if channels == 1 else "RGB")
+
+
+def trainer_state(checkpoint: Path) -> TrainerState:
+    return TrainerState.load(str(checkpoint / TRAINER_STATE_NAME))
+
+
+def _random_images(count: int, size: tuple[int, int], seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def hub_layout_dataset(workdir) -> Path:
+    """20 RGB 12x10 images in a folder laid out like a Hub dataset repo, image column named `img`."""
+    folder = workdir / "hub-dataset"
+    (folder / "data").mkdir(parents=True)
+    features = Features({"img": ImageFeature(), "label": Value("int64")})
+    dataset = Dataset.from_dict({"img": _random_images(20, (12, 10), seed=0), "label": list(range(20))}, features)
+    dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(workdir) -> Path:
+    folder = workdir / "images"
+    for index, image in enumerate(_random_images(12, (9, 9), seed=1)):
+        (folder / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"class{index % 2}" / f"{index}.png")
+    return folder
+
+
+# Shared runs --------------------------------------------------------------------------------------------------------
+# The Hub-layout run: 20 images, batch 4 and 2 accumulation steps (3 optimizer steps per epoch), random flips and
+# dropout; 4 steps with a checkpoint every 2, so that the resume tests can stop at step 2, mid-epoch 0.
+HUB_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4"]
+HUB_RUN += ["--gradient_accumulation_steps", "2", "--random_flip", "--max_train_steps", "4"]
+HUB_RUN += ["--checkpointing_steps", "2", "--lr_warmup_steps", "1", *FAST]
+
+
+HUB_TOKEN = "hf_train_test_token_0123456789"
+
+
+@pytest.fixture(scope="module")
+def digits_run(workdir) -> tuple[Path, LocalHub]:
+    """No dataset given: the embedded digits at their native 8x8, one channel; pushed to a loopback Hub."""
+    args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    args += ["--save_images_steps", "2", "--output_dir", "digits", *FAST]
+    args += ["--push_to_hub", "--hub_model_id", "me/ddpm-digits", "--hub_private_repo", "--hub_token", HUB_TOKEN]
+    with LocalHub(token=HUB_TOKEN) as hub:
+        env = {**hub.env(), "HF_TOKEN": ""}  # the token comes from --hub_token only
+        run_training(workdir, args, env=env)
+    return workdir / "digits", hub
+
+
+@pytest.fixture(scope="module")
+def hub_run(workdir, hub_layout_dataset) -> Path:
+    run_training(workdir, ["--dataset_name", str(hub_layout_dataset), *HUB_RUN, "--output_dir", "hub"])
+    return workdir / "hub"
+
+
+# End to end ---------------------------------------------------------------------------------------------------------
+def test_embedded_digits_run_exports_a_pipeline_stock_diffusers_loads(digits_run):
+    digits_run, _ = digits_run
+    assert_stock_pipeline_samples(digits_run, channels=1)
+    assert (digits_run / "samples.png").is_file()
+    assert sorted(os.listdir(digits_run / "samples")) == ["step-2.png", "step-4.png"]
+    card = (digits_run / "README.md").read_text()
+    assert "library_name: diffusers" in card and "unconditional-image-generation" in card
+    assert "--max_train_steps 4" in card
+    assert [p.name for p in digits_run.glob("checkpoint-*")] and trainer_state(digits_run / "checkpoint-4").epoch == 0
+    config = trainer_state(digits_run / "checkpoint-4").training_args
+    assert config["resolution"] == 8 and config["train_batch_size"] == DIGITS_DEFAULTS["train_batch_size"]
+    assert "hub_token" not in config
+    assert list((digits_run / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_push_to_hub_publishes_the_final_export_privately_without_the_token(digits_run):
+    output, hub = digits_run
+    repo = hub.repos["me/ddpm-digits"]
+    assert repo["private"] is True
+    assert [commit["summary"] for commit in repo["commits"]] == ["Step 4 (end of training)"]
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "samples.png"} <= set(
+        repo["files"]
+    )
+    assert not any(name.startswith("checkpoint-") for name in repo["files"])  # the export only
+    assert (
+        repo["files"]["unet/diffusion_pytorch_model.safetensors"]
+        == (output / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    assert f"Bearer {HUB_TOKEN}" in hub.authorizations()
+    for path in [*output.rglob("*.json"), *output.rglob("*.md"), *output.rglob("*.yml")]:
+        assert HUB_TOKEN not in path.read_text(), path
+    assert all(HUB_TOKEN.encode() not in content for content in repo["files"].values())
+
+
+def test_hub_layout_parquet_dataset_run_exports_a_pipeline(hub_run):
+    assert_stock_pipeline_samples(hub_run, channels=3)
+    assert sorted(p.name for p in hub_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    state = trainer_state(hub_run / "checkpoint-4")
+    # 20 images / batch 4 = 5 batches, 3 optimizer steps per epoch (2 + 2 + the last one): step 4 is epoch 1.
+    assert (state.global_step, state.epoch, state.batches_in_epoch) == (4, 1, 2)
+
+
+def test_image_folder_streaming_with_v_prediction_and_learned_variance(workdir, image_folder):
+    args = ["--train_data_dir", str(image_folder), "--streaming", "--max_train_steps", "3", "--resolution", "8"]
+    args += ["--model_config_name_or_path", "unet.json", "--train_batch_size", "4", "--center_crop"]
+    args += ["--prediction_type", "v_prediction", "--variance_type", "learned_range", "--output_dir", "folder"]
+    run_training(workdir, [*args, *FAST])
+    output = workdir / "folder"
+    assert_stock_pipeline_samples(output, channels=3)
+    config = json.loads((output / "unet" / "config.json").read_text())
+    assert config["out_channels"] == 6  # mean and variance
+    scheduler = json.loads((output / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["variance_type"] == "learned_range" and scheduler["prediction_type"] == "v_prediction"
+
+
+WRAPPER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+import train_ddpm
+from accelerate import PartialState
+
+outcome = train_ddpm.main()
+rank = PartialState().process_index
+tensors = {{f"unet.{{name}}": p.detach() for name, p in outcome.unet.named_parameters()}}
+tensors.update({{f"ema.{{i}}": p for i, p in enumerate(outcome.ema.shadow_params)}})
+torch.save(tensors, os.path.join({dump!r}, f"rank{{rank}}.pt"))
+"""
+
+
+def test_two_cpu_processes_end_identical_and_only_rank_0_writes(workdir):
+    dump = workdir / "ranks"
+    dump.mkdir()
+    script = workdir / "two_ranks.py"
+    script.write_text(WRAPPER.format(repo=str(REPO), dump=str(dump)))
+    # 1797 digits in batches of 300: 6 batches, 3 per process, so 2 optimizer steps per epoch with 2 accumulation
+    # steps: 4 steps in 2 epochs, where a linear schedule must reach 0 exactly.
+    args = ["--cpu", "--model_config_name_or_path", "unet.json", "--num_epochs", "2", "--train_batch_size", "300"]
+    args += ["--gradient_accumulation_steps", "2", "--lr_scheduler", "linear", "--lr_warmup_steps", "0"]
+    run_training(workdir, [*args, "--checkpointing_steps", "2", "--output_dir", "two", *FAST], 2, script)
+    output = workdir / "two"
+
+    rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert rank0.keys() == rank1.keys() and any(key.startswith("ema.") for key in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert not torch.equal(rank0["ema.0"], rank0["unet.conv_in.weight"])  # the EMA is not the raw weights
+
+    state = trainer_state(output / "checkpoint-4")
+    assert (state.global_step, state.epoch) == (4, 1)
+    schedule = torch.load(output / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=False)
+    assert schedule["last_epoch"] == 4 and schedule["_last_lr"] == [0.0]
+    # Every file once: rank 1 wrote only its own RNG state.
+    files = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
+    checkpoint_files = ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors", "optimizer.bin"]
+    checkpoint_files += ["random_states_0.pkl", "random_states_1.pkl", TRAINER_STATE_NAME]
+    expected = [f"checkpoint-{step}/{name}" for step in (2, 4) for name in checkpoint_files]
+    expected += [
+        "README.md",
+        "model_index.json",
+        "samples.png",
+        "samples/step-4.png",
+        "scheduler/scheduler_config.json",
+    ]
+    expected += ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    assert [f for f in files if not f.startswith("logs/")] == sorted(expected)
+    assert len([f for f in files if "tfevents" in f]) == 2  # one writer: scalars and hparams
+    assert_stock_pipeline_samples(output, channels=1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="with GPUs, --multi_gpu forms one job")
+def test_multi_process_launch_without_gpus_needs_cpu_and_says_so(workdir):
+    args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "2", "--output_dir", "alone", *FAST]
+    result = run_training(workdir, args, processes=2, check=False)
+    assert result.returncode != 0
+    assert "2 processes were launched but each one runs alone" in result.stderr and "add --cpu" in result.stderr
+    assert not (workdir / "alone").exists()
+
+
+PAUSE_IN_CHECKPOINT = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from accelerate import Accelerator
+
+save_state = Accelerator.save_state
+
+
+def paused_save_state(self, output_dir=None, **kwargs):
+    result = save_state(self, output_dir, **kwargs)
+    if os.path.basename(output_dir) == {pause_in!r}:  # files written, trainer_state.json and the rename not yet
+        open({marker!r}, "w").close()
+        time.sleep(600)
+    return result
+
+
+Accelerator.save_state = paused_save_state
+import train_ddpm
+
+train_ddpm.main()
+"""
+
+
+def test_resume_after_sigkill_mid_checkpoint_is_bitwise_exact(workdir, hub_layout_dataset, hub_run):
+    """Killed while writing checkpoint-4, then resumed with `latest`: the broken checkpoint is skipped and removed,
+    training resumes from checkpoint-2, and steps 3-4 give the same weights, EMA and optimizer state bit for bit as
+    the uninterrupted `hub_run` (4 steps, crossing an epoch, with accumulation, flips and dropout)."""
+    output, marker = workdir / "killed", workdir / "paused"
+    script = workdir / "pause_in_checkpoint.py"
+    script.write_text(PAUSE_IN_CHECKPOINT.format(repo=str(REPO), pause_in="checkpoint-4.tmp", marker=str(marker)))
+    args = ["--dataset_name", str(hub_layout_dataset), *HUB_RUN, "--output_dir", str(output)]
+    process = subprocess.Popen(
+        _command(script, args, processes=None),
+        cwd=workdir,
+        env=_env(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached checkpoint-4"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    assert (output / "checkpoint-4.tmp" / "model.safetensors").is_file()
+    assert not (output / "checkpoint-4").exists()
+
+    result = run_training(workdir, [*args, "--resume_from_checkpoint", "latest"])
+    assert "Skipping" in result.stderr and "checkpoint-4.tmp" in result.stderr
+    assert "Resumed from" in result.stderr and "checkpoint-2: step 2" in result.stderr
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed, uninterrupted = output / "checkpoint-4", hub_run / "checkpoint-4"
+    for name in ("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        assert (resumed / name).read_bytes() == (uninterrupted / name).read_bytes(), name  # weights, Adam, EMA, RNG
+    export = Path("unet") / "diffusion_pytorch_model.safetensors"
+    assert (output / export).read_bytes() == (hub_run / export).read_bytes()  # the exported EMA weights
+    a, b = trainer_state(resumed), trainer_state(uninterrupted)
+    assert (a.global_step, a.epoch, a.batches_in_epoch) == (b.global_step, b.epoch, b.batches_in_epoch) == (4, 1, 2)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_0(workdir):
+    output = workdir / "terminated"
+    args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "100000", "--checkpointing_steps", "3"]
+    args += ["--train_batch_size", "8", "--output_dir", str(output), *FAST]
+    process = subprocess.Popen(
+        _command(REPO / "train_ddpm.py", args, processes=0),
+        cwd=workdir,
+        env=_env(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (output / "checkpoint-3" / TRAINER_STATE_NAME).exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Stopped by SIGTERM" in stderr
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*"))
+    last = output / f"checkpoint-{checkpoints[-1]}"
+    assert checkpoints[-1] >= 3 and trainer_state(last).global_step == checkpoints[-1]
+    assert not list(output.glob("*.tmp")) and not (output / "model_index.json").exists()
+
+
+NAN_LOSSES = """
+import sys
+sys.path.insert(0, {repo!r})
+import train_ddpm
+
+loss, calls = train_ddpm.diffusion_loss, 0
+
+
+def sometimes_nan(*args, **kwargs):
+    global calls
+    calls += 1
+    value = loss(*args, **kwargs)
+    return value * float("nan") if calls in (2, 3) or calls >= 6 else value
+
+
+train_ddpm.diffusion_loss = sometimes_nan
+train_ddpm.main()
+"""
+
+
+def test_non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run(workdir):
+    output = workdir / "nan"
+    script = workdir / "nan_losses.py"
+    script.write_text(NAN_LOSSES.format(repo=str(REPO)))
+    args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "20", "--checkpointing_steps", "4"]
+    args += ["--max_nonfinite_steps", "3", "--train_batch_size", "8", "--output_dir", str(output), *FAST]
+    result = run_training(workdir, args, processes=0, script=script, check=False)
+    # Steps 2 and 3 skipped, 4 and 5 fine, 6-8 skipped: the third in a row stops the run.
+    assert result.returncode == 1
+    assert "3 optimizer steps in a row had a non-finite loss or gradient (up to step 8)" in result.stderr
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]
+    state = trainer_state(output / "checkpoint-4")
+    assert state.skipped_nonfinite_steps == 2 and state.consecutive_nonfinite_steps == 0
+    weights = load_file(output / "checkpoint-4" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert not (output / "model_index.json").exists()
+
+
+# Clear errors (in this process: they happen before training starts) ------------------------------------------------
+@pytest.fixture
+def in_process(workdir, monkeypatch):
+    """Run `train_ddpm.main` here, in `workdir`; the Accelerator state is reset afterwards."""
+    monkeypatch.chdir(workdir)
+    yield lambda *args: train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_error_names_the_corrupt_image(workdir, image_folder, in_process):
+    broken = workdir / "broken-images"
+    (broken / "a").mkdir(parents=True)
+    for index, image in enumerate(_random_images(3, (8, 8), seed=2)):
+        image.save(broken / "a" / f"{index}.png")
+    (broken / "a" / "truncated.png").write_bytes((broken / "a" / "0.png").read_bytes()[:40])
+    with pytest.raises(SystemExit, match=r"Cannot decode the image .*truncated\.png"):
+        in_process("--train_data_dir", str(broken), "--model_config_name_or_path", "unet.json", "--resolution", "8")
+
+
+def test_error_lists_the_columns_when_the_image_column_is_missing(hub_layout_dataset, in_process):
+    with pytest.raises(SystemExit, match=r"--image_column 'picture' is not a column.*\['img', 'label'\]"):
+        in_process("--dataset_name", str(hub_layout_dataset), "--image_column", "picture", "--model_preset", "tiny")
+
+
+def test_error_says_which_resolutions_the_model_takes(in_process):
+    with pytest.raises(SystemExit, match=r"--resolution 6 does not fit 'tiny'.*multiple of 4.*4 and 8"):
+        in_process("--model_preset", "tiny", "--resolution", "6")
+
+
+def test_error_for_an_unknown_preset_lists_the_presets(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model_preset", "ddpm-huge"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'ddpm-huge'" in err and "ddpm-cifar10" in err and "tiny" in err
+
+
+def test_error_for_an_unreachable_dataset_is_fast_and_says_what_to_do(in_process):
+    start = time.monotonic()
+    with pytest.raises(SystemExit, match=r"Dataset 'nobody/no-such-dataset' is not available.*--train_data_dir"):
+        in_process("--dataset_name", "nobody/no-such-dataset", "--model_preset", "tiny", "--resolution", "8")
+    assert time.monotonic() - start < 10
+
+
+# Flags -----------------------------------------------------------------------------------------------------------
+def test_defaults_keep_the_peer_script_meanings_and_the_digits_run_has_its_own():
+    peer = parse_args(["--dataset_name", "uoft-cs/cifar10"])
+    assert (peer.resolution, peer.train_batch_size, peer.learning_rate, peer.lr_warmup_steps) == (64, 16, 1e-4, 500)
+    assert (peer.lr_scheduler, peer.num_epochs, peer.adam_beta1, peer.adam_weight_decay) == ("cosine", 100, 0.95, 1e-6)
+    assert (peer.save_images_epochs, peer.save_model_epochs, peer.checkpointing_steps) == (10, 10, 500)
+    assert (peer.output_dir, peer.mixed_precision, peer.center_crop, peer.random_flip) == (
+        "ddpm-model-64",
+        None,
+        False,
+        False,
+    )
+    assert (peer.ema_max_decay, peer.ema_power, peer.ema_inv_gamma) == (0.9999, 0.75, 1.0)
+    assert (peer.seed, peer.max_grad_norm, peer.model_preset, peer.use_ema) == (0, 1.0, "ddpm-256", True)
+    digits = parse_args([])
+    assert (digits.model_preset, digits.resolution, digits.output_dir, digits.use_ema) == (
+        "tiny",
+        8,
+        "ddpm-output",
+        True,
+    )
+    assert digits.learning_rate == DIGITS_DEFAULTS["learning_rate"]
+    assert parse_args(["--learning_rate", "3e-4"]).learning_rate == 3e-4  # a given flag always wins
+    # The peer's --use_ema is a switch, off by default for a model given by config.
+    assert parse_args(["--model_config_name_or_path", "c.json"]).use_ema is False
+    assert parse_args(["--model_config_name_or_path", "c.json", "--use_ema"]).use_ema is True
+    assert parse_args(["--use_ema", "false"]).use_ema is False
+
+
+def test_flags_come_from_a_yaml_file_and_the_token_is_never_saved(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        textwrap.dedent("""
+        dataset_name: uoft-cs/cifar10
+        resolution: 32
+        model_preset: ddpm-cifar10
+        hub_token: hf_secret
+    """)
+    )
+    args = parse_args([str(config)])
+    assert (args.resolution, args.model_preset, args.hub_token) == (32, "ddpm-cifar10", "hf_secret")
+    assert "hub_token" not in public_config(args) and "hf_secret" not in json.dumps(public_config(args))
+
+
+def test_command_line_in_the_model_card_masks_the_token(monkeypatch):
+    monkeypatch.setattr(
+        sys, "argv", ["train_ddpm.py", "--hub_token", "hf_secret", "--hub-token=hf_other", "--seed", "1"]
+    )
+    line = train_ddpm.command_line()
+    assert "hf_secret" not in line and "hf_other" not in line and "--seed 1" in line
+
+
+def test_flag_conflicts_are_argument_errors(capsys):
+    for argv in (["--streaming"], ["--dataset_name", "a", "--train_data_dir", "b"], ["--train_batch_size", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--streaming needs --max_train_steps" in err and "not both" in err and "must be positive" in err
+
+
+# The loss ----------------------------------------------------------------------------------------------------------
+def test_loss_targets_of_each_prediction_type():
+    torch.manual_seed(0)
+    x0, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0, 10, 20, 49])
+    for prediction_type in ("epsilon", "sample", "v_prediction"):
+        scheduler = DDPMPaperScheduler(num_train_timesteps=50, prediction_type=prediction_type)
+        xt = scheduler.add_noise(x0, noise, t)
+        exact = {"epsilon": noise, "sample": x0, "v_prediction": scheduler.get_velocity(x0, noise, t)}[prediction_type]
+        assert train_ddpm.diffusion_loss(scheduler, exact, x0, noise, xt, t).item() == pytest.approx(0, abs=1e-10)
+    # x0 prediction is weighted by SNR(t): its loss equals the epsilon loss of the equivalent prediction.
+    scheduler = DDPMPaperScheduler(num_train_timesteps=50, prediction_type="sample")
+    xt = scheduler.add_noise(x0, noise, t)
+    x0_guess = x0 + 0.1 * torch.randn_like(x0)
+    eps_guess = scheduler.predict_eps_from_x0(xt, t, x0_guess)
+    expected = torch.nn.functional.mse_loss(eps_guess, noise)
+    assert train_ddpm.diffusion_loss(scheduler, x0_guess, x0, noise, xt, t).item() == pytest.approx(
+        expected.item(), rel=1e-3
+    )
+
+
+def test_hybrid_loss_trains_the_variance_through_l_vlb_only():
+    scheduler = DDPMPaperScheduler(num_train_timesteps=50, variance_type="learned_range")
+    torch.manual_seed(0)
+    x0, noise = torch.randn(4, 1, 8, 8).clamp(-1, 1), torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0, 10, 20, 49])
+    xt = scheduler.add_noise(x0, noise, t)
+    output = torch.randn(4, 2, 8, 8, requires_grad=True)
+    train_ddpm.diffusion_loss(scheduler, output, x0, noise, xt, t).backward()
+    mean_only = torch.autograd.grad(torch.nn.functional.mse_loss(output[:, :1], noise), output)[0]
+    torch.testing.assert_close(output.grad[:, :1], mean_only[:, :1])  # stop-gradient: L_vlb leaves the mean alone
+    assert output.grad[:, 1:].abs().sum() > 0

@@ -1,0 +1,604 @@
+#!/usr/bin/env python
+# Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
+"""Train a DDPM (Ho et al. 2020, Algorithm 1) with Accelerate, from a dataset to a pipeline stock diffusers loads.
+
+    accelerate launch --config_file accelerate_config.yaml train_ddpm.py    # the embedded 8x8 digits, ~5 min on a CPU
+    accelerate launch --multi_gpu --num_processes 8 train_ddpm.py --dataset_name uoft-cs/cifar10 --resolution 32 \
+        --model_preset ddpm-cifar10 --random_flip --output_dir ddpm-cifar10 --push_to_hub
+
+A drop-in for diffusers' examples/unconditional_image_generation/train_unconditional.py: its flags keep their names
+and meanings; `--help` marks the added ones. The script reads top to bottom: flags -> Accelerator -> model -> data ->
+optimizer -> resume -> the loop of Algorithm 1 -> sample grids, checkpoints and exports.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import datasets
+import diffusers
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from pipelines import DDPMPaperPipeline, ModelCardInfo, PublishError
+from schedulers import DDPMPaperScheduler
+from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
+from training.checkpointing import (
+    CheckpointError,
+    StopSignal,
+    TrainerState,
+    checkpoint_path,
+    load_checkpoint,
+    remove_incomplete_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
+from training.data import (
+    DatasetUnavailableError,
+    ImageDataError,
+    collate_pixels,
+    find_image_column,
+    images_to_model_input,
+    load_image_dataset,
+    preprocess_images,
+)
+from training.ema import EMA
+from training.models import ModelConfigUnavailableError, build_unet, count_parameters
+
+logger = get_logger(__name__)
+
+STREAMING_SHUFFLE_BUFFER = 10_000
+"""Examples in the shuffle buffer of a streamed dataset."""
+DISTRIBUTED_TIMEOUT = timedelta(hours=1)
+"""How long processes wait for each other (the main process draws the sample grids while the others wait)."""
+SAMPLES_DIR = "samples"
+RESUME_INVARIANTS = ("dataset_name", "dataset_config_name", "train_data_dir", "streaming", "resolution", "seed")
+RESUME_INVARIANTS += ("train_batch_size", "gradient_accumulation_steps")
+"""Flags that fix the data order and position: resuming with other values cannot continue exactly."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainingOutcome:
+    """What `main` returns: the trained (unwrapped) model, its EMA, the last step, and the signal that stopped it."""
+
+    global_step: int
+    unet: UNet2DModel
+    ema: EMA | None
+    stopped_by: str | None = None
+
+
+def diffusion_loss(
+    noise_scheduler: DDPMPaperScheduler,
+    model_output: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    xt: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    r"""
+    The training loss of a batch: L_simple (Ho et al. 2020, Eq. 14) in the parameterisation of `prediction_type`.
+
+    - `epsilon`: ||eps - eps_theta(x_t, t)||^2, the paper's loss.
+    - `sample`: ||x_0 - x0_theta(x_t, t)||^2 weighted by SNR(t) = abar_t / (1 - abar_t), which makes it L_simple
+      in units of eps (as train_unconditional.py does).
+    - `v_prediction`: ||v - v_theta(x_t, t)||^2 with v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
+
+    With `variance_type="learned_range"` the model also outputs the variance, trained by L_hybrid = L_simple +
+    (T / 1000) * L_t (Nichol & Dhariwal 2021, Eq. 16 with lambda = 0.001, as their code scales it), the mean held
+    fixed (stop-gradient) inside the L_vlb term.
+    """
+    channels = x0.shape[1]
+    prediction = model_output[:, :channels].float()
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        loss = F.mse_loss(prediction, noise.float())
+    elif prediction_type == "sample":
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(x0.device)[timesteps].view(-1, 1, 1, 1)
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        loss = (snr * (prediction - x0.float()) ** 2).mean()
+    else:
+        loss = F.mse_loss(prediction, noise_scheduler.get_velocity(x0, noise, timesteps).float())
+    if noise_scheduler.config.variance_type == "learned_range":
+        frozen_mean = torch.cat([prediction.detach(), model_output[:, channels:].float()], dim=1)
+        vlb = noise_scheduler.vlb_terms(frozen_mean, x0.float(), xt.float(), timesteps)["output"]
+        loss = loss + vlb.mean() * noise_scheduler.config.num_train_timesteps / 1000.0
+    return loss
+
+
+def sample_images(
+    model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler, args: TrainingArguments
+) -> list[PIL.Image.Image]:
+    """`args.eval_batch_size` samples of the EMA weights (the model's, without EMA), always from the same seed."""
+    sampling_model = copy.deepcopy(model).eval()
+    if ema is not None:
+        ema.copy_to(sampling_model.parameters())
+    pipeline = DDPMPaperPipeline(unet=sampling_model, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    return pipeline(
+        batch_size=args.eval_batch_size,
+        generator=generator,
+        num_inference_steps=args.ddpm_num_inference_steps,
+        show_progress=False,
+    ).images
+
+
+def image_grid(images: list[PIL.Image.Image], min_width: int = 256) -> PIL.Image.Image:
+    """The images in a near-square grid, upscaled (nearest neighbour) to at least `min_width` pixels across."""
+    rows = max(r for r in range(1, int(math.sqrt(len(images))) + 1) if len(images) % r == 0)
+    grid = make_image_grid(images, rows=rows, cols=len(images) // rows)
+    if grid.width < min_width:
+        scale = math.ceil(min_width / grid.width)
+        grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
+    return grid
+
+
+def log_sample_grid(accelerator: Accelerator, args: TrainingArguments, images: list[PIL.Image.Image], step: int):
+    """Save the grid as `samples/step-{step}.png` and show it in the tracker (main process only)."""
+    os.makedirs(os.path.join(args.output_dir, SAMPLES_DIR), exist_ok=True)
+    path = os.path.join(args.output_dir, SAMPLES_DIR, f"step-{step}.png")
+    image_grid(images).save(path)
+    logger.info("Saved sample grid %s", path)
+    if args.logger == "tensorboard":
+        batch = np.stack([np.asarray(image.convert("RGB")) for image in images]).transpose(0, 3, 1, 2)
+        accelerator.get_tracker("tensorboard", unwrap=True).add_images("samples", batch, step)
+    else:
+        import wandb
+
+        accelerator.get_tracker("wandb").log({"samples": [wandb.Image(image) for image in images]}, step=step)
+
+
+def command_line() -> str:
+    """The command that started this run, for the model card, with the value of --hub_token masked."""
+    argv, masked = [], False
+    for arg in sys.argv[1:]:
+        if masked:
+            argv.append("***")
+        elif arg.startswith("--hub_token=") or arg.startswith("--hub-token="):
+            arg = arg.split("=")[0] + "=***"
+            argv.append(arg)
+        else:
+            argv.append(arg)
+        masked = arg in ("--hub_token", "--hub-token")
+    return shlex.join(["accelerate", "launch", os.path.basename(sys.argv[0]), *argv])
+
+
+def export_pipeline(
+    model: UNet2DModel,
+    ema: EMA | None,
+    noise_scheduler: DDPMPaperScheduler,
+    args: TrainingArguments,
+    images: list[PIL.Image.Image] | None,
+    step: int,
+    final: bool,
+) -> None:
+    """Write the EMA weights as a stock `DDPMPipeline` folder with a model card into --output_dir; push it if asked."""
+    export_model = copy.deepcopy(model).eval()
+    if ema is not None:
+        ema.copy_to(export_model.parameters())
+    pipeline = DDPMPaperPipeline(unet=export_model, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
+    card = ModelCardInfo(
+        dataset_name=args.dataset_name or args.train_data_dir,  # None for the embedded digits (not a Hub dataset)
+        training_args={**public_config(args), "global_step": step},
+        sample_images=images,
+        command=command_line(),
+        num_samples=args.eval_batch_size,
+        num_inference_steps=args.ddpm_num_inference_steps,
+    )
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    pipeline.save_pretrained(args.output_dir, card=card, repo_id=repo_id)
+    logger.info("Exported the pipeline (step %d, %s weights) to %s", step, "EMA" if ema else "raw", args.output_dir)
+    if not args.push_to_hub:
+        return
+    try:
+        url = pipeline.push_to_hub(
+            repo_id,
+            card=card,
+            private=args.hub_private_repo or None,
+            token=args.hub_token,
+            commit_message=f"Step {step}" + (" (end of training)" if final else ""),
+        )
+    except PublishError:
+        if final:
+            raise
+        logger.warning("Pushing the export of step %d failed; training goes on.", step, exc_info=True)
+    else:
+        logger.info("Pushed to %s", url)
+
+
+def tracker_config(args: TrainingArguments) -> dict[str, str | int | float | bool]:
+    """The flags in the scalar types TensorBoard's hparams accept."""
+    return {
+        key: value if isinstance(value, (str, int, float, bool)) else str(value)
+        for key, value in public_config(args).items()
+    }
+
+
+def train(args: TrainingArguments) -> TrainingOutcome:
+    # 1. Accelerator: devices, processes, mixed precision, gradient accumulation, trackers -------------------------
+    if args.logger == "wandb" and not is_wandb_available():
+        raise ArgumentError(
+            "--logger wandb needs the wandb package: pip install wandb (or this project's [wandb] extra)."
+        )
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.logger,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        # The data order is a function of (seed, epoch) on every process, so a resumed run replays it exactly.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=DISTRIBUTED_TIMEOUT)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level="INFO")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:  # e.g. `--multi_gpu` on a machine without GPUs
+        raise ArgumentError(
+            f"{launched} processes were launched but each one runs alone ({accelerator.distributed_type}), so they "
+            "would all train and write the same files. On a machine without GPUs, add --cpu to run them as one "
+            "job (gloo): accelerate launch --multi_gpu --num_processes N train_ddpm.py --cpu ..."
+        )
+    logger.info(
+        "%s: %d process(es), device %s, mixed precision %s",
+        accelerator.distributed_type,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
+    )
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint is ours to write
+    verbosity = "warning" if accelerator.is_local_main_process else "error"
+    datasets.utils.logging.set_verbosity(getattr(logging, verbosity.upper()))
+    diffusers.utils.logging.set_verbosity(getattr(logging, verbosity.upper()))
+    if args.allow_tf32 and accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # 2. The model eps_theta and the diffusion q(x_t | x_0) ------------------------------------------------------------
+    set_seed(args.seed)  # the same initial weights on every process
+    channels = image_channels(args)
+    out_channels = 2 * channels if args.variance_type == "learned_range" else channels
+    try:
+        unet = build_unet(
+            args.model_preset,
+            args.model_config_name_or_path,
+            args.resolution,
+            channels,
+            out_channels=out_channels,
+            cache_dir=args.cache_dir,
+        )
+    except ValueError as error:  # an unknown preset, a config of another class, a resolution the net cannot take
+        raise ArgumentError(str(error)) from error
+    logger.info(
+        "Model: %s, %s parameters, %dx%d images with %d channel(s)",
+        args.model_preset or args.model_config_name_or_path,
+        f"{count_parameters(unet):,}",
+        args.resolution,
+        args.resolution,
+        channels,
+    )
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ArgumentError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers.")
+        unet.enable_xformers_memory_efficient_attention()
+    noise_scheduler = DDPMPaperScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+        variance_type=args.variance_type,
+    )
+
+    # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            cache_dir=args.cache_dir,
+            streaming=args.streaming,
+        )
+        if args.streaming:
+            dataset = dataset.shuffle(seed=args.seed, buffer_size=STREAMING_SHUFFLE_BUFFER)
+        image_column = find_image_column(dataset, args.image_column)
+        train_dataset = preprocess_images(
+            dataset,
+            image_column,
+            args.resolution,
+            channels,
+            center_crop=args.center_crop,
+            seed=args.seed,
+            num_proc=args.preprocessing_num_workers,
+        )
+    if not args.streaming:
+        logger.info("Data: %d images from column '%s'", len(train_dataset), image_column)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=not args.streaming,
+        collate_fn=collate_pixels,
+        num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
+        # Its own generator, so that starting an epoch does not draw from the global RNG (exact resume).
+        generator=None if args.streaming else torch.Generator().manual_seed(args.seed),
+    )
+
+    # 4. Optimizer, EMA, learning-rate schedule ----------------------------------------------------------------------
+    unet.to(accelerator.device)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=accelerator.device.type == "cuda",
+    )
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    if args.compile:
+        unet = torch.compile(unet)
+    model = accelerator.unwrap_model(unet, keep_torch_compile=False)  # the bare UNet2DModel (same parameters)
+    ema = None
+    if args.use_ema:
+        ema = EMA(model.parameters(), max_decay=args.ema_max_decay, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
+        accelerator.register_for_checkpointing(ema)
+
+    # The schedule counts optimizer steps of this process: len(train_dataloader) is already the per-process number of
+    # batches, so the count holds for any number of processes and accumulation steps. The schedule is not passed to
+    # `prepare` (whose wrapper steps it num_processes times per step, diffusers issues #6137 and #8384).
+    if args.streaming:
+        max_train_steps, num_epochs = args.max_train_steps, sys.maxsize
+    else:
+        updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
+        num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer.optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+    )
+    accelerator.register_for_checkpointing(lr_scheduler)
+
+    # 5. Resume: weights, optimizer, EMA, schedule, RNG states and the position in the data ----------------------------
+    set_seed(args.seed, device_specific=True)  # each process draws its own noise and timesteps
+    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_incomplete_checkpoints(args.output_dir)
+    state = TrainerState()
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path)
+        logger.info(
+            "Resumed from %s: step %d, epoch %d, batch %d", resume_path, state.global_step, state.epoch,
+            state.batches_in_epoch,
+        )  # fmt: skip
+        changed = [
+            f"--{name} {state.training_args.get(name)} -> {value}"
+            for name, value in public_config(args).items()
+            if name in RESUME_INVARIANTS and state.training_args.get(name) != value
+        ]
+        if state.num_processes != accelerator.num_processes:
+            changed.append(f"{state.num_processes} -> {accelerator.num_processes} processes")
+        if changed:
+            logger.warning(
+                "Resuming with other settings than the checkpoint's (%s): the run goes on, but it does not continue "
+                "the data order exactly.", ", ".join(changed),
+            )  # fmt: skip
+    state.training_args, state.num_processes = public_config(args), accelerator.num_processes
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        accelerator.init_trackers("train_ddpm", config=tracker_config(args))
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        "Training %d optimizer steps (%s epochs) of %d images (%d per process x %d processes x %d accumulated)",
+        max_train_steps, "?" if args.streaming else num_epochs, total_batch_size, args.train_batch_size,
+        accelerator.num_processes, args.gradient_accumulation_steps,
+    )  # fmt: skip
+
+    # 6. The loop: Algorithm 1 -----------------------------------------------------------------------------------------
+    max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+    progress = tqdm(
+        total=max_train_steps,
+        initial=state.global_step,
+        desc="Training",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    last_checkpoint_step = state.global_step if resume_path is not None else -1
+    images = None  # the last sample grid, for the model card
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_count, images_seen, last_log_time = 0, 0, time.perf_counter()
+    grad_norm = torch.zeros((), device=accelerator.device)
+    stopped_by = None
+
+    def checkpoint() -> None:
+        nonlocal last_checkpoint_step
+        weights = list(model.parameters()) + (ema.shadow_params if ema is not None else [])
+        path = save_checkpoint(accelerator, args.output_dir, state, weights, args.checkpoints_total_limit)
+        last_checkpoint_step = state.global_step
+        logger.info("Saved checkpoint %s", path)
+
+    def samples_and_export(step: int, grid: bool, export: bool, final: bool = False) -> None:
+        nonlocal images
+        if accelerator.is_main_process:
+            if grid or (export and images is None):
+                images = sample_images(model, ema, noise_scheduler, args)
+                log_sample_grid(accelerator, args, images, step)
+            if export:
+                export_pipeline(model, ema, noise_scheduler, args, images, step, final=final)
+        accelerator.wait_for_everyone()
+
+    with StopSignal() as stop:
+        for epoch in range(state.epoch, num_epochs):
+            if state.global_step >= max_train_steps or stopped_by:
+                break
+            unet.train()
+            train_dataloader.set_epoch(epoch)
+            skip = state.batches_in_epoch if epoch == state.epoch else 0
+            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            state.epoch, state.batches_in_epoch = epoch, skip
+            for pixels in batches:
+                # Algorithm 1: x_0 ~ q(x_0), t ~ Uniform({1..T}), eps ~ N(0, I); a gradient step on
+                # ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2.
+                x0 = images_to_model_input(pixels, args.random_flip)
+                if args.channels_last:
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                noise = torch.randn_like(x0)
+                timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), device=x0.device)
+                xt = noise_scheduler.add_noise(x0, noise, timesteps)  # q(x_t | x_0), Eq. 4
+                with accelerator.accumulate(unet):
+                    model_output = unet(xt, timesteps).sample
+                    loss = diffusion_loss(noise_scheduler, model_output, x0, noise, xt, timesteps)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = torch.as_tensor(
+                            accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm), device=accelerator.device
+                        )
+                        # The one host sync per optimizer step: skip a non-finite step, and agree across processes
+                        # on whether a signal asked to stop.
+                        flags = torch.stack(
+                            [
+                                ~torch.isfinite(grad_norm),
+                                torch.tensor(stop.received is not None, device=grad_norm.device),
+                            ]
+                        ).float()
+                        if accelerator.num_processes > 1:
+                            flags = accelerator.reduce(flags, "max")
+                        nonfinite, stop_requested = (flags > 0).tolist()
+                        if not nonfinite or accelerator.scaler is not None:  # the GradScaler skips inf steps itself
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        took_step = not nonfinite and not optimizer.step_was_skipped
+                loss_sum += loss.detach()
+                loss_count += 1
+                images_seen += x0.shape[0] * accelerator.num_processes
+                state.batches_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+
+                # One optimizer step done (or skipped).
+                state.global_step += 1
+                progress.update(1)
+                lr_scheduler.step()
+                if took_step:
+                    state.consecutive_nonfinite_steps = 0
+                    if ema is not None:
+                        ema.update(model.parameters())
+                else:
+                    state.skipped_nonfinite_steps += 1
+                    state.consecutive_nonfinite_steps += 1
+                    logger.warning(
+                        "Step %d: non-finite gradient (loss %s); step skipped (%d in a row, %d in all).",
+                        state.global_step, loss.item(), state.consecutive_nonfinite_steps,
+                        state.skipped_nonfinite_steps,
+                    )  # fmt: skip
+                    if state.consecutive_nonfinite_steps >= args.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{state.consecutive_nonfinite_steps} optimizer steps in a row had a non-finite loss or "
+                            f"gradient (up to step {state.global_step}); stopping (--max_nonfinite_steps "
+                            f"{args.max_nonfinite_steps}). The weights never took those steps, and no checkpoint "
+                            "holds them. Resume from the last checkpoint with a lower --learning_rate, a smaller "
+                            "--max_grad_norm, or --mixed_precision no, and check the data for broken images."
+                        )
+
+                if state.global_step % args.logging_steps == 0 or state.global_step == max_train_steps:
+                    mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
+                    now = time.perf_counter()
+                    logs = {
+                        "loss": mean_loss,
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm.item(),
+                        "images_per_second": images_seen / (now - last_log_time),
+                        "epoch": epoch,
+                        "skipped_nonfinite_steps": state.skipped_nonfinite_steps,
+                    }
+                    if ema is not None:
+                        logs["ema_decay"] = ema.decay()
+                    accelerator.log(logs, step=state.global_step)
+                    progress.set_postfix(
+                        loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.0f}"
+                    )
+                    loss_sum.zero_()
+                    loss_count, images_seen, last_log_time = 0, 0, now
+
+                if stop_requested:
+                    stopped_by = stop.name
+                    break
+                if state.global_step % args.checkpointing_steps == 0:
+                    checkpoint()
+                if state.global_step >= max_train_steps:
+                    break
+                grid = bool(args.save_images_steps) and state.global_step % args.save_images_steps == 0
+                export = bool(args.save_model_steps) and state.global_step % args.save_model_steps == 0
+                if grid or export:
+                    samples_and_export(state.global_step, grid, export)
+            else:
+                # The epoch is complete: the epoch-based grids and exports of train_unconditional.py.
+                last_epoch = epoch == num_epochs - 1 or state.global_step >= max_train_steps
+                grid = bool(args.save_images_epochs) and epoch % args.save_images_epochs == 0 and not last_epoch
+                export = bool(args.save_model_epochs) and epoch % args.save_model_epochs == 0 and not last_epoch
+                if grid or export:
+                    samples_and_export(state.global_step, grid, export)
+    progress.close()
+
+    # 7. The end (or a stop asked by SIGTERM / SIGINT): checkpoint, samples, export -----------------------------------
+    if last_checkpoint_step != state.global_step:
+        checkpoint()
+    if stopped_by is not None:
+        logger.warning(
+            "Stopped by %s at step %d; resume with --resume_from_checkpoint latest (checkpoint %s).",
+            stopped_by, state.global_step, checkpoint_path(args.output_dir, state.global_step),
+        )  # fmt: skip
+    else:
+        samples_and_export(state.global_step, grid=True, export=True, final=True)
+    accelerator.end_training()
+    return TrainingOutcome(global_step=state.global_step, unet=model, ema=ema, stopped_by=stopped_by)
+
+
+def main(argv: list[str] | None = None) -> TrainingOutcome:
+    """Parse the flags (`argv`, default `sys.argv[1:]`) and train. Expected failures exit with a one-line error."""
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (
+        ArgumentError,
+        CheckpointError,
+        DatasetUnavailableError,
+        ImageDataError,
+        ModelConfigUnavailableError,
+        NonFiniteLossError,
+        PublishError,
+    ) as error:
+        raise SystemExit(f"train_ddpm.py: error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The command line of train_ddpm.py: one typed dataclass, parsed by `transformers.HfArgumentParser`.
+
+Every flag of diffusers' `examples/unconditional_image_generation/train_unconditional.py` keeps its name, default and
+meaning; the flags it lacks are marked "(new)" in `--help`. A flag whose default depends on the run (the embedded
+digits, or whether a paper preset is used) defaults to `None` here and is filled in by `resolve_args`, which says in
+its docstring what each `None` becomes.
+
+The same keys work in one JSON or YAML file: `train_ddpm.py config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from argparse import ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from diffusers.optimization import SchedulerType
+from transformers import HfArgumentParser
+
+from training.models import MODEL_PRESETS
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
+
+# Settings of the run with no dataset given (the embedded 8x8 digits, see README): the `tiny` net (0.7M parameters) at
+# the digits' native 8x8 resolution, 100 epochs of batch 64 (2,900 steps, ~0.09 s each on one CPU core: about 5
+# minutes with the sample grids). Only flags left unset take these values.
+DIGITS_DEFAULTS: dict[str, Any] = {
+    "model_preset": "tiny",
+    "resolution": 8,
+    "output_dir": "ddpm-output",
+    "train_batch_size": 64,
+    "learning_rate": 1e-3,
+    "lr_warmup_steps": 200,
+    "save_images_epochs": 0,
+    "save_images_steps": 1000,
+    "save_model_epochs": 0,
+}
+# Where the peer script's defaults differ from `DIGITS_DEFAULTS`, for every other run.
+PEER_DEFAULTS: dict[str, Any] = {
+    "model_preset": "ddpm-256",  # the layout of the peer's built-in UNet2DModel
+    "resolution": 64,
+    "output_dir": "ddpm-model-64",
+    "train_batch_size": 16,
+    "learning_rate": 1e-4,
+    "lr_warmup_steps": 500,
+    "save_images_epochs": 10,
+    "save_images_steps": None,
+    "save_model_epochs": 10,
+}
+
+PAPER_CIFAR10_COMMAND = """accelerate launch --multi_gpu --num_processes 8 train_ddpm.py \\
+      --dataset_name uoft-cs/cifar10 --resolution 32 --model_preset ddpm-cifar10 --random_flip \\
+      --train_batch_size 16 --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 5000 \\
+      --adam_beta1 0.9 --adam_weight_decay 0 --max_train_steps 800000 --ema_power 1 --ema_max_decay 0.9999"""
+
+_EPILOG = f"""
+With no dataset (neither --dataset_name nor --train_data_dir) the run trains on the embedded 8x8 digits and the
+defaults marked "digits" apply. The paper's CIFAR-10 run (Ho et al. 2020, Appendix B: batch 128, Adam 2e-4, 5000
+warm-up steps, dropout 0.1, random flips, EMA 0.9999, 800k steps) on 8 GPUs:
+
+  {PAPER_CIFAR10_COMMAND}
+
+All flags can also come from one JSON or YAML file with the same keys: train_ddpm.py config.yaml
+"""
+
+
+def _arg(default: Any = None, help: str = "", **kwargs) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainingArguments:
+    """Flags of train_ddpm.py. Those marked "(new)" are not in diffusers' train_unconditional.py."""
+
+    # Data ------------------------------------------------------------------------------------------------------------
+    dataset_name: str | None = _arg(
+        help="A Hub dataset id, or a local folder laid out like a Hub dataset repo (data/train-*.parquet). With "
+        "neither this nor --train_data_dir, the embedded 8x8 digits (no network needed)."
+    )
+    dataset_config_name: str | None = _arg(help="The dataset's config, if it has several.")
+    train_data_dir: str | None = _arg(help="A folder of images (the `imagefolder` layout).")
+    image_column: str | None = _arg(help="(new) The column holding the images; by default the first image column.")
+    cache_dir: str | None = _arg(help="Where downloaded datasets and model configs are stored.")
+    streaming: bool = _arg(
+        False, help="(new) Read the dataset lazily, for data larger than memory or disk; needs --max_train_steps."
+    )
+    resolution: int | None = _arg(
+        help="Images are resized (short side) and cropped to this size. Default 64; digits: 8 (their native size)."
+    )
+    center_crop: bool = _arg(False, help="Crop the center; otherwise a random crop, chosen once per image.")
+    random_flip: bool = _arg(False, help="Flip images left-right at random (the paper does, on CIFAR-10 and LSUN).")
+    dataloader_num_workers: int = _arg(0, help="Worker processes of the DataLoader (0: the main process).")
+    preprocessing_num_workers: int | None = _arg(
+        help="(new) Processes that decode and resize the images once, before training."
+    )
+
+    # Model and diffusion ---------------------------------------------------------------------------------------------
+    model_preset: str | None = _arg(
+        help="(new) A UNet2DModel preset: ddpm-cifar10 (the paper's 35.7M CIFAR-10 net), ddpm-256 (the paper's "
+        "256x256 net, also the layout of train_unconditional.py's built-in model, the default), tiny (0.7M, for "
+        "CPUs; the digits default).",
+        choices=list(MODEL_PRESETS),
+    )
+    model_config_name_or_path: str | None = _arg(
+        help="A UNet2DModel config instead of a preset: a config.json, a model folder or a Hub id."
+    )
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = _arg(
+        "epsilon",
+        help="What the net predicts: epsilon (the paper's L_simple), sample (x0, with the loss weighted by "
+        "SNR(t) as in train_unconditional.py) or v_prediction (new).",
+    )
+    variance_type: str = _arg(
+        "fixed_small",
+        help="(new) sigma_t^2 of the reverse process: fixed_small (the paper), fixed_large, their _log variants, or "
+        "learned_range (Nichol & Dhariwal 2021: twice the output channels, trained with L_simple + L_vlb/1000).",
+        choices=list(VARIANCE_TYPES),
+    )
+    ddpm_num_steps: int = _arg(1000, help="T, the number of diffusion steps.")
+    ddpm_num_inference_steps: int = _arg(1000, help="Sampling steps for the sample grids.")
+    ddpm_beta_schedule: str = _arg("linear", help="The beta schedule.", choices=list(BETA_SCHEDULES))
+    gradient_checkpointing: bool = _arg(False, help="(new) Recompute activations in backward to save memory.")
+    enable_xformers_memory_efficient_attention: bool = _arg(False, help="Use xformers attention (needs xformers).")
+    compile: bool = _arg(False, help="(new) torch.compile the U-Net.")
+    channels_last: bool = _arg(False, help="(new) channels-last memory format (faster convolutions on GPUs).")
+
+    # Optimisation ----------------------------------------------------------------------------------------------------
+    seed: int = _arg(0, help="(new) Seed of the initialisation, the data order, the noise and the sample grids.")
+    train_batch_size: int | None = _arg(help="Batch size per process. Default 16; digits: 64.")
+    eval_batch_size: int = _arg(16, help="Images in each sample grid.")
+    num_epochs: int = _arg(100, help="Passes over the data (unless --max_train_steps is given).")
+    max_train_steps: int | None = _arg(help="(new) Optimizer steps to train for; overrides --num_epochs.")
+    gradient_accumulation_steps: int = _arg(1, help="Batches accumulated per optimizer step.")
+    learning_rate: float | None = _arg(help="Peak learning rate. Default 1e-4 (the paper: 2e-4); digits: 1e-3.")
+    lr_scheduler: str = _arg(
+        "cosine",
+        help="The learning rate schedule (the paper: constant_with_warmup).",
+        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
+    )
+    lr_warmup_steps: int | None = _arg(help="Warm-up optimizer steps. Default 500 (the paper: 5000); digits: 200.")
+    adam_beta1: float = _arg(0.95, help="AdamW beta1 (the paper: 0.9).")
+    adam_beta2: float = _arg(0.999, help="AdamW beta2.")
+    adam_weight_decay: float = _arg(1e-6, help="AdamW weight decay (the paper: 0).")
+    adam_epsilon: float = _arg(1e-8, help="AdamW epsilon.")
+    max_grad_norm: float = _arg(1.0, help="(new) Clip the gradient norm to this (the paper: 1.0); 0 disables.")
+    max_nonfinite_steps: int = _arg(
+        100, help="(new) Stop with an error after this many optimizer steps in a row with a non-finite gradient."
+    )
+    use_ema: bool | None = _arg(
+        help="Keep an exponential moving average of the weights and export it. Default: on with a --model_preset "
+        "(or none given), off with --model_config_name_or_path. `--use_ema false` turns it off.",
+        nargs="?",
+        const=True,
+    )
+    ema_inv_gamma: float = _arg(1.0, help="EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
+    ema_power: float = _arg(3 / 4, help="EMA warm-up power.")
+    ema_max_decay: float = _arg(0.9999, help="Largest EMA decay (the paper: 0.9999).")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _arg(
+        help="Mixed precision; by default the value of the accelerate config."
+    )
+    allow_tf32: bool = _arg(True, help="(new) TF32 matmuls and convolutions on Ampere or newer GPUs.")
+    cpu: bool = _arg(
+        False,
+        help="(new) Train on the CPU. With `accelerate launch --multi_gpu --num_processes N` it runs N CPU "
+        "processes (gloo).",
+    )
+
+    # Outputs ---------------------------------------------------------------------------------------------------------
+    output_dir: str | None = _arg(
+        help="Where checkpoints, samples and the exported pipeline go. Default ddpm-model-64; digits: ddpm-output."
+    )
+    overwrite_output_dir: bool = _arg(False, help="Accepted for compatibility; has no effect (as in the peer).")
+    logger: Literal["tensorboard", "wandb"] = _arg("tensorboard", help="Experiment tracker.")
+    logging_dir: str = _arg("logs", help="Tracker logs, under --output_dir.")
+    logging_steps: int = _arg(10, help="(new) Log loss, lr, grad norm and images/s every this many steps.")
+    checkpointing_steps: int = _arg(500, help="Write a resumable checkpoint every this many optimizer steps.")
+    checkpoints_total_limit: int | None = _arg(help="Keep at most this many checkpoints (the oldest are removed).")
+    resume_from_checkpoint: str | None = _arg(
+        help="`latest` (the newest complete checkpoint in --output_dir, if any) or a checkpoint path / name."
+    )
+    save_images_epochs: int | None = _arg(
+        help="Save a sample grid every this many epochs (0: never). Default 10; digits: 0."
+    )
+    save_images_steps: int | None = _arg(help="(new) Save a sample grid every this many steps. Digits: 1000.")
+    save_model_epochs: int | None = _arg(
+        help="Export the pipeline every this many epochs (0: never). Default 10; digits: 0."
+    )
+    save_model_steps: int | None = _arg(help="(new) Export the pipeline every this many steps.")
+    push_to_hub: bool = _arg(False, help="Push each export to the Hub.")
+    hub_token: str | None = _arg(help="Hub token (by default HF_TOKEN or the cached login). Never saved.")
+    hub_model_id: str | None = _arg(help="Hub repo to push to; by default the name of --output_dir.")
+    hub_private_repo: bool = _arg(False, help="Create the Hub repo as private.")
+    local_rank: int = _arg(-1, help="Accepted for compatibility; accelerate sets the rank.")
+
+
+class ArgumentError(ValueError):
+    """Flags that cannot be used together, or a value out of range."""
+
+
+def uses_embedded_dataset(args: TrainingArguments) -> bool:
+    """Whether the run trains on the embedded digits (no dataset given)."""
+    return args.dataset_name is None and args.train_data_dir is None
+
+
+def image_channels(args: TrainingArguments) -> int:
+    """1 for the embedded (grayscale) digits; 3 (RGB) for every other dataset, as train_unconditional.py."""
+    return 1 if uses_embedded_dataset(args) else 3
+
+
+def resolve_args(args: TrainingArguments) -> TrainingArguments:
+    r"""
+    Fill in the defaults that depend on the run, and check the flags.
+
+    - No dataset given: unset flags take `DIGITS_DEFAULTS` (the `tiny` net at 8x8, batch 64, lr 1e-3, 200 warm-up
+      steps, a sample grid every 1000 steps, output in `ddpm-output/`). Otherwise `PEER_DEFAULTS`, the values of
+      train_unconditional.py (the `ddpm-256` preset has the layout of its built-in model).
+    - `--use_ema`: on with a preset (the paper's EMA), off with `--model_config_name_or_path` (the peer's default).
+
+    Raises:
+        `ArgumentError`: conflicting or out-of-range flags, with what to do.
+    """
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ArgumentError("Pass either --dataset_name or --train_data_dir, not both.")
+    if args.model_preset is not None and args.model_config_name_or_path is not None:
+        raise ArgumentError("Pass either --model_preset or --model_config_name_or_path, not both.")
+    updates = {}
+    defaults = DIGITS_DEFAULTS if uses_embedded_dataset(args) else PEER_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None and not (name == "model_preset" and args.model_config_name_or_path):
+            updates[name] = value
+    args = dataclasses.replace(args, **updates)
+    if args.use_ema is None:
+        args = dataclasses.replace(args, use_ema=args.model_preset is not None)
+
+    positive = ["resolution", "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "ddpm_num_steps"]
+    positive += ["ddpm_num_inference_steps", "checkpointing_steps", "logging_steps", "max_nonfinite_steps"]
+    positive += ["num_epochs", "max_train_steps", "save_images_steps", "save_model_steps", "checkpoints_total_limit"]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ArgumentError(f"--{name} must be positive, got {value}.")
+    for name in ("save_images_epochs", "save_model_epochs", "lr_warmup_steps", "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            raise ArgumentError(f"--{name} must be 0 or more, got {getattr(args, name)}.")
+    if args.ddpm_num_inference_steps > args.ddpm_num_steps:
+        raise ArgumentError(
+            f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
+            f"({args.ddpm_num_steps})."
+        )
+    if args.streaming and args.max_train_steps is None:
+        raise ArgumentError("--streaming needs --max_train_steps: a stream has no known length to count epochs in.")
+    if not 0.0 <= args.ema_max_decay <= 1.0:
+        raise ArgumentError(f"--ema_max_decay must lie in [0, 1], got {args.ema_max_decay}.")
+    return args
+
+
+class _HelpFormatter(ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter):
+    """Shows defaults, and keeps the line breaks of the epilog."""
+
+
+def make_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        TrainingArguments,
+        description="Train a DDPM (Ho et al. 2020, Algorithm 1) with Accelerate and export a diffusers pipeline.",
+        epilog=_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    parser.prog = "train_ddpm.py"
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainingArguments:
+    r"""
+    Parse flags (or a single JSON / YAML file with the same keys) into a resolved `TrainingArguments`.
+
+    Argument errors print the usage and the problem, and exit with status 2 (argparse's convention).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser()
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
+        if argv[0].endswith(".json"):
+            (args,) = parser.parse_json_file(argv[0])
+        else:
+            (args,) = parser.parse_yaml_file(argv[0])
+    else:
+        (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    try:
+        return resolve_args(args)
+    except ArgumentError as error:
+        parser.error(str(error))
+
+
+def public_config(args: TrainingArguments) -> dict[str, Any]:
+    """The resolved flags as a JSON-ready dict for checkpoints, trackers and model cards: the Hub token left out."""
+    config = dataclasses.asdict(args)
+    config.pop("hub_token")
+    config.pop("local_rank")
+    return config
