@@ -53,6 +53,8 @@ from training.checkpointing import (
 from training.data import (
     DatasetUnavailableError,
     ImageDataError,
+    PixelBatches,
+    collate_pixel_batch,
     collate_pixels,
     find_image_column,
     images_to_model_input,
@@ -249,7 +251,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
         # The data order is a function of (seed, epoch) on every process, so a resumed run replays it exactly.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # non_blocking: pinned batches go to the GPU while the host prepares the next step.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=DISTRIBUTED_TIMEOUT)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level="INFO")
@@ -337,10 +340,11 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     if not args.streaming:
         logger.info("Data: %d images from column '%s'", len(train_dataset), image_column)
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
+        # Whole batches straight from the memory-mapped Arrow column; a stream comes example by example.
+        train_dataset if args.streaming else PixelBatches(train_dataset),
         batch_size=args.train_batch_size,
         shuffle=not args.streaming,
-        collate_fn=collate_pixels,
+        collate_fn=collate_pixels if args.streaming else collate_pixel_batch,
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",

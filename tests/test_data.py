@@ -229,3 +229,25 @@ def test_random_flip_flips_exactly_the_examples_the_generator_picks():
     unflipped = pixels.float() / 127.5 - 1
     for image, original, flipped in zip(images, unflipped, coins, strict=True):
         torch.testing.assert_close(image, original.flip(-1) if flipped else original, rtol=0, atol=0)
+
+
+def test_pixel_batches_serve_the_same_pixels_as_datasets_formatting(digits, tmp_path):
+    cached = preprocess_images(digits, "image", 8, 1)
+    rgb_folder = tmp_path / "rgb"
+    rgb_folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(rgb_folder / f"{i}.png")
+    rgb = preprocess_images(data.load_image_dataset(train_data_dir=str(rgb_folder)), "image", 8, 3)
+    for dataset in (cached, cached.shuffle(seed=3), cached.select(range(500, 700)), rgb):
+        batches = data.PixelBatches(dataset)
+        indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:33].tolist()
+        batch = batches.__getitems__(indices)
+        assert batch.dtype == torch.uint8 and batch.shape == (33, *dataset[0]["pixels"].shape)
+        assert torch.equal(batch, dataset[indices]["pixels"])
+        assert torch.equal(batches[7], dataset[7]["pixels"])
+    loader = torch.utils.data.DataLoader(
+        data.PixelBatches(cached), batch_size=64, shuffle=False, collate_fn=data.collate_pixel_batch
+    )
+    first = next(iter(loader))
+    assert torch.equal(first, cached[:64]["pixels"])

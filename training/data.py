@@ -393,7 +393,7 @@ class PixelBatches(torch.utils.data.Dataset):
             rows = self.dataset._indices.column(0).take(rows)
         column = self.dataset.data.table.column("pixels").take(rows).combine_chunks()
         flat = column.storage.flatten().flatten().flatten() if hasattr(column, "storage") else column
-        return torch.from_numpy(flat.to_numpy(zero_copy_only=False).reshape(len(indices), *self.shape))
+        return torch.from_numpy(flat.to_numpy(zero_copy_only=False, writable=True).reshape(len(indices), *self.shape))
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.__getitems__([index])[0]
