@@ -289,6 +289,10 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         """Precomputes the step coefficients of the chain `step` walks, so that a step only looks them up."""
         table = _chain_coefficients(self._tables["training"]["alphas_cumprod"], np.asarray(timesteps, dtype=np.int64))
         self._prev_timestep = table.pop("prev_timestep")
+        # Sampling floors beta-tilde at 1e-20 as DDPMScheduler does, rather than borrowing the previous step's value:
+        # the two differ only where the chain's last step has t > 0 (`trailing` spacing, `steps_offset`), and there
+        # `learned_range` interpolates from this floor.
+        table["log_variance_clipped"] = np.log(np.maximum(table["variance"], 1e-20))
         self._tables["sampling"] = table
         self._device_tables = {key: value for key, value in self._device_tables.items() if key[0] != "sampling"}
 

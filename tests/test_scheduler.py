@@ -168,6 +168,9 @@ def test_samples_equal_diffusers_ddpm_scheduler(variance_type, num_inference_ste
     for prediction_type in PREDICTION_TYPES:
         for clip_sample in (True, False):
             config = dict(variance_type=variance_type, prediction_type=prediction_type, clip_sample=clip_sample)
+            # The respaced chain also runs with trailing spacing, whose last step has t > 0.
+            if num_inference_steps is not None and not clip_sample:
+                config["timestep_spacing"] = "trailing"
             ours = run_chain(DDPMPaperScheduler(**config), variance_type, num_inference_steps)
             theirs = run_chain(DDPMScheduler(**config), variance_type, num_inference_steps)
             assert torch.isfinite(ours).all()
@@ -220,7 +223,6 @@ def test_fixed_large_log_samples_are_finite_and_equal_fixed_large():
     large = run_chain(DDPMPaperScheduler(variance_type="fixed_large"), "fixed_large", 50)
     assert torch.isfinite(log).all()
     torch.testing.assert_close(log, large, rtol=1e-6, atol=1e-6)
-    assert not torch.isfinite(run_chain(DDPMScheduler(variance_type="fixed_large_log"), "fixed_large_log", 50)).all()
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "fixed_large_log"])
