@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -114,6 +115,21 @@ class DDPMPaperPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     x0_trajectory: torch.Tensor | None = None
     trajectory_timesteps: list[int] | None = None
+
+
+def image_grid(images: list[PIL.Image.Image], min_width: int = 256) -> PIL.Image.Image:
+    """
+    The images on a near-square grid (ceil(sqrt(n)) columns, blanks after the last), upscaled by an integer factor
+    (nearest neighbour) to at least `min_width` pixels across, so that 8x8 or 32x32 samples stay visible.
+    """
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    blank = PIL.Image.new(images[0].mode, images[0].size)
+    grid = make_image_grid(list(images) + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
+    if grid.width < min_width:
+        scale = int(np.ceil(min_width / grid.width))
+        grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
+    return grid
 
 
 def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -267,14 +283,7 @@ class DDPMPaperPipeline(DiffusionPipeline):
             generator = torch.Generator(device="cpu").manual_seed(0)
             steps = card.num_inference_steps or self.scheduler.config.num_train_timesteps
             images = self(batch_size=card.num_samples, generator=generator, num_inference_steps=steps).images
-        cols = int(np.ceil(np.sqrt(len(images))))
-        rows = int(np.ceil(len(images) / cols))
-        blank = PIL.Image.new(images[0].mode, images[0].size)
-        grid = make_image_grid(list(images) + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
-        if grid.width < 256:  # small images are upscaled so the card shows them
-            scale = int(np.ceil(256 / grid.width))
-            grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
-        grid.save(save_directory / SAMPLE_GRID_FILE)
+        image_grid(images).save(save_directory / SAMPLE_GRID_FILE)
 
         is_hub_dataset = card.dataset_name is not None and not os.path.exists(card.dataset_name)
         eval_results = None
@@ -347,30 +356,39 @@ class DDPMPaperPipeline(DiffusionPipeline):
             `str`: The URL of the commit.
         """
         api = HfApi(token=token)
+        with _publish_errors(repo_id, token):
+            # The full id ("user/name" for a bare "name") goes into the card's usage snippet.
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, card=card, repo_id=repo_id, **kwargs)
-            try:
-                repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            with _publish_errors(repo_id, token):
                 commit = api.upload_folder(
                     repo_id=repo_id,
                     folder_path=folder,
                     commit_message=commit_message or "Upload DDPM pipeline",
                     create_pr=create_pr,
                 )
-            except HfHubHTTPError as error:
-                status = error.response.status_code if error.response is not None else None
-                raise PublishError(
-                    f"Publishing to the Hub repo {repo_id!r} failed (HTTP {status}): "
-                    f"{error.server_message or _redact(str(error), token)}.{_HTTP_HINTS.get(status, '')} "
-                    "Nothing local was changed; publish again once this is fixed."
-                ) from None
-            except Exception as error:  # network and offline errors come from several libraries
-                raise PublishError(
-                    f"Publishing to the Hub repo {repo_id!r} failed: {type(error).__name__}: "
-                    f"{_redact(str(error), token)}. Check the network and HF_ENDPOINT / HF_HUB_OFFLINE; nothing "
-                    "local was changed."
-                ) from None
         return commit.commit_url
+
+
+@contextlib.contextmanager
+def _publish_errors(repo_id: str, token: str | None):
+    """Turns what a Hub call raises into a [`PublishError`] that says why, with the token redacted."""
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        raise PublishError(
+            f"Publishing to the Hub repo {repo_id!r} failed (HTTP {status}): "
+            f"{error.server_message or _redact(str(error), token)}.{_HTTP_HINTS.get(status, '')} "
+            "Nothing local was changed; publish again once this is fixed."
+        ) from None
+    except Exception as error:  # network and offline errors come from several libraries
+        raise PublishError(
+            f"Publishing to the Hub repo {repo_id!r} failed: {type(error).__name__}: "
+            f"{_redact(str(error), token)}. Check the network and HF_ENDPOINT / HF_HUB_OFFLINE; nothing local was "
+            "changed."
+        ) from None
 
 
 _HTTP_HINTS = {

@@ -235,3 +235,21 @@ def test_failed_publish_says_why_and_leaves_the_local_export(tmp_path, local_hub
     local_hub.fail_commits = None
     with pytest.raises(PublishError, match="HTTP 401.*token"):
         pipe.push_to_hub("me/broken", card=card, token="hf_wrong_token")
+
+
+def test_push_with_a_bare_name_writes_the_full_repo_id_into_the_card(local_hub):  # noqa: F811
+    pipe = tiny_pipeline()
+    pipe.push_to_hub("bare-ddpm", card=ModelCardInfo(num_inference_steps=2, num_samples=1))
+    card = local_hub.repos["me/bare-ddpm"]["files"]["README.md"].decode()
+    assert 'DDPMPipeline.from_pretrained("me/bare-ddpm")' in card
+
+
+def test_image_grid_is_near_square_and_upscaled():
+    from pipelines.pipeline_ddpm_paper import image_grid
+
+    images = [Image.new("L", (8, 8), 10 * i) for i in range(10)]
+    grid = image_grid(images)
+    assert grid.size == (4 * 8 * 8, 3 * 8 * 8)  # 4 columns, 3 rows, 8x upscale to reach 256 px
+    assert grid.getpixel((8 * 8 * 1 + 3, 3)) == (10, 10, 10)  # image 1 in column 1
+    assert grid.getpixel((4 * 8 * 8 - 1, 3 * 8 * 8 - 1)) == (0, 0, 0)  # blank cells after the last image
+    assert image_grid([Image.new("RGB", (300, 300))]).size == (300, 300)
