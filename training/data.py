@@ -388,10 +388,13 @@ class PixelBatches(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        table = getattr(getattr(self.dataset, "data", None), "table", None)
+        if not isinstance(table, pa.Table) or not hasattr(self.dataset, "_indices"):
+            return self.dataset[indices]["pixels"]  # a `datasets` without these internals: the slower public path
         rows = pa.array(indices, type=pa.int64())
         if self.dataset._indices is not None:  # a shuffled or selected view: map to the rows of the table
             rows = self.dataset._indices.column(0).take(rows)
-        column = self.dataset.data.table.column("pixels").take(rows).combine_chunks()
+        column = table.column("pixels").take(rows).combine_chunks()
         flat = column.storage.flatten().flatten().flatten() if hasattr(column, "storage") else column
         return torch.from_numpy(flat.to_numpy(zero_copy_only=False, writable=True).reshape(len(indices), *self.shape))
 
