@@ -203,12 +203,15 @@ def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> f
         argv.append("--channels_last")
     with contextlib.redirect_stderr(io.StringIO()):
         train_ddpm.main(argv)
-    # The loop logs images/s every --logging_steps; the last figure covers the steps after the warm-up.
+    # The loop logs images/s over each interval of --logging_steps (= warm-up) steps; the first interval is the
+    # warm-up. Equal intervals: the rate over the rest is the harmonic mean of their rates.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(os.path.join(output_dir, "logs", "train_ddpm"))
     events.Reload()
-    return events.Scalars("images_per_second")[-1].value
+    rates = [event.value for event in events.Scalars("images_per_second")][1:]
+    assert len(rates) == args.steps // args.warmup, rates
+    return len(rates) / sum(1 / rate for rate in rates)
 
 
 def main() -> None:
@@ -226,6 +229,7 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=2048)
     args = parser.parse_args()
     args.channels = 3  # train_ddpm.py trains RGB on every dataset but the embedded digits
+    args.steps = -(-args.steps // args.warmup) * args.warmup  # whole logging intervals (see our_loop)
     device = torch.device(args.device)
     logging.disable(logging.WARNING)
     datasets.disable_progress_bars()
