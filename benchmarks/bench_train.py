@@ -59,6 +59,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def images_per_second(step, args, device: torch.device) -> float:
+    """Run `step` --warmup times untimed, then --steps times timed; images/s of the timed steps."""
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    return args.steps * args.batch / (time.perf_counter() - start)
+
+
 def autocast(device: torch.device, mixed_precision: str):
     if mixed_precision == "no":
         return contextlib.nullcontext()
@@ -86,14 +98,7 @@ def floor_loop(args, device: torch.device) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(device)
-    return args.steps * args.batch / (time.perf_counter() - start)
+    return images_per_second(step, args, device)
 
 
 def peer_transform(resolution: int, channels: int):
@@ -164,14 +169,7 @@ def peer_loop(args, device: torch.device, data_folder: str) -> float:
             ema.step(unet.parameters())
         loss.detach().item()  # the peer logs the loss every step
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(device)
-    return args.steps * args.batch / (time.perf_counter() - start)
+    return images_per_second(step, args, device)
 
 
 def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> float:
