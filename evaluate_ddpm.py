@@ -15,8 +15,9 @@ Writes to `--output_dir`:
 - `progressive.png`: the predicted x_0 along sampling chains, progressive generation (Fig. 6);
 - `interpolation.png`: interpolation in x_t decoded by the reverse process, one row per t (Figs. 8 and 9).
 
-The data flags are those of train_ddpm.py. Under `accelerate launch --num_processes N` the images and samples are
-split across the processes; every image and sample has its own random stream, so the numbers do not depend on N.
+The data flags are those of train_ddpm.py. Under `accelerate launch --multi_gpu --num_processes N` (add `--device cpu`
+on a machine without GPUs) the images and samples are split across the processes, and only the main one writes;
+every image and sample has its own random stream, so the numbers do not depend on N.
 
 `evaluate(pipeline, images, ...)` computes the scalar metrics without plots; train_ddpm.py calls it during training.
 """
@@ -35,11 +36,14 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from accelerate import Accelerator
+from diffusers.utils import make_image_grid, numpy_to_pil
 from transformers import HfArgumentParser
 
 from evaluation import extract_features, load_feature_extractor, reference_features, sample_quality_metrics
 from pipelines import DDPMPaperPipeline
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, interpolate, rate_distortion_curve
+from pipelines.pipeline_ddpm_paper import image_grid
 from training.data import find_image_column, load_image_dataset, preprocess_images
 
 logger = logging.getLogger(__name__)
@@ -283,7 +287,8 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise ImportError(
-            "The plots of evaluate_ddpm.py need matplotlib: `pip install matplotlib` (or this package's [metrics] extra)."
+            "The plots of evaluate_ddpm.py need matplotlib, a dependency of this package: `pip install matplotlib` "
+            "(or reinstall this package: `pip install -e .`)."
         ) from error
     return plt
 
@@ -325,19 +330,12 @@ def plot_bpd_terms(bpd: BitsPerDimOutput, path: Path) -> None:
     plt.close(figure)
 
 
-def _image_grid(rows: torch.Tensor, min_side: int = 64, gap: int = 2) -> PIL.Image.Image:
-    """(R, C_cols, channels, H, W) in [0, 1] -> a PIL grid, upscaled (nearest) so that small images stay visible."""
-    num_rows, num_cols, channels, height, width = rows.shape
-    scale = max(1, math.ceil(min_side / min(height, width)))
-    tiles = (rows.clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
-    mode = "L" if channels == 1 else "RGB"
-    side_h, side_w = height * scale, width * scale
-    grid = PIL.Image.new(mode, (num_cols * (side_w + gap) - gap, num_rows * (side_h + gap) - gap), color=255)
-    for r in range(num_rows):
-        for c in range(num_cols):
-            tile = PIL.Image.fromarray(tiles[r, c].squeeze(-1) if channels == 1 else tiles[r, c])
-            grid.paste(tile.resize((side_w, side_h), PIL.Image.NEAREST), (c * (side_w + gap), r * (side_h + gap)))
-    return grid
+def _grid(rows: torch.Tensor) -> PIL.Image.Image:
+    """(R, C, channels, H, W) in [0, 1] -> a PIL grid of R rows and C columns, upscaled as the pipeline's samples."""
+    num_rows, num_cols = rows.shape[:2]
+    tiles = numpy_to_pil(rows.flatten(0, 1).clamp(0, 1).permute(0, 2, 3, 1).cpu().float().numpy())
+    # `image_grid` of a single picture is that picture upscaled by the shared rule (nearest, to 256 px across).
+    return image_grid([make_image_grid(tiles, rows=num_rows, cols=num_cols)])
 
 
 def write_plots(
@@ -374,7 +372,7 @@ def write_plots(
         output_type="pt",
         return_x0_trajectory=True,
     ).x0_trajectory
-    _image_grid(trajectory.transpose(0, 1)).save(output_dir / "progressive.png")
+    _grid(trajectory.transpose(0, 1)).save(output_dir / "progressive.png")
 
     # 3. Interpolation between the first two images, one row per t (small t keeps details, large t only the layout:
     #    Fig. 9; t = 500 of 1000 is Fig. 8), the two sources at both ends.
@@ -386,7 +384,7 @@ def write_plots(
         generator = torch.Generator(device="cpu").manual_seed(seed)
         mixed = interpolate(unet, scheduler, pair[0], pair[-1], t=t, generator=generator).cpu()
         rows.append(torch.cat([pair[:1], mixed, pair[-1:]]))
-    _image_grid((torch.stack(rows) + 1) / 2).save(output_dir / "interpolation.png")
+    _grid((torch.stack(rows) + 1) / 2).save(output_dir / "interpolation.png")
 
     return {
         "rate_distortion": {
@@ -417,9 +415,11 @@ def _finite_or_null(value):
 
 # Command line ---------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
+    """The flags in `argv` (`sys.argv[1:]` by default), or a single JSON or YAML file that holds them."""
     parser = HfArgumentParser(EvaluationArguments, description=__doc__.split("\n\n")[0].strip())
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        path = os.path.abspath(sys.argv[1])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = os.path.abspath(argv[0])
         (args,) = parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
     else:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
@@ -430,33 +430,43 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with accelerate launch --num_processes N
-        from accelerate import Accelerator
+    # One process, or one of `accelerate launch --num_processes N`: the Accelerator's state says which.
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:  # e.g. `--multi_gpu` on a machine without GPUs
+        raise RuntimeError(
+            f"{launched} processes were launched but each one runs alone ({accelerator.distributed_type}), so they "
+            "would all evaluate and write the same files. On a machine without GPUs, add --device cpu to run them as "
+            "one job (gloo): accelerate launch --multi_gpu --num_processes N evaluate_ddpm.py --device cpu ..."
+        )
+    # Several processes take the device accelerate gives each; one process may be sent to any device.
+    multi_process = accelerator.num_processes > 1
+    device = accelerator.device if multi_process or args.device is None else torch.device(args.device)
+    is_main = accelerator.is_main_process
 
-        accelerator = Accelerator(cpu=args.device == "cpu")
-        device = accelerator.device
-    else:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    is_main = accelerator is None or accelerator.is_main_process
+    # The main process fills the caches first (the feature network, downloads, the decoded images); the others read.
+    with accelerator.main_process_first():
+        # The feature network first: a missing one fails in seconds, not after the bound.
+        embedded = args.dataset_name is None and args.train_data_dir is None
+        extractor_name = args.feature_extractor or ("digits" if embedded else "inception")
+        extractor = load_feature_extractor(extractor_name) if args.num_samples > 0 else None
 
-    # The feature network first: a missing one fails in seconds, not after the bound.
-    embedded = args.dataset_name is None and args.train_data_dir is None
-    extractor_name = args.feature_extractor or ("digits" if embedded else "inception")
-    extractor = load_feature_extractor(extractor_name) if args.num_samples > 0 else None
+        pipeline = DDPMPaperPipeline.from_pretrained(args.pipeline).to(device)
+        pipeline.unet.eval()
+        unet_config = pipeline.unet.config
+        resolution = args.resolution or unet_config.sample_size
 
-    pipeline = DDPMPaperPipeline.from_pretrained(args.pipeline).to(device)
-    pipeline.unet.eval()
-    unet_config = pipeline.unet.config
-    resolution = args.resolution or unet_config.sample_size
-
-    dataset = load_image_dataset(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir, cache_dir=args.cache_dir, split=args.split
-    )
-    column = find_image_column(dataset, args.image_column)
-    pixels = preprocess_images(
-        dataset, column, resolution, unet_config.in_channels, center_crop=args.center_crop, seed=args.seed
-    )
+        dataset = load_image_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            cache_dir=args.cache_dir,
+            split=args.split,
+        )
+        column = find_image_column(dataset, args.image_column)
+        pixels = preprocess_images(
+            dataset, column, resolution, unet_config.in_channels, center_crop=args.center_crop, seed=args.seed
+        )
     dataset_id = args.dataset_name or args.train_data_dir or "digits"
     dataset_id = f"{dataset_id}-{args.dataset_config_name or ''}-{args.split}"
 
@@ -496,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
         "resolution": resolution,
         "num_train_timesteps": pipeline.scheduler.config.num_train_timesteps,
         "variance_type": pipeline.scheduler.config.variance_type,
-        "num_processes": accelerator.num_processes if accelerator is not None else 1,
+        "num_processes": accelerator.num_processes,
     }
     report = {**metrics, "settings": settings, **curves}
     (output_dir / METRICS_FILE).write_text(json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")

@@ -8,6 +8,7 @@ from .features import (
     cache_dir,
     extract_features,
     load_feature_extractor,
+    weights_digest,
 )
 from .sample_quality import (
     frechet_distance,
@@ -29,4 +30,5 @@ __all__ = [
     "precision_recall",
     "reference_features",
     "sample_quality_metrics",
+    "weights_digest",
 ]

@@ -12,9 +12,9 @@ Every extractor is an `nn.Module` with an integer `num_features`, the interface 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from training.data import offline_mode_requested
+from training.data import digits_dataset, hub_is_reachable, offline_mode_requested
 
 CACHE_ENV = "DDPM_PAPER_CACHE"
 DIGITS_CLASSIFIER_FILE = "digits-mlp-v1.safetensors"
-NETWORK_PROBE_TIMEOUT = 3.0
 
 
 class FeatureExtractorUnavailableError(RuntimeError):
@@ -46,6 +45,22 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({name: value.contiguous() for name, value in tensors.items()}, str(temporary), metadata=metadata)
     os.replace(temporary, path)
+
+
+def weights_digest(module: torch.nn.Module, length: int = 12) -> str:
+    """
+    A short SHA-256 of the module's `state_dict` (names, dtypes, shapes and bytes): any change to a weight changes it,
+    so features cached under it are never reused for a retrained network.
+    """
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        if not isinstance(value, torch.Tensor):  # `get_extra_state` may return any object
+            digest.update(f"{name}={value!r};".encode())
+            continue
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:length]
 
 
 def _to_float_grayscale(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,13 +117,17 @@ class DigitsFeatures(torch.nn.Module):
         return model.eval().requires_grad_(False)
 
 
-def digits_pixels() -> tuple[torch.Tensor, torch.Tensor]:
-    """The bundled digits as the embedded dataset stores them: uint8 (1797, 1, 8, 8) in 0..255, and their labels."""
-    from sklearn.datasets import load_digits
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # Built once per process: `digits_dataset` encodes its 1,797 images, about a second.
+    digits = digits_dataset().with_format("numpy")[:]
+    return digits["image"], digits["label"]
 
-    digits = load_digits()
-    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return torch.from_numpy(pixels).unsqueeze(1), torch.from_numpy(digits.target).long()
+
+def digits_pixels() -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedded dataset (`training.data.digits_dataset`) as uint8 (1797, 1, 8, 8) in 0..255, and its labels."""
+    images, labels = _digits_arrays()
+    return torch.tensor(images).unsqueeze(1), torch.tensor(labels, dtype=torch.long)
 
 
 def train_digits_classifier(seed: int = 0, steps: int = 200, held_out: int = 297) -> tuple[DigitsFeatures, float]:
@@ -163,16 +182,6 @@ class InceptionFeatures(torch.nn.Module):
         return self.inception(images).reshape(images.shape[0], -1)
 
 
-def _url_is_reachable(url: str, timeout: float = NETWORK_PROBE_TIMEOUT) -> bool:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def inception_features() -> InceptionFeatures:
     """
     The FID Inception network, or a [`FeatureExtractorUnavailableError`] within seconds saying what is missing:
@@ -190,7 +199,8 @@ def inception_features() -> InceptionFeatures:
         ) from error
     url = fidelity_inception.URL_INCEPTION_V3
     weights = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if not weights.is_file() and (offline_mode_requested() or not _url_is_reachable(url)):
+    # The Hub probe stands for "is there a network": it answers within seconds where a download would hang.
+    if not weights.is_file() and (offline_mode_requested() or not hub_is_reachable()):
         raise FeatureExtractorUnavailableError(
             f"The Inception weights are not cached ({weights}) and cannot be downloaded from {url} (no network, or "
             f"offline mode is on). Run once with network access, or copy the file there. {hint}"

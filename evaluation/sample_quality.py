@@ -9,7 +9,7 @@ Sample quality of generated images against real ones, on the features of a plugg
   real samples inside that of the generated ones (k = 3).
 
 The feature networks run once per image set; the metrics take the features. Real-image features are cached
-(`reference_features`), keyed by the extractor and the images' content.
+(`reference_features`), keyed by the images' content and the extractor's name and weights.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import warnings
 import torch
 from safetensors.torch import load_file
 
-from .features import _atomic_save, cache_dir, extract_features
+from .features import _atomic_save, cache_dir, extract_features, weights_digest
 
 
 class _Precomputed(torch.nn.Module):
@@ -161,13 +161,14 @@ def reference_features(
 ) -> torch.Tensor:
     """
     Features of the real images, cached under `cache_dir()/reference/`: the file name holds the dataset id, the image
-    shape, the extractor and the count for the reader, and a hash of the pixels so that other images (another crop,
-    split or version of the dataset) never reuse it.
+    shape, the extractor and the count for the reader, a hash of the pixels so that other images (another crop,
+    split or version of the dataset) never reuse it, and a hash of the extractor's weights (`weights_digest`) so that
+    a retrained or changed network under the same name never reuses it either.
 
     Args:
         extractor (`torch.nn.Module`): The feature network.
         images (`torch.Tensor`): uint8 (N, C, H, W).
-        extractor_name (`str`): Its name in the cache key (e.g. `"digits"`, `"inception"`).
+        extractor_name (`str`): Its name in the cache key (e.g. `"digits"`, `"inception"`), beside its weights' hash.
         dataset_id (`str`, defaults to `"images"`): The dataset's name in the cache key.
         batch_size (`int`, defaults to 256): Images per call of the extractor.
         use_cache (`bool`, defaults to `True`): Read and write the cache.
@@ -177,9 +178,8 @@ def reference_features(
     digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
     count, channels, height, width = images.shape
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_id).strip("_.")[:80] or "images"
-    path = (
-        cache_dir() / "reference" / f"{slug}-{channels}x{height}x{width}-{extractor_name}-{count}-{digest}.safetensors"
-    )
+    name = f"{slug}-{channels}x{height}x{width}-{extractor_name}-{count}-{digest}-{weights_digest(extractor)}"
+    path = cache_dir() / "reference" / f"{name}.safetensors"
     if path.is_file():
         return load_file(str(path))["features"]
     features = extract_features(extractor, images, batch_size)

@@ -27,6 +27,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from schedulers import DDPMPaperScheduler
+from schedulers.scheduling_ddpm_paper import _mean_over_dims
 
 Generator = torch.Generator | list[torch.Generator] | None
 
@@ -95,10 +96,6 @@ def _generator_slice(generator: Generator, batch: slice) -> Generator:
 def _check_generator(generator: Generator, batch_size: int) -> None:
     if isinstance(generator, list) and len(generator) != batch_size:
         raise ValueError(f"Got {len(generator)} generators for {batch_size} images; pass one per image, or one.")
-
-
-def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).mean(dim=1)
 
 
 def _draw_timesteps(generator: Generator, batch_size: int, num_train_timesteps: int, k: int) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 import json
 import math
+import sys
 import time
+import types
 
 import PIL.Image
 import pytest
@@ -66,15 +68,35 @@ def test_cli_writes_metrics_and_plots(tmp_path, pipeline_folder, digits_cache):
         with PIL.Image.open(path) as image:
             assert min(image.size) >= 64, name
     # progressive.png: 4 chains (rows) of 11 snapshots; interpolation.png: t = 0, 4, 9 (rows) of source, 11 lambdas,
-    # source.
+    # source. Both are upscaled (nearest, integer factor) to at least 256 px across, as the pipeline's sample grid.
     with PIL.Image.open(output_dir / "progressive.png") as image:
-        assert image.size == (11 * 66 - 2, 4 * 66 - 2)
+        scale = math.ceil(256 / (11 * 8))
+        assert image.size == (11 * 8 * scale, 4 * 8 * scale)
     with PIL.Image.open(output_dir / "interpolation.png") as image:
-        assert image.size == (13 * 66 - 2, 3 * 66 - 2)
+        scale = math.ceil(256 / (13 * 8))
+        assert image.size == (13 * 8 * scale, 3 * 8 * scale)
     assert metrics["interpolation_timesteps"] == [0, 4, 9]
 
 
-def test_inception_features_offline_fail_before_any_work(tmp_path, pipeline_folder):
+def without_torch_fidelity(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as on a machine without it
+
+
+def with_torch_fidelity_but_no_cached_weights(monkeypatch, tmp_path):
+    # A stand-in torch-fidelity whose weights are neither cached (an empty torch.hub folder) nor downloadable (offline).
+    fidelity = types.ModuleType("torch_fidelity")
+    inception = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    inception.URL_INCEPTION_V3 = "https://example.invalid/weights-inception-2015-12-05-6726825d.pth"
+    fidelity.feature_extractor_inceptionv3 = inception
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fidelity)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", inception)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+
+
+@pytest.mark.parametrize("machine", [without_torch_fidelity, with_torch_fidelity_but_no_cached_weights])
+def test_inception_features_offline_fail_before_any_work(tmp_path, pipeline_folder, monkeypatch, machine):
+    machine(monkeypatch, tmp_path)  # whatever this machine has installed or cached
     images = tmp_path / "images"
     images.mkdir()
     PIL.Image.new("L", (8, 8)).save(images / "0.png")
@@ -94,3 +116,25 @@ def test_evaluate_takes_a_uint8_tensor_and_skips_what_is_not_asked(pipeline_fold
     assert evaluate_ddpm.evaluate(pipeline, pixels, num_images=4, bpd_timesteps=3, num_samples=0) == only_bpd
     only_samples = evaluate_ddpm.evaluate(pipeline, pixels, num_images=0, num_samples=6, num_inference_steps=5)
     assert set(only_samples) == {"fid", "kid_mean", "kid_std", "precision", "recall", "num_samples"}
+
+
+def test_multi_process_launch_seen_as_one_process_fails_before_any_work(tmp_path, pipeline_folder, monkeypatch):
+    # `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: WORLD_SIZE is 2, yet each process
+    # runs alone (DistributedType.NO) and would believe it is the main one.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    output_dir = tmp_path / "evaluation"
+    with pytest.raises(RuntimeError, match="2 processes were launched but each one runs alone.*--device cpu"):
+        evaluate_ddpm.main(["--pipeline", str(pipeline_folder), "--output_dir", str(output_dir)])
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_single_config_file_argument_is_parsed_from_argv(tmp_path, monkeypatch, suffix):
+    settings = {"pipeline": "some/pipeline", "num_samples": 7, "interpolation_timesteps": [1, 5], "center_crop": True}
+    path = tmp_path / f"evaluation{suffix}"
+    path.write_text(json.dumps(settings))  # JSON is also YAML
+    monkeypatch.setattr(sys, "argv", ["evaluate_ddpm.py", "--pipeline", "from/sys-argv"])  # must not be read
+    args = evaluate_ddpm.parse_args([str(path)])
+    assert (args.pipeline, args.num_samples, args.interpolation_timesteps) == ("some/pipeline", 7, [1, 5])
+    assert args.center_crop is True
+    assert evaluate_ddpm.parse_args(["--pipeline", "flags/too"]).pipeline == "flags/too"

@@ -280,9 +280,9 @@ from accelerate import Accelerator
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from pipelines.likelihood import bits_per_dim
 from schedulers import DDPMPaperScheduler
-from evaluate_ddpm import evaluate
+from evaluate_ddpm import evaluate, main
 sys.path.insert(0, sys.argv[2])
-from test_likelihood import ZeroNoisePredictor, tiny_unet, one_image, two_process_inputs
+from test_likelihood import CLI_FLAGS, ZeroNoisePredictor, tiny_unet, one_image, two_process_inputs
 
 accelerator = Accelerator(cpu=True)
 scheduler, images, pipeline, pixels = two_process_inputs()
@@ -294,10 +294,15 @@ with accelerator.split_between_processes(list(range(len(images)))) as indices:
     )
 totals = accelerator.gather(accelerator.pad_across_processes(output.total, dim=0))
 metrics = evaluate(pipeline, pixels, num_images=5, num_samples=9, batch_size=4, accelerator=accelerator)
+# The command line: only the main process writes the report (and returns it).
+report = main([*CLI_FLAGS, "--pipeline", sys.argv[3], "--output_dir", sys.argv[4]])
+assert ("settings" in report) == accelerator.is_main_process, report.keys()
 if accelerator.is_main_process:
     result = {"num_processes": accelerator.num_processes, "totals": totals.tolist(), "metrics": metrics}
     json.dump(result, open(sys.argv[1], "w"))
 """
+CLI_FLAGS = ["--num_images", "5", "--bpd_timesteps", "3", "--num_samples", "9", "--rate_distortion_images", "2"]
+CLI_FLAGS += ["--batch_size", "4", "--device", "cpu"]
 
 
 def two_process_inputs():
@@ -311,27 +316,31 @@ def two_process_inputs():
     return scheduler, images, pipeline, pixels
 
 
-def test_bits_per_dim_and_evaluate_are_the_same_on_one_and_two_processes(tmp_path, digits_cache):
-    from evaluate_ddpm import evaluate
+def test_bits_per_dim_evaluate_and_the_cli_are_the_same_on_one_and_two_processes(tmp_path, digits_cache):
+    from evaluate_ddpm import evaluate, main
 
     script, result_file = tmp_path / "two_processes.py", tmp_path / "result.json"
     script.write_text(TWO_PROCESS_SCRIPT)
+    scheduler, images, pipeline, pixels = two_process_inputs()
+    folder = tmp_path / "pipeline"  # exported as train_ddpm.py exports it: a stock DDPMPipeline folder
+    pipeline.to_stock_pipeline().save_pretrained(folder)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",  # two processes on a small CPU: one thread each
+        "CUDA_VISIBLE_DEVICES": "",  # CPU processes (gloo) even on a machine with GPUs
     }
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
         *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
-        *(str(script), str(result_file), str(Path(__file__).parent)),
+        *("--main_process_port", "0"),  # a free port: never 29500 held by another run
+        *(str(script), str(result_file), str(Path(__file__).parent), str(folder), str(tmp_path / "two")),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(result_file.read_text())
     assert result["num_processes"] == 2
 
-    scheduler, images, pipeline, pixels = two_process_inputs()
     single = bits_per_dim(
         ZeroNoisePredictor(), scheduler, images, generator=[torch.Generator().manual_seed(100 + i) for i in range(6)]
     )
@@ -341,3 +350,11 @@ def test_bits_per_dim_and_evaluate_are_the_same_on_one_and_two_processes(tmp_pat
     assert result["metrics"].keys() == metrics.keys()
     for name, value in metrics.items():
         assert result["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+    # The command line on two processes: one report, from the main process, with the numbers of one process.
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one = main([*CLI_FLAGS, "--pipeline", str(folder), "--output_dir", str(tmp_path / "one")])
+    assert (two["settings"]["num_processes"], one["settings"]["num_processes"]) == (2, 1)
+    scalars = ["bits_per_dim", "bits_per_dim_stderr", "prior_bpd", "fid", "kid_mean", "kid_std", "precision", "recall"]
+    for name in [*scalars, "num_images", "num_samples"]:
+        assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-6), name

@@ -17,6 +17,7 @@ from evaluation import (
     precision_recall,
     reference_features,
     sample_quality_metrics,
+    weights_digest,
 )
 from evaluation.features import DIGITS_CLASSIFIER_FILE, digits_pixels
 
@@ -106,6 +107,32 @@ def test_reference_features_are_cached_by_content(digits_cache, digits_features)
     assert calls == [100, 100] and not torch.equal(first, other)
     names = [path.name for path in (digits_cache / "reference").iterdir() if "-counting-" in path.name]
     assert len(names) == 2 and all(name.startswith("digits_train-1x8x8-counting-100-") for name in names)
+
+
+def test_reference_features_of_a_changed_extractor_are_not_reused(digits_cache, digits_features):
+    calls = []
+    pixels, _ = digits_pixels()
+
+    def copy_of_digits(change: float = 0.0) -> DigitsFeatures:
+        network = DigitsFeatures()
+        network.load_state_dict(digits_features.state_dict())
+        with torch.no_grad():
+            network.hidden[0].bias[0] += change
+        network.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+        return network
+
+    first = reference_features(copy_of_digits(), pixels[:50], extractor_name="digits", dataset_id="weights")
+    same_weights = reference_features(copy_of_digits(), pixels[:50], extractor_name="digits", dataset_id="weights")
+    assert calls == [50] and torch.equal(first, same_weights)  # another module object, the same weights: reused
+    retrained = copy_of_digits(change=1e-3)  # one bias moved a little, under the same name
+    changed = reference_features(retrained, pixels[:50], extractor_name="digits", dataset_id="weights")
+    assert calls == [50, 50] and not torch.equal(first, changed)
+    torch.testing.assert_close(changed, extract_features(retrained, pixels[:50]), rtol=0, atol=0)
+    names = sorted(path.name for path in (digits_cache / "reference").glob("weights-1x8x8-digits-50-*"))
+    assert len(names) == 2 and names[0].split("-")[:-1] == names[1].split("-")[:-1]  # only the weights' hash differs
+    assert {name.split("-")[-1] for name in names} == {
+        f"{weights_digest(network)}.safetensors" for network in (digits_features, retrained)
+    }
 
 
 def test_inception_without_torch_fidelity_fails_fast_and_points_to_digits(monkeypatch):
