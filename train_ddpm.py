@@ -8,7 +8,7 @@
 
 A drop-in for diffusers' examples/unconditional_image_generation/train_unconditional.py: its flags keep their names
 and meanings; `--help` marks the added ones. The script reads top to bottom: flags -> Accelerator -> model -> data ->
-optimizer -> resume -> the loop of Algorithm 1 -> sample grids, checkpoints and exports.
+optimizer -> resume -> the loop of Algorithm 1 -> sample grids, evaluations, checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
+from evaluate_ddpm import evaluate
+from evaluation import FeatureExtractorUnavailableError, load_feature_extractor
 from pipelines import DDPMPaperPipeline, ModelCardInfo, PublishError
 from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
@@ -44,8 +46,10 @@ from training.checkpointing import (
     CheckpointError,
     StopSignal,
     TrainerState,
+    check_fresh_start,
     checkpoint_path,
     load_checkpoint,
+    remove_checkpoints,
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -74,6 +78,7 @@ SAMPLES_DIR = "samples"
 RESUME_INVARIANTS = ("dataset_name", "dataset_config_name", "train_data_dir", "streaming", "resolution", "seed")
 RESUME_INVARIANTS += ("train_batch_size", "gradient_accumulation_steps")
 """Flags that fix the data order and position: resuming with other values cannot continue exactly."""
+EVAL_LOG_PREFIX = "eval/"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,12 +87,16 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainingOutcome:
-    """What `main` returns: the trained (unwrapped) model, its EMA, the last step, and the signal that stopped it."""
+    """
+    What `main` returns: the trained (unwrapped) model, its EMA, the last step, the signal that stopped it, and the
+    metrics of the last evaluation (`--eval_steps`).
+    """
 
     global_step: int
     unet: UNet2DModel
     ema: EMA | None
     stopped_by: str | None = None
+    metrics: dict[str, float] | None = None
 
 
 def diffusion_loss(
@@ -128,6 +137,33 @@ def diffusion_loss(
     return loss
 
 
+def held_out_images(config: dict) -> int:
+    """How many images at the end of the training split the run with these (public) flags keeps out of training."""
+    if config.get("eval_steps") and config.get("eval_split") is None:
+        return config["eval_holdout_images"]
+    return 0
+
+
+def split_held_out(dataset: datasets.Dataset, count: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    r"""
+    Split the preprocessed training images into those trained on and the last `count`, held out for evaluation.
+
+    The split is by position in the dataset (before any shuffling), so every run and every process holds out the
+    same images: for the embedded digits, the last `count` of scikit-learn's 1,797 (the digits feature network was
+    not trained on the last 297 either).
+
+    Raises:
+        `ImageDataError`: holding out `count` images would leave none to train on.
+    """
+    if count >= len(dataset):
+        raise ImageDataError(
+            f"--eval_holdout_images {count} leaves no images to train on: the training split has {len(dataset)}. "
+            "Hold out fewer, or evaluate on another split with --eval_split."
+        )
+    boundary = len(dataset) - count
+    return dataset.select(range(boundary)), dataset.select(range(boundary, len(dataset)))
+
+
 def sample_images(
     model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler, args: TrainingArguments
 ) -> list[PIL.Image.Image]:
@@ -143,6 +179,40 @@ def sample_images(
         num_inference_steps=args.ddpm_num_inference_steps,
         show_progress=False,
     ).images
+
+
+def evaluate_model(
+    model: UNet2DModel,
+    ema: EMA | None,
+    noise_scheduler: DDPMPaperScheduler,
+    args: TrainingArguments,
+    held_out: torch.Tensor,
+    feature_extractor: torch.nn.Module | None,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """
+    `evaluate_ddpm.evaluate` of the EMA weights (the model's, without EMA) on the held-out uint8 images. Every process
+    calls it: the images and samples are split across them, and each one gets the same metrics.
+    """
+    eval_model = copy.deepcopy(model).eval()
+    if ema is not None:
+        ema.copy_to(eval_model.parameters())
+    pipeline = DDPMPaperPipeline(unet=eval_model, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
+    dataset_id = args.dataset_name or args.train_data_dir or "digits"
+    split = args.eval_split or f"train-last-{args.eval_holdout_images}"
+    return evaluate(
+        pipeline,
+        held_out,
+        num_images=args.eval_num_images,
+        bpd_timesteps=args.eval_bpd_timesteps,
+        num_samples=args.eval_num_samples,
+        num_inference_steps=args.eval_num_inference_steps,
+        feature_extractor=feature_extractor if feature_extractor is not None else args.eval_feature_extractor,
+        dataset_id=f"{dataset_id}-{args.dataset_config_name or ''}-{split}",
+        batch_size=args.train_batch_size,  # a batch that fits in training fits without gradients
+        seed=args.seed,
+        accelerator=accelerator,
+    )
 
 
 def image_grid(images: list[PIL.Image.Image], min_width: int = 256) -> PIL.Image.Image:
@@ -193,6 +263,7 @@ def export_pipeline(
     images: list[PIL.Image.Image] | None,
     step: int,
     final: bool,
+    metrics: dict[str, float] | None = None,
 ) -> None:
     """Write the EMA weights as a stock `DDPMPipeline` folder with a model card into --output_dir; push it if asked."""
     export_model = copy.deepcopy(model).eval()
@@ -202,6 +273,8 @@ def export_pipeline(
     card = ModelCardInfo(
         dataset_name=args.dataset_name or args.train_data_dir,  # None for the embedded digits (not a Hub dataset)
         training_args={**public_config(args), "global_step": step},
+        # The last evaluation (--eval_steps); a NaN (e.g. the standard error of one image) has no place in YAML.
+        metrics={name: value for name, value in metrics.items() if math.isfinite(value)} if metrics else None,
         sample_images=images,
         command=command_line(),
         num_samples=args.eval_batch_size,
@@ -278,6 +351,19 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    # A new run does not mix its checkpoints with those of an earlier run in the same folder.
+    if args.resume_from_checkpoint is None:
+        if args.overwrite_output_dir:
+            if accelerator.is_main_process:
+                remove_checkpoints(args.output_dir)
+            accelerator.wait_for_everyone()
+        else:
+            check_fresh_start(args.output_dir)
+    # The feature network of the evaluation now, so that a missing one fails in seconds, not after training.
+    feature_extractor = None
+    if args.eval_steps and args.eval_num_samples > 0:
+        feature_extractor = load_feature_extractor(args.eval_feature_extractor).to(accelerator.device)
+
     # 2. The model eps_theta and the diffusion q(x_t | x_0) ------------------------------------------------------------
     set_seed(args.seed)  # the same initial weights on every process
     channels = image_channels(args)
@@ -337,8 +423,35 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             seed=args.seed,
             num_proc=args.preprocessing_num_workers,
         )
+        # The held-out images of the evaluation, preprocessed as the training images, once.
+        held_out = None
+        if args.eval_steps and args.eval_split is None:
+            train_dataset, held_out = split_held_out(train_dataset, args.eval_holdout_images)
+        elif args.eval_steps:
+            eval_dataset = load_image_dataset(
+                args.dataset_name,
+                args.dataset_config_name,
+                args.train_data_dir,
+                cache_dir=args.cache_dir,
+                split=args.eval_split,
+            )
+            eval_dataset = eval_dataset.select(range(min(args.eval_holdout_images, len(eval_dataset))))
+            held_out = preprocess_images(
+                eval_dataset,
+                find_image_column(eval_dataset, args.image_column),
+                args.resolution,
+                channels,
+                center_crop=args.center_crop,
+                seed=args.seed,
+                num_proc=args.preprocessing_num_workers,
+            )
+        if held_out is not None:
+            held_out = PixelBatches(held_out).__getitems__(list(range(len(held_out))))
     if not args.streaming:
         logger.info("Data: %d images from column '%s'", len(train_dataset), image_column)
+    if held_out is not None:
+        where = f"split '{args.eval_split}'" if args.eval_split else "the end of the training split, not trained on"
+        logger.info("Evaluation every %d steps on %d held-out images (%s)", args.eval_steps, len(held_out), where)
     train_dataloader = torch.utils.data.DataLoader(
         # Whole batches straight from the memory-mapped Arrow column; a stream comes example by example.
         train_dataset if args.streaming else PixelBatches(train_dataset),
@@ -410,11 +523,17 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         ]
         if state.num_processes != accelerator.num_processes:
             changed.append(f"{state.num_processes} -> {accelerator.num_processes} processes")
+        if held_out_images(state.training_args) != held_out_images(public_config(args)):
+            changed.append(
+                f"{held_out_images(state.training_args)} -> {held_out_images(public_config(args))} images held out "
+                "of training for --eval_steps"
+            )
         if changed:
             logger.warning(
                 "Resuming with other settings than the checkpoint's (%s): the run goes on, but it does not continue "
                 "the data order exactly.", ", ".join(changed),
             )  # fmt: skip
+        state.consecutive_nonfinite_steps = 0  # a resumed run gets a fresh --max_nonfinite_steps budget
     state.training_args, state.num_processes = public_config(args), accelerator.num_processes
 
     if accelerator.is_main_process:
@@ -438,6 +557,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     )
     last_checkpoint_step = state.global_step if resume_path is not None else -1
     images = None  # the last sample grid, for the model card
+    metrics = None  # the last evaluation, for the model card
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_count, images_seen, last_log_time = 0, 0, time.perf_counter()
     grad_norm = torch.zeros((), device=accelerator.device)
@@ -457,8 +577,15 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                 images = sample_images(model, ema, noise_scheduler, args)
                 log_sample_grid(accelerator, args, images, step)
             if export:
-                export_pipeline(model, ema, noise_scheduler, args, images, step, final=final)
+                export_pipeline(model, ema, noise_scheduler, args, images, step, final=final, metrics=metrics)
         accelerator.wait_for_everyone()
+
+    def evaluation() -> None:
+        nonlocal metrics
+        metrics = evaluate_model(model, ema, noise_scheduler, args, held_out, feature_extractor, accelerator)
+        accelerator.log({EVAL_LOG_PREFIX + name: value for name, value in metrics.items()}, step=state.global_step)
+        summary = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+        logger.info("Evaluation at step %d: %s", state.global_step, summary)
 
     with StopSignal() as stop:
         for epoch in range(state.epoch, num_epochs):
@@ -525,12 +652,17 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                         state.skipped_nonfinite_steps,
                     )  # fmt: skip
                     if state.consecutive_nonfinite_steps >= args.max_nonfinite_steps:
+                        # The weights never took the skipped steps, so they are finite: keep the work done.
+                        if last_checkpoint_step != state.global_step:
+                            checkpoint()
+                        path = checkpoint_path(args.output_dir, state.global_step)
                         raise NonFiniteLossError(
                             f"{state.consecutive_nonfinite_steps} optimizer steps in a row had a non-finite loss or "
                             f"gradient (up to step {state.global_step}); stopping (--max_nonfinite_steps "
-                            f"{args.max_nonfinite_steps}). The weights never took those steps, and no checkpoint "
-                            "holds them. Resume from the last checkpoint with a lower --learning_rate, a smaller "
-                            "--max_grad_norm, or --mixed_precision no, and check the data for broken images."
+                            f"{args.max_nonfinite_steps}). The weights never took those steps; {path} holds the "
+                            f"weights before them. Resume with --resume_from_checkpoint {path} and a lower "
+                            "--learning_rate, a smaller --max_grad_norm, or --mixed_precision no, and check the data "
+                            "for broken images."
                         )
 
                 if state.global_step % args.logging_steps == 0 or state.global_step == max_train_steps:
@@ -559,7 +691,9 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                 if state.global_step % args.checkpointing_steps == 0:
                     checkpoint()
                 if state.global_step >= max_train_steps:
-                    break
+                    break  # the last evaluation comes after the last checkpoint, below
+                if args.eval_steps and state.global_step % args.eval_steps == 0:
+                    evaluation()
                 grid = bool(args.save_images_steps) and state.global_step % args.save_images_steps == 0
                 export = bool(args.save_model_steps) and state.global_step % args.save_model_steps == 0
                 if grid or export:
@@ -573,7 +707,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                     samples_and_export(state.global_step, grid, export)
     progress.close()
 
-    # 7. The end (or a stop asked by SIGTERM / SIGINT): checkpoint, samples, export -----------------------------------
+    # 7. The end (or a stop asked by SIGTERM / SIGINT): checkpoint, evaluation, samples, export ----------------------
     if last_checkpoint_step != state.global_step:
         checkpoint()
     if stopped_by is not None:
@@ -582,9 +716,11 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             stopped_by, state.global_step, checkpoint_path(args.output_dir, state.global_step),
         )  # fmt: skip
     else:
+        if args.eval_steps:
+            evaluation()
         samples_and_export(state.global_step, grid=True, export=True, final=True)
     accelerator.end_training()
-    return TrainingOutcome(global_step=state.global_step, unet=model, ema=ema, stopped_by=stopped_by)
+    return TrainingOutcome(global_step=state.global_step, unet=model, ema=ema, stopped_by=stopped_by, metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> TrainingOutcome:
@@ -596,6 +732,7 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
         ArgumentError,
         CheckpointError,
         DatasetUnavailableError,
+        FeatureExtractorUnavailableError,
         ImageDataError,
         ModelConfigUnavailableError,
         NonFiniteLossError,

@@ -12,9 +12,11 @@ from training.checkpointing import (
     CheckpointError,
     StopSignal,
     TrainerState,
+    check_fresh_start,
     find_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    remove_checkpoints,
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -139,6 +141,27 @@ def test_resume_paths_latest_none_or_named(tmp_path):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-7")
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-6")
+
+
+def test_a_fresh_start_is_refused_only_where_complete_checkpoints_exist(tmp_path):
+    check_fresh_start(str(tmp_path / "missing"))
+    _fake_checkpoint(tmp_path, "checkpoint-3", complete=False)  # removed at start anyway
+    (tmp_path / "samples").mkdir()
+    check_fresh_start(str(tmp_path))
+    _fake_checkpoint(tmp_path, "checkpoint-500")
+    with pytest.raises(CheckpointError, match=r"1 checkpoint of an earlier run .*checkpoint-500.*latest.*overwrite"):
+        check_fresh_start(str(tmp_path))
+
+
+def test_remove_checkpoints_removes_every_checkpoint_folder_and_nothing_else(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp"):
+        _fake_checkpoint(tmp_path, name, complete=name != "checkpoint-12.tmp")
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "checkpoint-notes.txt").write_text("a file, not a checkpoint")
+    removed = remove_checkpoints(str(tmp_path))
+    assert sorted(os.path.basename(path) for path in removed) == ["checkpoint-10", "checkpoint-12.tmp", "checkpoint-2"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-notes.txt", "model_index.json", "samples"]
 
 
 def test_stop_signal_records_sigterm_and_restores_the_handlers():

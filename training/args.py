@@ -1,9 +1,11 @@
 """The command line of train_ddpm.py: one typed dataclass, parsed by `transformers.HfArgumentParser`.
 
 Every flag of diffusers' `examples/unconditional_image_generation/train_unconditional.py` keeps its name, default and
-meaning; the flags it lacks are marked "(new)" in `--help`. A flag whose default depends on the run (the embedded
-digits, or whether a paper preset is used) defaults to `None` here and is filled in by `resolve_args`, which says in
-its docstring what each `None` becomes.
+meaning (where the paper used another value, `--help` gives it); the flags it lacks are marked "(new)" in `--help`
+and default to the paper's values where the paper has one (`--max_grad_norm 1.0`, `--variance_type fixed_small`).
+A flag whose default depends on the run defaults to `None` here and is filled in by `resolve_args`, which says in its
+docstring what each `None` becomes: with no dataset given (the embedded digits) a set of small-run defaults, and
+`--use_ema` on with a `--model_preset` (the paper's EMA) but off with `--model_config_name_or_path` (the peer's).
 
 The same keys work in one JSON or YAML file: `train_ddpm.py config.yaml`.
 """
@@ -20,6 +22,7 @@ from typing import Any, Literal
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
+from evaluation import FEATURE_EXTRACTORS
 from training.models import MODEL_PRESETS
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad")
@@ -172,7 +175,13 @@ class TrainingArguments:
     output_dir: str | None = _arg(
         help="Where checkpoints, samples and the exported pipeline go. Default ddpm-model-64; digits: ddpm-output."
     )
-    overwrite_output_dir: bool = _arg(False, help="Accepted for compatibility; has no effect (as in the peer).")
+    overwrite_output_dir: bool = _arg(
+        False,
+        help="Start over in an --output_dir that holds checkpoints of an earlier run: its checkpoint-* folders are "
+        "removed before training (nothing else: an export, samples and logs there stay, and are overwritten as this "
+        "run writes them). Without it, a run without --resume_from_checkpoint stops at once when --output_dir holds "
+        "checkpoints. (In train_unconditional.py this flag has no effect.)",
+    )
     logger: Literal["tensorboard", "wandb"] = _arg("tensorboard", help="Experiment tracker.")
     logging_dir: str = _arg("logs", help="Tracker logs, under --output_dir.")
     logging_steps: int = _arg(10, help="(new) Log loss, lr, grad norm and images/s every this many steps.")
@@ -194,6 +203,34 @@ class TrainingArguments:
     hub_model_id: str | None = _arg(help="Hub repo to push to; by default the name of --output_dir.")
     hub_private_repo: bool = _arg(False, help="Create the Hub repo as private.")
     local_rank: int = _arg(-1, help="Accepted for compatibility; accelerate sets the rank.")
+
+    # Evaluation during training (evaluate_ddpm.evaluate on held-out images, with the EMA weights) ----------------
+    eval_steps: int | None = _arg(
+        help="(new) Every this many optimizer steps, and at the end of training, compute bits/dim and sample quality "
+        "(FID, KID, precision/recall) on the held-out images, with the EMA weights, in model calls of --train_batch_size images; logged as eval/*, "
+        "and the last values go into the model card. 0 or unset: no evaluation."
+    )
+    eval_split: str | None = _arg(
+        help="(new) A split of the dataset to evaluate on (e.g. test); its first --eval_holdout_images images are "
+        "used. Unset: the last --eval_holdout_images images of the training split are held out of training (for "
+        "the embedded digits, the last 256 digits)."
+    )
+    eval_holdout_images: int = _arg(
+        256, help="(new) Size of the held-out set (see --eval_split); the samples are compared with all of it."
+    )
+    eval_num_images: int = _arg(64, help="(new) Held-out images whose bits/dim is computed (the first ones).")
+    eval_bpd_timesteps: int = _arg(
+        50, help="(new) K: bits/dim as the unbiased estimate from K random timesteps per image; 0: all T terms."
+    )
+    eval_num_samples: int = _arg(256, help="(new) Samples generated for FID, KID and precision/recall; 0 skips them.")
+    eval_feature_extractor: str | None = _arg(
+        help="(new) The feature network of FID/KID/precision/recall. Default: digits for the embedded digits, "
+        "inception otherwise (checked at start: an unavailable one fails before training).",
+        choices=list(FEATURE_EXTRACTORS),
+    )
+    eval_num_inference_steps: int | None = _arg(
+        help="(new) Sampling steps of the evaluation samples. Default: --ddpm_num_inference_steps."
+    )
 
 
 class ArgumentError(ValueError):
@@ -218,6 +255,8 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
       steps, a sample grid every 1000 steps, output in `ddpm-output/`). Otherwise `PEER_DEFAULTS`, the values of
       train_unconditional.py (the `ddpm-256` preset has the layout of its built-in model).
     - `--use_ema`: on with a preset (the paper's EMA), off with `--model_config_name_or_path` (the peer's default).
+    - `--eval_feature_extractor`: `digits` for the embedded digits, `inception` otherwise.
+    - `--eval_num_inference_steps`: `--ddpm_num_inference_steps`. `--eval_steps 0` becomes `None` (no evaluation).
 
     Raises:
         `ArgumentError`: conflicting or out-of-range flags, with what to do.
@@ -234,21 +273,52 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
     args = dataclasses.replace(args, **updates)
     if args.use_ema is None:
         args = dataclasses.replace(args, use_ema=args.model_preset is not None)
+    extractor = "digits" if uses_embedded_dataset(args) else "inception"
+    args = dataclasses.replace(
+        args,
+        eval_steps=args.eval_steps or None,
+        eval_feature_extractor=args.eval_feature_extractor or extractor,
+        eval_num_inference_steps=args.eval_num_inference_steps or args.ddpm_num_inference_steps,
+    )
 
     positive = ["resolution", "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "ddpm_num_steps"]
     positive += ["ddpm_num_inference_steps", "checkpointing_steps", "logging_steps", "max_nonfinite_steps"]
     positive += ["num_epochs", "max_train_steps", "save_images_steps", "save_model_steps", "checkpoints_total_limit"]
+    positive += ["eval_steps", "eval_holdout_images", "eval_num_inference_steps"]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ArgumentError(f"--{name} must be positive, got {value}.")
-    for name in ("save_images_epochs", "save_model_epochs", "lr_warmup_steps", "dataloader_num_workers"):
+    zero_or_more = ["save_images_epochs", "save_model_epochs", "lr_warmup_steps", "dataloader_num_workers"]
+    zero_or_more += ["eval_num_images", "eval_bpd_timesteps", "eval_num_samples"]
+    for name in zero_or_more:
         if getattr(args, name) < 0:
             raise ArgumentError(f"--{name} must be 0 or more, got {getattr(args, name)}.")
-    if args.ddpm_num_inference_steps > args.ddpm_num_steps:
+    at_most_t = ["ddpm_num_inference_steps"]
+    at_most_t += ["eval_num_inference_steps", "eval_bpd_timesteps"] if args.eval_steps else []
+    for name in at_most_t:
+        if getattr(args, name) > args.ddpm_num_steps:
+            raise ArgumentError(
+                f"--{name} ({getattr(args, name)}) cannot exceed --ddpm_num_steps ({args.ddpm_num_steps})."
+            )
+    if args.eval_steps and args.eval_num_images > args.eval_holdout_images:
         raise ArgumentError(
-            f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
-            f"({args.ddpm_num_steps})."
+            f"--eval_num_images ({args.eval_num_images}) cannot exceed the held-out set (--eval_holdout_images "
+            f"{args.eval_holdout_images})."
+        )
+    if args.eval_split is not None and uses_embedded_dataset(args):
+        raise ArgumentError(
+            "The embedded digits have only a train split: leave --eval_split out, and the last "
+            "--eval_holdout_images digits are held out of training for the evaluation."
+        )
+    if args.eval_steps and args.streaming and args.eval_split is None:
+        raise ArgumentError(
+            "--eval_steps with --streaming needs --eval_split: a stream has no last images to hold out."
+        )
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ArgumentError(
+            "--overwrite_output_dir removes the checkpoints that --resume_from_checkpoint would continue: pass one "
+            "of them."
         )
     if args.streaming and args.max_train_steps is None:
         raise ArgumentError("--streaming needs --max_train_steps: a stream has no known length to count epochs in.")

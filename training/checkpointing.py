@@ -122,6 +122,36 @@ def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
     return removed
 
 
+def check_fresh_start(output_dir: str) -> None:
+    r"""
+    Refuse to start a new run in `output_dir` while it holds complete checkpoints of an earlier run.
+
+    The two runs would mix: `--checkpoints_total_limit` keeps the highest steps, so the new run's first checkpoints
+    would be deleted as soon as written, and a later `--resume_from_checkpoint latest` would continue the old run.
+
+    Raises:
+        `CheckpointError`: `output_dir` holds complete checkpoints; the message says how to continue or start over.
+    """
+    checkpoints = find_checkpoints(output_dir)
+    if checkpoints:
+        count = f"{len(checkpoints)} checkpoint{'s' if len(checkpoints) > 1 else ''}"
+        raise CheckpointError(
+            f"'{output_dir}' already holds {count} of an earlier run (the latest {checkpoints[-1][1]}), and "
+            "--resume_from_checkpoint is not given. Pass --resume_from_checkpoint "
+            "latest to continue that run, --overwrite_output_dir to remove its checkpoints and start over, or "
+            "another --output_dir."
+        )
+
+
+def remove_checkpoints(output_dir: str) -> list[str]:
+    """Delete every `checkpoint-{step}` folder in `output_dir`, complete or not (`--overwrite_output_dir`)."""
+    removed = [path for _, path in find_checkpoints(output_dir)] + find_incomplete_checkpoints(output_dir)
+    for path in removed:
+        logger.warning("Removing %s (--overwrite_output_dir).", path)
+        shutil.rmtree(path)
+    return removed
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint with the highest step in `output_dir`, or `None`."""
     checkpoints = find_checkpoints(output_dir)
