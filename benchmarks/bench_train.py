@@ -4,7 +4,8 @@ Three loops train the same model at the same batch and resolution on the same im
 
 - ours: `train_ddpm.py` itself (in process), on the cached uint8 data, with its EMA, clipping and logging;
 - floor: the model's forward + backward + optimizer step on a batch already on the device: the compute floor;
-- peer: a loop in the style of diffusers' `examples/unconditional_image_generation/train_unconditional.py`, written
+- peer: a loop in the style of diffusers' `examples/unconditional_image_generation/train_unconditional.py` (which has
+  no compile or channels-last options: `--compile` and `--channels_last` apply to ours and the floor), written
   here from its documented behaviour: per-sample PIL transforms through `Dataset.set_transform` (resize, crop, flip,
   to tensor, normalise; PIL and numpy stand in for torchvision, which does not import beside the CPU torch here), a
   `DataLoader` with its default workers, `diffusers.training_utils.EMAModel`, `DDPMScheduler.add_noise`, gradient
@@ -129,9 +130,7 @@ def peer_transform(resolution: int, channels: int):
 def peer_loop(args, device: torch.device, data_folder: str) -> float:
     """Images/s of a train_unconditional.py-style loop."""
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
-    unet = build_unet(args.preset, None, args.resolution, args.channels)
-    if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
+    unet = build_unet(args.preset, None, args.resolution, args.channels)  # the peer has no compile/channels-last
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
@@ -140,8 +139,6 @@ def peer_loop(args, device: torch.device, data_folder: str) -> float:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=0)
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    if args.compile:
-        unet = torch.compile(unet)
     ema.to(accelerator.device)
 
     batches = iter(loader)
