@@ -45,6 +45,7 @@ from pipelines import DDPMPaperPipeline
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, interpolate, rate_distortion_curve
 from pipelines.pipeline_ddpm_paper import image_grid
 from training.data import find_image_column, load_image_dataset, preprocess_images
+from training.launch import ensure_one_job
 
 logger = logging.getLogger(__name__)
 
@@ -432,13 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # One process, or one of `accelerate launch --num_processes N`: the Accelerator's state says which.
     accelerator = Accelerator(cpu=args.device == "cpu")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > accelerator.num_processes:  # e.g. `--multi_gpu` on a machine without GPUs
-        raise RuntimeError(
-            f"{launched} processes were launched but each one runs alone ({accelerator.distributed_type}), so they "
-            "would all evaluate and write the same files. On a machine without GPUs, add --device cpu to run them as "
-            "one job (gloo): accelerate launch --multi_gpu --num_processes N evaluate_ddpm.py --device cpu ..."
-        )
+    ensure_one_job(accelerator, "evaluate_ddpm.py", "--device cpu")  # e.g. `--multi_gpu` without GPUs
     # Several processes take the device accelerate gives each; one process may be sent to any device.
     multi_process = accelerator.num_processes > 1
     device = accelerator.device if multi_process or args.device is None else torch.device(args.device)

@@ -66,6 +66,7 @@ from training.data import (
     preprocess_images,
 )
 from training.ema import EMA
+from training.launch import LaunchError, ensure_one_job
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
 
 logger = get_logger(__name__)
@@ -329,13 +330,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=DISTRIBUTED_TIMEOUT)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level="INFO")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > accelerator.num_processes:  # e.g. `--multi_gpu` on a machine without GPUs
-        raise ArgumentError(
-            f"{launched} processes were launched but each one runs alone ({accelerator.distributed_type}), so they "
-            "would all train and write the same files. On a machine without GPUs, add --cpu to run them as one "
-            "job (gloo): accelerate launch --multi_gpu --num_processes N train_ddpm.py --cpu ..."
-        )
+    ensure_one_job(accelerator, "train_ddpm.py", "--cpu")  # e.g. `--multi_gpu` on a machine without GPUs
     logger.info(
         "%s: %d process(es), device %s, mixed precision %s",
         accelerator.distributed_type,
@@ -734,6 +729,7 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
         DatasetUnavailableError,
         FeatureExtractorUnavailableError,
         ImageDataError,
+        LaunchError,
         ModelConfigUnavailableError,
         NonFiniteLossError,
         PublishError,
