@@ -44,7 +44,7 @@ from evaluation import extract_features, load_feature_extractor, reference_featu
 from pipelines import DDPMPaperPipeline
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, interpolate, rate_distortion_curve
 from pipelines.pipeline_ddpm_paper import image_grid
-from training.data import find_image_column, load_image_dataset, preprocess_images
+from training.data import load_pixels
 from training.launch import ensure_one_job
 
 logger = logging.getLogger(__name__)
@@ -451,16 +451,17 @@ def main(argv: list[str] | None = None) -> dict:
         unet_config = pipeline.unet.config
         resolution = args.resolution or unet_config.sample_size
 
-        dataset = load_image_dataset(
+        pixels, _ = load_pixels(
             args.dataset_name,
             args.dataset_config_name,
             args.train_data_dir,
+            resolution=resolution,
+            channels=unet_config.in_channels,
+            image_column=args.image_column,
             cache_dir=args.cache_dir,
             split=args.split,
-        )
-        column = find_image_column(dataset, args.image_column)
-        pixels = preprocess_images(
-            dataset, column, resolution, unet_config.in_channels, center_crop=args.center_crop, seed=args.seed
+            center_crop=args.center_crop,
+            seed=args.seed,
         )
     dataset_id = args.dataset_name or args.train_data_dir or "digits"
     dataset_id = f"{dataset_id}-{args.dataset_config_name or ''}-{args.split}"

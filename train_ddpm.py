@@ -60,10 +60,8 @@ from training.data import (
     PixelBatches,
     collate_pixel_batch,
     collate_pixels,
-    find_image_column,
     images_to_model_input,
-    load_image_dataset,
-    preprocess_images,
+    load_pixels,
 )
 from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
@@ -399,46 +397,32 @@ def train(args: TrainingArguments) -> TrainingOutcome:
 
     # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------
     with accelerator.main_process_first():
-        dataset = load_image_dataset(
-            args.dataset_name,
-            args.dataset_config_name,
-            args.train_data_dir,
-            cache_dir=args.cache_dir,
-            streaming=args.streaming,
+        data_flags = {
+            "resolution": args.resolution,
+            "channels": channels,
+            "image_column": args.image_column,
+            "cache_dir": args.cache_dir,
+            "center_crop": args.center_crop,
+            "seed": args.seed,
+            "num_proc": args.preprocessing_num_workers,
+        }
+        train_dataset, image_column = load_pixels(
+            args.dataset_name, args.dataset_config_name, args.train_data_dir, streaming=args.streaming, **data_flags
         )
         if args.streaming:
-            dataset = dataset.shuffle(seed=args.seed, buffer_size=STREAMING_SHUFFLE_BUFFER)
-        image_column = find_image_column(dataset, args.image_column)
-        train_dataset = preprocess_images(
-            dataset,
-            image_column,
-            args.resolution,
-            channels,
-            center_crop=args.center_crop,
-            seed=args.seed,
-            num_proc=args.preprocessing_num_workers,
-        )
+            train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=STREAMING_SHUFFLE_BUFFER)
         # The held-out images of the evaluation, preprocessed as the training images, once.
         held_out = None
         if args.eval_steps and args.eval_split is None:
             train_dataset, held_out = split_held_out(train_dataset, args.eval_holdout_images)
         elif args.eval_steps:
-            eval_dataset = load_image_dataset(
+            held_out, _ = load_pixels(
                 args.dataset_name,
                 args.dataset_config_name,
                 args.train_data_dir,
-                cache_dir=args.cache_dir,
                 split=args.eval_split,
-            )
-            eval_dataset = eval_dataset.select(range(min(args.eval_holdout_images, len(eval_dataset))))
-            held_out = preprocess_images(
-                eval_dataset,
-                find_image_column(eval_dataset, args.image_column),
-                args.resolution,
-                channels,
-                center_crop=args.center_crop,
-                seed=args.seed,
-                num_proc=args.preprocessing_num_workers,
+                limit=args.eval_holdout_images,
+                **data_flags,
             )
         if held_out is not None:
             held_out = PixelBatches(held_out).__getitems__(list(range(len(held_out))))

@@ -585,7 +585,7 @@ def test_a_new_run_into_a_folder_with_checkpoints_stops_at_once_and_says_what_to
     output = workdir / "earlier"
     _earlier_run(output)
     before = sorted(output.rglob("*"))
-    monkeypatch.setattr(train_ddpm, "load_image_dataset", _no_data)  # it stops before the data
+    monkeypatch.setattr(train_ddpm, "load_pixels", _no_data)  # it stops before the data
     message = rf"'{output}' already holds 2 checkpoints .*checkpoint-1000.*--resume_from_checkpoint latest.*"
     with pytest.raises(SystemExit, match=message + "--overwrite_output_dir"):
         in_process("--model_config_name_or_path", "unet.json", "--output_dir", str(output), *FAST)
@@ -601,7 +601,7 @@ def test_overwrite_output_dir_removes_the_old_checkpoints_before_training(workdi
         seen.append(sorted(path.name for path in output.iterdir()))
         raise DatasetUnavailableError("stop here")
 
-    monkeypatch.setattr(train_ddpm, "load_image_dataset", data_after_the_removal)
+    monkeypatch.setattr(train_ddpm, "load_pixels", data_after_the_removal)
     with pytest.raises(SystemExit, match="stop here"):
         in_process("--model_config_name_or_path", "unet.json", "--output_dir", str(output), "--overwrite_output_dir")
     assert seen == [["model_index.json", "samples"]]  # only the checkpoint-* folders went, before the data
@@ -610,7 +610,7 @@ def test_overwrite_output_dir_removes_the_old_checkpoints_before_training(workdi
 def test_an_unavailable_inception_network_fails_before_training(hub_layout_dataset, in_process, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "no-weights"))
-    monkeypatch.setattr(train_ddpm, "load_image_dataset", _no_data)
+    monkeypatch.setattr(train_ddpm, "load_pixels", _no_data)
     args = ["--dataset_name", str(hub_layout_dataset), "--model_config_name_or_path", "unet.json", "--resolution", "8"]
     # Either message of evaluation.features: torch-fidelity does not import (here), or the weights are not cached.
     with pytest.raises(SystemExit, match=r"error: The Inception (feature extractor needs|weights are not cached)"):

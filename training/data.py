@@ -360,6 +360,41 @@ def preprocess_images(
     return dataset.with_format("torch")
 
 
+def load_pixels(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_data_dir: str | None,
+    *,
+    resolution: int,
+    channels: int,
+    image_column: str | None = None,
+    cache_dir: str | None = None,
+    split: str = "train",
+    streaming: bool = False,
+    center_crop: bool = True,
+    seed: int = 0,
+    num_proc: int | None = None,
+    limit: int | None = None,
+) -> tuple[Dataset | IterableDataset, str]:
+    r"""
+    The uint8 `pixels` of a dataset split, as the training and evaluation scripts read it: `load_image_dataset`, then
+    `find_image_column`, then (after keeping the first `limit` images, if given) `preprocess_images`.
+
+    Returns:
+        The preprocessed dataset and the name of the image column it was read from.
+    """
+    dataset = load_image_dataset(
+        dataset_name, dataset_config_name, train_data_dir, cache_dir=cache_dir, split=split, streaming=streaming
+    )
+    column = find_image_column(dataset, image_column)
+    if limit is not None:
+        dataset = dataset.take(limit) if streaming else dataset.select(range(min(limit, len(dataset))))
+    pixels = preprocess_images(
+        dataset, column, resolution, channels, center_crop=center_crop, seed=seed, num_proc=num_proc
+    )
+    return pixels, column
+
+
 def collate_pixels(examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     r"""
     `collate_fn` for a `torch.utils.data.DataLoader` over `preprocess_images`' output: a uint8 batch (B, C, H, W).
