@@ -4,12 +4,12 @@ import json
 import math
 import sys
 import time
-import types
 
 import PIL.Image
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from offline_inception import torch_fidelity_without_cached_weights
 
 import evaluate_ddpm
 from evaluation import FeatureExtractorUnavailableError
@@ -83,15 +83,7 @@ def without_torch_fidelity(monkeypatch, tmp_path):
 
 
 def with_torch_fidelity_but_no_cached_weights(monkeypatch, tmp_path):
-    # A stand-in torch-fidelity whose weights are neither cached (an empty torch.hub folder) nor downloadable (offline).
-    fidelity = types.ModuleType("torch_fidelity")
-    inception = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
-    inception.URL_INCEPTION_V3 = "https://example.invalid/weights-inception-2015-12-05-6726825d.pth"
-    fidelity.feature_extractor_inceptionv3 = inception
-    monkeypatch.setitem(sys.modules, "torch_fidelity", fidelity)
-    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", inception)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    torch_fidelity_without_cached_weights(monkeypatch, tmp_path / "torch-hub")
 
 
 @pytest.mark.parametrize("machine", [without_torch_fidelity, with_torch_fidelity_but_no_cached_weights])

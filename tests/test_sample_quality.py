@@ -2,10 +2,10 @@
 
 import sys
 import time
-import types
 
 import pytest
 import torch
+from offline_inception import torch_fidelity_without_cached_weights
 
 from evaluation import (
     DigitsFeatures,
@@ -145,14 +145,7 @@ def test_inception_without_torch_fidelity_fails_fast_and_points_to_digits(monkey
 
 def test_inception_weights_offline_fail_fast_and_point_to_digits(monkeypatch, tmp_path):
     # torch-fidelity present (a stand-in module) but its weights neither cached nor downloadable: offline mode is on.
-    fidelity = types.ModuleType("torch_fidelity")
-    inception = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
-    inception.URL_INCEPTION_V3 = "https://example.invalid/weights-inception-2015-12-05-6726825d.pth"
-    fidelity.feature_extractor_inceptionv3 = inception
-    monkeypatch.setitem(sys.modules, "torch_fidelity", fidelity)
-    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", inception)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    torch_fidelity_without_cached_weights(monkeypatch, tmp_path)
     start = time.monotonic()
     with pytest.raises(FeatureExtractorUnavailableError, match="not cached.*--feature_extractor digits"):
         load_feature_extractor("inception")
