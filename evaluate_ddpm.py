@@ -427,6 +427,11 @@ def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
     return args
 
 
+def reference_id(dataset_name: str | None, train_data_dir: str | None, config_name: str | None, split: str) -> str:
+    """The name under which a dataset split's reference features are cached (training and this script share it)."""
+    return f"{dataset_name or train_data_dir or 'digits'}-{config_name or ''}-{split}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -463,8 +468,6 @@ def main(argv: list[str] | None = None) -> dict:
             center_crop=args.center_crop,
             seed=args.seed,
         )
-    dataset_id = args.dataset_name or args.train_data_dir or "digits"
-    dataset_id = f"{dataset_id}-{args.dataset_config_name or ''}-{args.split}"
 
     metrics = evaluate(
         pipeline,
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_inference_steps=args.num_inference_steps,
         feature_extractor=extractor if extractor is not None else extractor_name,
         num_reference_images=args.num_reference_images,
-        dataset_id=dataset_id,
+        dataset_id=reference_id(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split),
         batch_size=args.batch_size,
         seed=args.seed,
         accelerator=accelerator,

@@ -34,12 +34,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from evaluate_ddpm import evaluate
+from evaluate_ddpm import evaluate, reference_id
 from evaluation import FeatureExtractorUnavailableError, load_feature_extractor
 from pipelines import DDPMPaperPipeline, ModelCardInfo, PublishError
+from pipelines.pipeline_ddpm_paper import image_grid
 from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
 from training.checkpointing import (
@@ -163,14 +163,19 @@ def split_held_out(dataset: datasets.Dataset, count: int) -> tuple[datasets.Data
     return dataset.select(range(boundary)), dataset.select(range(boundary, len(dataset)))
 
 
+def ema_pipeline(model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler) -> DDPMPaperPipeline:
+    """A pipeline on a copy of the model holding the EMA weights (the model's own without EMA), in eval mode."""
+    copied = copy.deepcopy(model).eval()
+    if ema is not None:
+        ema.copy_to(copied.parameters())
+    return DDPMPaperPipeline(unet=copied, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
+
+
 def sample_images(
     model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler, args: TrainingArguments
 ) -> list[PIL.Image.Image]:
     """`args.eval_batch_size` samples of the EMA weights (the model's, without EMA), always from the same seed."""
-    sampling_model = copy.deepcopy(model).eval()
-    if ema is not None:
-        ema.copy_to(sampling_model.parameters())
-    pipeline = DDPMPaperPipeline(unet=sampling_model, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
+    pipeline = ema_pipeline(model, ema, noise_scheduler)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     return pipeline(
         batch_size=args.eval_batch_size,
@@ -193,11 +198,7 @@ def evaluate_model(
     `evaluate_ddpm.evaluate` of the EMA weights (the model's, without EMA) on the held-out uint8 images. Every process
     calls it: the images and samples are split across them, and each one gets the same metrics.
     """
-    eval_model = copy.deepcopy(model).eval()
-    if ema is not None:
-        ema.copy_to(eval_model.parameters())
-    pipeline = DDPMPaperPipeline(unet=eval_model, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
-    dataset_id = args.dataset_name or args.train_data_dir or "digits"
+    pipeline = ema_pipeline(model, ema, noise_scheduler)
     split = args.eval_split or f"train-last-{args.eval_holdout_images}"
     return evaluate(
         pipeline,
@@ -207,21 +208,11 @@ def evaluate_model(
         num_samples=args.eval_num_samples,
         num_inference_steps=args.eval_num_inference_steps,
         feature_extractor=feature_extractor if feature_extractor is not None else args.eval_feature_extractor,
-        dataset_id=f"{dataset_id}-{args.dataset_config_name or ''}-{split}",
+        dataset_id=reference_id(args.dataset_name, args.train_data_dir, args.dataset_config_name, split),
         batch_size=args.train_batch_size,  # a batch that fits in training fits without gradients
         seed=args.seed,
         accelerator=accelerator,
     )
-
-
-def image_grid(images: list[PIL.Image.Image], min_width: int = 256) -> PIL.Image.Image:
-    """The images in a near-square grid, upscaled (nearest neighbour) to at least `min_width` pixels across."""
-    rows = max(r for r in range(1, int(math.sqrt(len(images))) + 1) if len(images) % r == 0)
-    grid = make_image_grid(images, rows=rows, cols=len(images) // rows)
-    if grid.width < min_width:
-        scale = math.ceil(min_width / grid.width)
-        grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
-    return grid
 
 
 def log_sample_grid(accelerator: Accelerator, args: TrainingArguments, images: list[PIL.Image.Image], step: int):
@@ -265,10 +256,7 @@ def export_pipeline(
     metrics: dict[str, float] | None = None,
 ) -> None:
     """Write the EMA weights as a stock `DDPMPipeline` folder with a model card into --output_dir; push it if asked."""
-    export_model = copy.deepcopy(model).eval()
-    if ema is not None:
-        ema.copy_to(export_model.parameters())
-    pipeline = DDPMPaperPipeline(unet=export_model, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
+    pipeline = ema_pipeline(model, ema, noise_scheduler)
     card = ModelCardInfo(
         dataset_name=args.dataset_name or args.train_data_dir,  # None for the embedded digits (not a Hub dataset)
         training_args={**public_config(args), "global_step": step},
