@@ -54,6 +54,7 @@ from training.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
+from training.sync import DeferredRead, step_unless_nonfinite
 from training.data import (
     DatasetUnavailableError,
     ImageDataError,
@@ -436,14 +437,16 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     unet.to(accelerator.device)
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(
-        unet.parameters(),
+    adamw = dict(
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
-        fused=accelerator.device.type == "cuda",
     )
+    try:  # the fused kernel (CUDA, CPU, MPS, XPU) skips a non-finite step on the device, see training/sync.py
+        optimizer = torch.optim.AdamW(unet.parameters(), fused=True, **adamw)
+    except RuntimeError:  # no fused kernel for this device: the multi-tensor one, and a host read of the skip flag
+        optimizer = torch.optim.AdamW(unet.parameters(), **adamw)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     if args.compile:
         unet = torch.compile(unet)
@@ -528,10 +531,48 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_count, images_seen, last_log_time = 0, 0, time.perf_counter()
     grad_norm = torch.zeros((), device=accelerator.device)
+    # Kept on the device and read one step late (training/sync.py): non-finite steps in a row and in all, a stop signal.
+    consecutive = torch.tensor(float(state.consecutive_nonfinite_steps), device=accelerator.device)
+    skipped = torch.tensor(float(state.skipped_nonfinite_steps), device=accelerator.device)
+    stop_flag = torch.zeros((), device=accelerator.device)
+    deferred = DeferredRead(accelerator.device)
     stopped_by = None
+
+    def read_counters() -> None:
+        """Bring the device's non-finite counts into `state` (a host sync: at checkpoints and log lines only)."""
+        state.consecutive_nonfinite_steps, state.skipped_nonfinite_steps = map(
+            round, torch.stack([consecutive, skipped]).tolist()
+        )
+
+    def step_report(report: tuple[int, list[float]] | None) -> None:
+        """Act on what the device said of an earlier step: warn of a skipped step, stop on a signal or too many."""
+        nonlocal stopped_by
+        if report is None:
+            return
+        step, (nonfinite, in_a_row, in_all, step_loss, stop_asked) = report
+        if nonfinite:
+            logger.warning(
+                "Step %d: non-finite gradient (loss %s); step skipped (%d in a row, %d in all).",
+                step, step_loss, in_a_row, in_all,
+            )  # fmt: skip
+        if in_a_row >= args.max_nonfinite_steps:
+            # The weights never took the skipped steps, so they are finite: keep the work done.
+            if last_checkpoint_step != state.global_step:
+                checkpoint()
+            path = checkpoint_path(args.output_dir, state.global_step)
+            raise NonFiniteLossError(
+                f"{round(in_a_row)} optimizer steps in a row had a non-finite loss or gradient (up to step {step}); "
+                f"stopping at step {state.global_step} (--max_nonfinite_steps {args.max_nonfinite_steps}). The weights "
+                f"never took those steps; {path} holds the weights before them. Resume with --resume_from_checkpoint "
+                f"{path} and a lower --learning_rate, a smaller --max_grad_norm, or --mixed_precision no, and check "
+                "the data for broken images."
+            )
+        if stop_asked and stopped_by is None:
+            stopped_by = stop.name or "a signal to another process"
 
     def checkpoint() -> None:
         nonlocal last_checkpoint_step
+        read_counters()
         weights = list(model.parameters()) + (ema.shadow_params if ema is not None else [])
         path = save_checkpoint(accelerator, args.output_dir, state, weights, args.checkpoints_total_limit)
         last_checkpoint_step = state.global_step
@@ -580,21 +621,9 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                         grad_norm = torch.as_tensor(
                             accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm), device=accelerator.device
                         )
-                        # The one host sync per optimizer step: skip a non-finite step, and agree across processes
-                        # on whether a signal asked to stop.
-                        flags = torch.stack(
-                            [
-                                ~torch.isfinite(grad_norm),
-                                torch.tensor(stop.received is not None, device=grad_norm.device),
-                            ]
-                        ).float()
-                        if accelerator.num_processes > 1:
-                            flags = accelerator.reduce(flags, "max")
-                        nonfinite, stop_requested = (flags > 0).tolist()
-                        if not nonfinite or accelerator.scaler is not None:  # the GradScaler skips inf steps itself
-                            optimizer.step()
+                        nonfinite = ~torch.isfinite(grad_norm)
+                        step_unless_nonfinite(optimizer, nonfinite, accelerator.scaler)  # decided on the device
                         optimizer.zero_grad(set_to_none=True)
-                        took_step = not nonfinite and not optimizer.step_was_skipped
                 loss_sum += loss.detach()
                 loss_count += 1
                 images_seen += x0.shape[0] * accelerator.num_processes
@@ -602,37 +631,23 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                 if not accelerator.sync_gradients:
                     continue
 
-                # One optimizer step done (or skipped).
+                # One optimizer step done (or skipped on the device).
                 state.global_step += 1
                 progress.update(1)
                 lr_scheduler.step()
-                if took_step:
-                    state.consecutive_nonfinite_steps = 0
-                    if ema is not None:
-                        ema.update(model.parameters())
-                else:
-                    state.skipped_nonfinite_steps += 1
-                    state.consecutive_nonfinite_steps += 1
-                    logger.warning(
-                        "Step %d: non-finite gradient (loss %s); step skipped (%d in a row, %d in all).",
-                        state.global_step, loss.item(), state.consecutive_nonfinite_steps,
-                        state.skipped_nonfinite_steps,
-                    )  # fmt: skip
-                    if state.consecutive_nonfinite_steps >= args.max_nonfinite_steps:
-                        # The weights never took the skipped steps, so they are finite: keep the work done.
-                        if last_checkpoint_step != state.global_step:
-                            checkpoint()
-                        path = checkpoint_path(args.output_dir, state.global_step)
-                        raise NonFiniteLossError(
-                            f"{state.consecutive_nonfinite_steps} optimizer steps in a row had a non-finite loss or "
-                            f"gradient (up to step {state.global_step}); stopping (--max_nonfinite_steps "
-                            f"{args.max_nonfinite_steps}). The weights never took those steps; {path} holds the "
-                            f"weights before them. Resume with --resume_from_checkpoint {path} and a lower "
-                            "--learning_rate, a smaller --max_grad_norm, or --mixed_precision no, and check the data "
-                            "for broken images."
-                        )
+                consecutive.add_(1).mul_(nonfinite)
+                skipped.add_(nonfinite)
+                if ema is not None:
+                    ema.update(model.parameters(), skip=nonfinite)
+                if stop.received is not None:
+                    stop_flag.fill_(1.0)
+                report = torch.stack([nonfinite.float(), consecutive, skipped, loss.detach().float(), stop_flag])
+                if accelerator.num_processes > 1:
+                    report = accelerator.reduce(report, "max")  # a signal to any process stops them all
+                step_report(deferred.swap(state.global_step, report))
 
                 if state.global_step % args.logging_steps == 0 or state.global_step == max_train_steps:
+                    read_counters()
                     mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
                     now = time.perf_counter()
                     logs = {
@@ -652,8 +667,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                     loss_sum.zero_()
                     loss_count, images_seen, last_log_time = 0, 0, now
 
-                if stop_requested:
-                    stopped_by = stop.name
+                if stopped_by is not None:
                     break
                 if state.global_step % args.checkpointing_steps == 0:
                     checkpoint()
@@ -673,6 +687,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                 if grid or export:
                     samples_and_export(state.global_step, grid, export)
     progress.close()
+    step_report(deferred.flush())  # the last step's report
 
     # 7. The end (or a stop asked by SIGTERM / SIGINT): checkpoint, evaluation, samples, export ----------------------
     if last_checkpoint_step != state.global_step:

@@ -505,16 +505,24 @@ def test_non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run(work
     args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "20", "--checkpointing_steps", "4"]
     args += ["--max_nonfinite_steps", "3", "--train_batch_size", "8", "--output_dir", str(output), *FAST]
     result = run_training(workdir, args, processes=0, script=script, check=False)
-    # Steps 2 and 3 skipped, 4 and 5 fine, 6-8 skipped: the third in a row stops the run, after a checkpoint of the
-    # weights of step 5 (the skipped steps never touched them), so that no work is lost.
+    # Steps 2 and 3 skipped, 4 and 5 fine, 6 onwards skipped. The host learns of a step one step late (it never waits for
+    # the device): the third in a row (step 8) stops the run after step 9, after a checkpoint of the weights of step 5
+    # (the skipped steps never touched them), so that no work is lost.
     assert result.returncode == 1
-    assert "3 optimizer steps in a row had a non-finite loss or gradient (up to step 8)" in result.stderr
-    assert f"Resume with --resume_from_checkpoint {output / 'checkpoint-8'}" in result.stderr
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert "Step 3: non-finite gradient (loss nan); step skipped (2 in a row, 2 in all)" in result.stderr
+    assert "3 optimizer steps in a row had a non-finite loss or gradient (up to step 8); stopping at step 9" in (
+        result.stderr
+    )
+    assert f"Resume with --resume_from_checkpoint {output / 'checkpoint-9'}" in result.stderr
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8", "checkpoint-9"]
     assert trainer_state(output / "checkpoint-4").skipped_nonfinite_steps == 2
-    state = trainer_state(output / "checkpoint-8")
-    assert (state.global_step, state.skipped_nonfinite_steps, state.consecutive_nonfinite_steps) == (8, 5, 3)
-    for step in (4, 8):
+    state = trainer_state(output / "checkpoint-9")
+    assert (state.global_step, state.skipped_nonfinite_steps, state.consecutive_nonfinite_steps) == (9, 6, 4)
+    eight, nine = (load_file(output / f"checkpoint-{step}" / "model.safetensors") for step in (8, 9))
+    assert all(torch.equal(eight[name], nine[name]) for name in eight)  # steps 6-9 left the weights alone
+    eight, nine = (torch.load(output / f"checkpoint-{s}" / "custom_checkpoint_0.pkl") for s in (8, 9))
+    assert all(map(torch.equal, eight["shadow_params"], nine["shadow_params"]))  # and the EMA
+    for step in (4, 8, 9):
         weights = load_file(output / f"checkpoint-{step}" / "model.safetensors")
         assert all(torch.isfinite(tensor).all() for tensor in weights.values())
         ema = torch.load(output / f"checkpoint-{step}" / "custom_checkpoint_0.pkl", weights_only=False)

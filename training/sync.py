@@ -1,0 +1,70 @@
+"""An optimizer step without host syncs: non-finite steps are skipped on the device, and the few numbers the host needs
+every step (was the step skipped, how many in a row, was a stop asked) are read one step late.
+
+On a GPU the host queues work ahead of the device; any read of a device value (`.item()`, `.tolist()`, `if tensor:`)
+makes it wait until the device has caught up, and then the device idles while the host queues the next step. Here:
+
+- `step_unless_nonfinite` skips a step whose gradient norm is not finite inside the optimizer's kernel: a fused
+  optimizer takes a `found_inf` tensor (the protocol `torch.amp.GradScaler` uses for them) and leaves the weights, its
+  moments and its step count untouched where it is 1. Optimizers without a fused kernel for the device fall back to one
+  host read of the flag.
+- `DeferredRead` starts a non-blocking copy of a small tensor to the host and hands back the previous one, whose copy
+  finished long ago: the host learns of step n while the device runs step n + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def step_unless_nonfinite(optimizer, nonfinite: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+    """
+    Apply the optimizer step unless `nonfinite` (a boolean 0-dim tensor) is true.
+
+    `optimizer` may be Accelerate's wrapper. With a fused optimizer the decision is taken on the device; with a
+    `GradScaler` (fp16) the scaler passes its own `found_inf`, which is set by the same non-finite gradients.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    fused = all(group.get("fused") for group in inner.param_groups)
+    if scaler is not None:
+        optimizer.step()  # the scaler skips steps with non-finite gradients itself (without a sync if fused)
+    elif fused:
+        inner.found_inf = nonfinite.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(nonfinite):  # the one host sync, for optimizers without a fused kernel
+        optimizer.step()
+
+
+class DeferredRead:
+    """
+    Read small device tensors one step late: `swap(step, values)` starts copying `values` to the host and returns the
+    `(step, list)` given to the previous call (or None); `flush()` returns the pending one. On a CPU the values are
+    already on the host and nothing waits either way.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def swap(self, step: int, values: torch.Tensor) -> tuple[int, list[float]] | None:
+        previous = self.flush()
+        if self.cuda:
+            host = values.detach().to("cpu", non_blocking=True)  # into pinned memory, so the copy is asynchronous
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (step, host, event)
+        else:
+            self._pending = (step, values.detach().clone(), None)
+        return previous
+
+    def flush(self) -> tuple[int, list[float]] | None:
+        if self._pending is None:
+            return None
+        step, host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()  # the copy was queued a whole step ago: this returns at once unless the host is ahead
+        return step, host.tolist()
