@@ -536,25 +536,37 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     skipped = torch.tensor(float(state.skipped_nonfinite_steps), device=accelerator.device)
     stop_flag = torch.zeros((), device=accelerator.device)
     deferred = DeferredRead(accelerator.device)
+    pending_logs: dict[int, dict[str, float]] = {}  # the host half of log lines whose device half is on its way
     stopped_by = None
 
     def read_counters() -> None:
-        """Bring the device's non-finite counts into `state` (a host sync: at checkpoints and log lines only)."""
+        """Bring the device's non-finite counts into `state` (a host sync: at checkpoints only)."""
         state.consecutive_nonfinite_steps, state.skipped_nonfinite_steps = map(
             round, torch.stack([consecutive, skipped]).tolist()
         )
 
     def step_report(report: tuple[int, list[float]] | None) -> None:
-        """Act on what the device said of an earlier step: warn of a skipped step, stop on a signal or too many."""
+        """
+        Act on what the device said of an earlier step: warn of a skipped step, write its log line, stop on a signal
+        or on too many non-finite steps in a row.
+        """
         nonlocal stopped_by
         if report is None:
             return
-        step, (nonfinite, in_a_row, in_all, step_loss, stop_asked) = report
+        step, values = report
+        nonfinite, in_a_row, in_all, step_loss, stop_asked = values[:5]
         if nonfinite:
             logger.warning(
                 "Step %d: non-finite gradient (loss %s); step skipped (%d in a row, %d in all).",
                 step, step_loss, in_a_row, in_all,
             )  # fmt: skip
+        if step in pending_logs:  # a logging step: its loss and grad norm came with the report
+            logs = pending_logs.pop(step)
+            logs.update(loss=values[5], grad_norm=values[6], skipped_nonfinite_steps=round(in_all))
+            accelerator.log(logs, step=step)
+            progress.set_postfix(
+                loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.0f}"
+            )
         if in_a_row >= args.max_nonfinite_steps:
             # The weights never took the skipped steps, so they are finite: keep the work done.
             if last_checkpoint_step != state.global_step:
@@ -644,28 +656,23 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                 report = torch.stack([nonfinite.float(), consecutive, skipped, loss.detach().float(), stop_flag])
                 if accelerator.num_processes > 1:
                     report = accelerator.reduce(report, "max")  # a signal to any process stops them all
-                step_report(deferred.swap(state.global_step, report))
-
                 if state.global_step % args.logging_steps == 0 or state.global_step == max_train_steps:
-                    read_counters()
-                    mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
+                    # The log line's device values travel with the report; the host half is written down now.
+                    mean_loss = loss_sum / max(loss_count, 1)
+                    if accelerator.num_processes > 1:
+                        mean_loss = accelerator.reduce(mean_loss, "mean")
+                    report = torch.cat([report, torch.stack([mean_loss, grad_norm.float()])])
                     now = time.perf_counter()
-                    logs = {
-                        "loss": mean_loss,
+                    pending_logs[state.global_step] = {
                         "lr": lr_scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm.item(),
                         "images_per_second": images_seen / (now - last_log_time),
                         "epoch": epoch,
-                        "skipped_nonfinite_steps": state.skipped_nonfinite_steps,
                     }
                     if ema is not None:
-                        logs["ema_decay"] = ema.decay()
-                    accelerator.log(logs, step=state.global_step)
-                    progress.set_postfix(
-                        loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.0f}"
-                    )
+                        pending_logs[state.global_step]["ema_decay"] = ema.decay()
                     loss_sum.zero_()
                     loss_count, images_seen, last_log_time = 0, 0, now
+                step_report(deferred.swap(state.global_step, report))
 
                 if stopped_by is not None:
                     break

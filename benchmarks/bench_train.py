@@ -15,6 +15,7 @@ Each repetition runs the three in turn; the figures are medians of images/s over
 
     python benchmarks/bench_train.py                                   # tiny preset, CPU
     python benchmarks/bench_train.py --preset ddpm-cifar10 --batch 16
+    python benchmarks/bench_train.py --mixed_precision bf16 --peer_mixed_precision no    # ours in bf16, the peer as run
     python benchmarks/bench_train.py --device cuda --preset ddpm-cifar10 --batch 128 --mixed_precision bf16
 """
 
@@ -83,7 +84,10 @@ def floor_loop(args, device: torch.device) -> float:
     unet = build_unet(args.preset, None, args.resolution, args.channels).to(device).train()
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=device.type == "cuda")
+    try:  # the fastest AdamW there is for the device, as train_ddpm.py uses
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
+    except RuntimeError:
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     x0 = torch.randn(args.batch, args.channels, args.resolution, args.resolution, device=device)
     noise = torch.randn_like(x0)
     t = torch.randint(0, 1000, (args.batch,), device=device)
@@ -129,7 +133,7 @@ def peer_transform(resolution: int, channels: int):
 
 def peer_loop(args, device: torch.device, data_folder: str) -> float:
     """Images/s of a train_unconditional.py-style loop."""
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.peer_mixed_precision)
     unet = build_unet(args.preset, None, args.resolution, args.channels)  # the peer has no compile/channels-last
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
@@ -216,6 +220,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument(
+        "--peer_mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        help="the peer's --mixed_precision (default: the same as ours; 'no' is the peer script's default)",
+    )
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per loop and repetition")
@@ -223,6 +232,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num_images", type=int, default=2048)
     args = parser.parse_args()
+    args.peer_mixed_precision = args.peer_mixed_precision or args.mixed_precision
     args.channels = 3  # train_ddpm.py trains RGB on every dataset but the embedded digits
     args.steps = -(-args.steps // args.warmup) * args.warmup  # whole logging intervals (see our_loop)
     device = torch.device(args.device)
@@ -231,7 +241,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"device {device} ({name}), torch {torch.__version__}; preset {args.preset}, batch {args.batch}, "
-        f"{args.channels}x{args.resolution}x{args.resolution}, mixed precision {args.mixed_precision}, "
+        f"{args.channels}x{args.resolution}x{args.resolution}, mixed precision {args.mixed_precision} (peer "
+        f"{args.peer_mixed_precision}), "
         f"compile {args.compile}, channels_last {args.channels_last}"
     )
 
