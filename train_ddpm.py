@@ -575,8 +575,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             raise NonFiniteLossError(
                 f"{round(in_a_row)} optimizer steps in a row had a non-finite loss or gradient (up to step {step}); "
                 f"stopping at step {state.global_step} (--max_nonfinite_steps {args.max_nonfinite_steps}). The weights "
-                f"never took those steps; {path} holds the weights before them. Resume with --resume_from_checkpoint "
-                f"{path} and a lower --learning_rate, a smaller --max_grad_norm, or --mixed_precision no, and check "
+                f"never took a non-finite step; {path} holds them. Resume with --resume_from_checkpoint {path} and a "
+                "lower --learning_rate, a smaller --max_grad_norm, or --mixed_precision no, and check "
                 "the data for broken images."
             )
         if stop_asked and stopped_by is None:

@@ -37,6 +37,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -133,6 +134,7 @@ def peer_transform(resolution: int, channels: int):
 
 def peer_loop(args, device: torch.device, data_folder: str) -> float:
     """Images/s of a train_unconditional.py-style loop."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # ours ran in this process, maybe in another precision
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.peer_mixed_precision)
     unet = build_unet(args.preset, None, args.resolution, args.channels)  # the peer has no compile/channels-last
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
@@ -200,6 +202,7 @@ def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> f
         argv.append("--compile")
     if args.channels_last:
         argv.append("--channels_last")
+    AcceleratorState._reset_state(reset_partial_state=True)
     with contextlib.redirect_stderr(io.StringIO()):
         train_ddpm.main(argv)
     # The loop logs images/s over each interval of --logging_steps (= warm-up) steps; the first interval is the

@@ -2,7 +2,8 @@
 # Both benchmarks on a CUDA machine, in under 5 minutes: the ddpm-cifar10 preset at batch 128 in bf16; then the
 # training benchmark again with --compile --channels_last.
 # Prints the ratios; record the output in benchmarks/RESULTS.md with the card's name.
-#   bash benchmarks/gpu_check.sh            (after `pip install -e .`; or with wheels in .whl/, see below)
+#   bash benchmarks/gpu_check.sh            (after `pip install -e .`; or with the wheels that
+#                                           benchmarks/fetch_gpu_wheels.sh puts in .whl/, see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # a machine without the registries: carried wheels
