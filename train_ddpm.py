@@ -125,8 +125,7 @@ def diffusion_loss(
     if prediction_type == "epsilon":
         loss = F.mse_loss(prediction, noise.float())
     elif prediction_type == "sample":
-        alphas_cumprod = noise_scheduler.alphas_cumprod.to(x0.device)[timesteps].view(-1, 1, 1, 1)
-        snr = alphas_cumprod / (1 - alphas_cumprod)
+        snr = noise_scheduler.snr(timesteps, prediction)  # from a table cached on the device: no copy per step
         loss = (snr * (prediction - x0.float()) ** 2).mean()
     else:
         loss = F.mse_loss(prediction, noise_scheduler.get_velocity(x0, noise, timesteps).float())
@@ -649,13 +648,14 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                 lr_scheduler.step()
                 consecutive.add_(1).mul_(nonfinite)
                 skipped.add_(nonfinite)
-                if ema is not None:
-                    ema.update(model.parameters(), skip=nonfinite)
+                if ema is not None:  # after a skipped step it averages in the unchanged weights, as EMAModel does
+                    ema.update(model.parameters())
                 if stop.received is not None:
                     stop_flag.fill_(1.0)
                 report = torch.stack([nonfinite.float(), consecutive, skipped, loss.detach().float(), stop_flag])
-                if accelerator.num_processes > 1:
-                    report = accelerator.reduce(report, "max")  # a signal to any process stops them all
+                if accelerator.num_processes > 1:  # a signal to any process stops them all
+                    # Not accelerator.reduce: before accelerate 1.15 it sums for any reduction but "mean".
+                    torch.distributed.all_reduce(report, op=torch.distributed.ReduceOp.MAX)
                 if state.global_step % args.logging_steps == 0 or state.global_step == max_train_steps:
                     # The log line's device values travel with the report; the host half is written down now.
                     mean_loss = loss_sum / max(loss_count, 1)

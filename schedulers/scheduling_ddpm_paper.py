@@ -327,6 +327,11 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
             - self._extract("training", "sqrt_one_minus_alphas_cumprod", timesteps, sample) * sample
         )
 
+    def snr(self, timesteps: torch.IntTensor, like: torch.Tensor) -> torch.Tensor:
+        """SNR(t) = abar_t / (1 - abar_t) (Kingma et al. 2021, Eq. 1), gathered on `like`'s device, shaped to it."""
+        alphas_cumprod = self._extract("training", "alphas_cumprod", timesteps, like)
+        return alphas_cumprod / (1 - alphas_cumprod)
+
     def q_mean_variance(
         self, x0: torch.Tensor, t: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

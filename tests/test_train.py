@@ -520,8 +520,6 @@ def test_non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run(work
     assert (state.global_step, state.skipped_nonfinite_steps, state.consecutive_nonfinite_steps) == (9, 6, 4)
     eight, nine = (load_file(output / f"checkpoint-{step}" / "model.safetensors") for step in (8, 9))
     assert all(torch.equal(eight[name], nine[name]) for name in eight)  # steps 6-9 left the weights alone
-    eight, nine = (torch.load(output / f"checkpoint-{s}" / "custom_checkpoint_0.pkl") for s in (8, 9))
-    assert all(map(torch.equal, eight["shadow_params"], nine["shadow_params"]))  # and the EMA
     for step in (4, 8, 9):
         weights = load_file(output / f"checkpoint-{step}" / "model.safetensors")
         assert all(torch.isfinite(tensor).all() for tensor in weights.values())

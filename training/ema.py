@@ -4,9 +4,8 @@ Appendix B).
 The decay follows diffusers' `EMAModel(use_ema_warmup=True)`, which train_unconditional.py uses, so its flags
 `--ema_inv_gamma`, `--ema_power` and `--ema_max_decay` mean the same here: after `n` updates the decay is
 `1 - (1 + (n - 1) / inv_gamma) ** -power`, clamped to `[min_decay, max_decay]`; the first update copies the weights.
-An update is one fused `torch._foreach_lerp_` over all parameters. An update can be skipped on the device (a step
-whose gradient was not finite) without a host sync: its weight is multiplied by 0 there; it still counts as an update,
-as the peer's `EMAModel.step` counts every optimizer step.
+An update is one fused `torch._foreach_lerp_` over all parameters, after every optimizer step, as the peer's
+`EMAModel.step`: after a step skipped for a non-finite gradient it averages in the unchanged weights.
 """
 
 from __future__ import annotations
@@ -62,23 +61,13 @@ class EMA:
         return max(min(value, self.max_decay), self.min_decay)
 
     @torch.no_grad()
-    def update(self, parameters: Iterable[torch.nn.Parameter], skip: torch.Tensor | None = None) -> None:
-        """
-        shadow <- decay * shadow + (1 - decay) * parameter, after an optimizer step.
-
-        `skip`, a boolean 0-dim tensor on the parameters' device, leaves the shadow unchanged where it is true, decided
-        on the device (no host sync); otherwise the update is bitwise that of `skip=None`.
-        """
+    def update(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """shadow <- decay * shadow + (1 - decay) * parameter, after an optimizer step."""
         self.num_updates += 1
         params = [parameter.detach() for parameter in parameters]
         if len(params) != len(self.shadow_params):
             raise ValueError(f"EMA holds {len(self.shadow_params)} parameters, got {len(params)}.")
-        weight = 1.0 - self.decay()
-        if skip is None:
-            torch._foreach_lerp_(self.shadow_params, params, weight)
-        else:
-            weight = (~skip).to(self.shadow_params[0].dtype) * weight if self.shadow_params else weight
-            torch._foreach_lerp_(self.shadow_params, params, weight)
+        torch._foreach_lerp_(self.shadow_params, params, 1.0 - self.decay())  # a Python float: no host sync
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[torch.nn.Parameter]) -> None:
