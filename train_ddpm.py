@@ -54,7 +54,6 @@ from training.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from training.sync import DeferredRead, step_unless_nonfinite
 from training.data import (
     DatasetUnavailableError,
     ImageDataError,
@@ -67,6 +66,7 @@ from training.data import (
 from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
+from training.sync import DeferredRead, step_unless_nonfinite
 
 logger = get_logger(__name__)
 

@@ -7,8 +7,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# Helpers that live beside the tests (the loopback Hub) import as plain modules.
+# Helpers that live beside the tests (the loopback Hub) import as plain modules, and the repository root's
+# `benchmarks` (check_syncs.py) whatever the working directory.
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,100 @@
+"""Does one optimizer step of train_ddpm.py make the host wait for the device? Run the step's operations and report
+every read of a device value by the host.
+
+On CUDA, `torch.cuda.set_sync_debug_mode("error")` turns each synchronising call into an error; on the CPU, where
+nothing waits, the profiler lists the reads (`aten::_local_scalar_dense`, behind `.item()`, `bool(tensor)`, ...)
+that would. `tests/test_sync.py` runs the CPU check; `benchmarks/gpu_check.sh` runs the CUDA one.
+
+    python benchmarks/check_syncs.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_ddpm  # noqa: E402
+from schedulers import DDPMPaperScheduler  # noqa: E402
+from training.data import images_to_model_input  # noqa: E402
+from training.ema import EMA  # noqa: E402
+from training.models import build_unet  # noqa: E402
+from training.sync import step_unless_nonfinite  # noqa: E402
+
+
+def training_step(device: torch.device, prediction_type: str = "epsilon"):
+    """A function running the operations of one optimizer step of train_ddpm.py (tiny UNet, 8x8), set up once."""
+    scheduler = DDPMPaperScheduler(num_train_timesteps=50, prediction_type=prediction_type)
+    unet = build_unet("tiny", None, 8, 1).to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), fused=True)
+    ema = EMA(unet.parameters())
+    pixels = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8).to(device)
+    consecutive, skipped, stop_flag = (torch.zeros((), device=device) for _ in range(3))
+
+    def step() -> torch.Tensor:
+        x0 = images_to_model_input(pixels, random_flip=True)
+        noise = torch.randn_like(x0)
+        timesteps = torch.randint(0, 50, (x0.shape[0],), device=device)
+        xt = scheduler.add_noise(x0, noise, timesteps)
+        loss = train_ddpm.diffusion_loss(scheduler, unet(xt, timesteps).sample, x0, noise, xt, timesteps)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        nonfinite = ~torch.isfinite(grad_norm)
+        step_unless_nonfinite(optimizer, nonfinite)
+        optimizer.zero_grad(set_to_none=True)
+        consecutive.add_(1).mul_(nonfinite)
+        skipped.add_(nonfinite)
+        ema.update(unet.parameters())
+        return torch.stack([nonfinite.float(), consecutive, skipped, loss.detach().float(), stop_flag])
+
+    return step
+
+
+def cpu_host_reads(step) -> list[str]:
+    """The reads of a value back to the host during one call of `step` (from `training_step` on the CPU), outside
+    the fused AdamW kernel (whose CPU version reads its step counts from host memory; the CUDA one reads them on the
+    device), each with its callers."""
+    step()  # the first step creates the optimizer state
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    reads = []
+    for event in profile.events():
+        if event.name != "aten::_local_scalar_dense":
+            continue
+        callers, parent = [], event.cpu_parent
+        while parent is not None:
+            callers.append(parent.name)
+            parent = parent.cpu_parent
+        if "aten::_fused_adamw_" not in callers:
+            reads.append(" <- ".join([event.name, *callers[:4]]))
+    return reads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    for prediction_type in ("epsilon", "sample", "v_prediction"):
+        if args.device == "cpu":
+            reads = cpu_host_reads(training_step(torch.device("cpu"), prediction_type))
+        else:
+            step = training_step(torch.device(args.device), prediction_type)
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3):
+                    step()
+                reads = []
+            except RuntimeError as error:
+                reads = [str(error).splitlines()[0]]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        print(f"{args.device}, {prediction_type}: " + ("no host syncs in the step" if not reads else f"{reads}"))
+
+
+if __name__ == "__main__":
+    main()
