@@ -614,6 +614,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             train_dataloader.set_epoch(epoch)
             skip = state.batches_in_epoch if epoch == state.epoch else 0
             batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            if skip and hasattr(batches, "_non_blocking"):  # accelerate 1.15's skip_first_batches drops it
+                batches._non_blocking = getattr(train_dataloader, "_non_blocking", False)
             state.epoch, state.batches_in_epoch = epoch, skip
             for pixels in batches:
                 # Algorithm 1: x_0 ~ q(x_0), t ~ Uniform({1..T}), eps ~ N(0, I); a gradient step on
