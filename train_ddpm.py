@@ -66,7 +66,7 @@ from training.data import (
 from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
-from training.sync import DeferredRead, step_unless_nonfinite
+from training.sync import DeferredRead, adamw, step_unless_nonfinite
 
 logger = get_logger(__name__)
 
@@ -436,16 +436,13 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     unet.to(accelerator.device)
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    adamw = dict(
+    optimizer = adamw(  # fused where torch has the kernel: it skips a non-finite step on the device
+        unet.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    try:  # the fused kernel (CUDA, CPU, MPS, XPU) skips a non-finite step on the device, see training/sync.py
-        optimizer = torch.optim.AdamW(unet.parameters(), fused=True, **adamw)
-    except RuntimeError:  # no fused kernel for this device: the multi-tensor one, and a host read of the skip flag
-        optimizer = torch.optim.AdamW(unet.parameters(), **adamw)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     if args.compile:
         unet = torch.compile(unet)

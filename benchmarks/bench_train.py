@@ -45,6 +45,7 @@ from diffusers.training_utils import EMAModel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ddpm  # noqa: E402
 from training.models import build_unet  # noqa: E402
+from training.sync import adamw  # noqa: E402
 
 
 def write_dataset(folder: str, num_images: int, resolution: int, channels: int) -> None:
@@ -85,10 +86,7 @@ def floor_loop(args, device: torch.device) -> float:
     unet = build_unet(args.preset, None, args.resolution, args.channels).to(device).train()
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    try:  # the fastest AdamW there is for the device, as train_ddpm.py uses
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
-    except RuntimeError:
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    optimizer = adamw(unet.parameters(), lr=1e-4)  # the fastest AdamW for the device, as train_ddpm.py's
     x0 = torch.randn(args.batch, args.channels, args.resolution, args.resolution, device=device)
     noise = torch.randn_like(x0)
     t = torch.randint(0, 1000, (args.batch,), device=device)

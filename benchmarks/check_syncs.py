@@ -22,14 +22,14 @@ from schedulers import DDPMPaperScheduler  # noqa: E402
 from training.data import images_to_model_input  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.models import build_unet  # noqa: E402
-from training.sync import step_unless_nonfinite  # noqa: E402
+from training.sync import adamw, step_unless_nonfinite  # noqa: E402
 
 
 def training_step(device: torch.device, prediction_type: str = "epsilon"):
     """A function running the operations of one optimizer step of train_ddpm.py (tiny UNet, 8x8), set up once."""
     scheduler = DDPMPaperScheduler(num_train_timesteps=50, prediction_type=prediction_type)
     unet = build_unet("tiny", None, 8, 1).to(device)
-    optimizer = torch.optim.AdamW(unet.parameters(), fused=True)
+    optimizer = adamw(unet.parameters())
     ema = EMA(unet.parameters())
     pixels = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8).to(device)
     consecutive, skipped, stop_flag = (torch.zeros((), device=device) for _ in range(3))

@@ -4,13 +4,17 @@ import pytest
 import torch
 
 from benchmarks.check_syncs import cpu_host_reads, training_step
-from training.sync import DeferredRead, step_unless_nonfinite
+from training.sync import DeferredRead, adamw, step_unless_nonfinite
 
 
 def _model_and_optimizer(fused: bool):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 3))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused or None)
+    if fused:  # train_ddpm.py's optimizer: fused on the CPU too
+        optimizer = adamw(model.parameters(), lr=1e-2, weight_decay=0.1)
+        assert all(group["fused"] for group in optimizer.param_groups)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     return model, optimizer
 
 

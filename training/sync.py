@@ -17,6 +17,16 @@ from __future__ import annotations
 import torch
 
 
+def adamw(parameters, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for the device (CUDA, CPU, MPS, XPU): it skips a non-finite
+    step on the device (`step_unless_nonfinite`). Elsewhere the multi-tensor one, and a host read of the skip flag."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, fused=True, **kwargs)
+    except RuntimeError:
+        return torch.optim.AdamW(parameters, **kwargs)
+
+
 def step_unless_nonfinite(optimizer, nonfinite: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
     """
     Apply the optimizer step unless `nonfinite` (a boolean 0-dim tensor) is true.
