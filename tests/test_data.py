@@ -1,5 +1,6 @@
 """training.data: the embedded digits, local and Hub datasets, the uint8 image cache and per-batch model input."""
 
+import os
 import time
 
 import datasets
@@ -98,6 +99,87 @@ def test_plain_image_folder_loads_with_train_data_dir(tmp_path):
     pixels = all_pixels(preprocess_images(dataset, find_image_column(dataset), resolution=4, channels=3))
     assert pixels.shape == (2, 3, 4, 4)
     assert sorted(pixels[:, 0, 0, 0].tolist()) == [30, 60]
+
+
+def imagefolder_paths(folder, cache_dir) -> list[str]:
+    """The image paths of the train split that `datasets`' own imagefolder builder loads from `folder`, in order."""
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(cache_dir))
+    return [image["path"] for image in loaded.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+def test_plain_image_folder_lists_the_images_datasets_imagefolder_loads(tmp_path):
+    folder = tmp_path / "images"
+    for name in ("sub/deeper", ".cache", "__pycache__", "zeta"):
+        (folder / name).mkdir(parents=True)
+    for i, name in enumerate(
+        ["b.png", "a.png", "C.PNG", "d.jpeg", "__e.png", "f.png.txt", "sub/g.png", "sub/deeper/h.webp", "zeta/i.png"]
+        + [".hidden.png", ".cache/j.png", "__pycache__/k.png"]  # hidden or special: skipped
+    ):
+        Image.fromarray(np.full((6, 6, 3), 10 * i, dtype=np.uint8)).save(folder / name, format="PNG")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "README.md").write_text("# ignored")
+    (folder / "linked").symlink_to(folder / "sub", target_is_directory=True)  # not followed
+    (folder / "link.png").symlink_to(folder / "a.png")  # followed
+
+    listed = data.plain_image_folder(str(folder))
+    expected = imagefolder_paths(folder, tmp_path / "hf-cache")
+    assert [path for path, _, _ in listed] == expected
+    assert len(expected) == 10
+    assert all(size == os.path.getsize(path) for path, size, _ in listed)
+
+    dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert "ddpm_imagefolder" in dataset.cache_files[0]["filename"]
+    assert dataset.cast_column("image", datasets.Image(decode=False))["image"] == [
+        {"bytes": None, "path": path} for path in expected
+    ]
+
+
+@pytest.mark.parametrize(
+    "layout, count",
+    [
+        (["train/a.png", "train/b.png", "test/c.png"], 2),
+        (["a.png", "train_b.png", "c.png"], 1),  # a file name that names the split makes the other files no split's
+        (["a.png", "b.png", "metadata.csv"], 2),
+    ],
+)
+def test_image_folders_with_splits_or_metadata_are_left_to_datasets(tmp_path, layout, count):
+    folder = tmp_path / "images"
+    for i, name in enumerate(layout):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".csv"):
+            (folder / name).write_text("file_name,caption\na.png,one\nb.png,two\n")
+        else:
+            write_png(folder / name, 10 * i)
+    assert data.plain_image_folder(str(folder)) is None
+    dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert "ddpm_imagefolder" not in dataset.cache_files[0]["filename"]
+    paths = [image["path"] for image in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+    assert paths == imagefolder_paths(folder, tmp_path / "cache")
+    assert len(paths) == count
+
+
+def test_image_folder_pixel_cache_is_reused_until_an_image_changes(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        write_png(folder / f"{i}.png", 40 * i)
+
+    def load():
+        dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+        pixels = preprocess_images(dataset, "image", resolution=4, channels=3)
+        return pixels.cache_files[0]["filename"], all_pixels(pixels)[:, 0, 0, 0].tolist()
+
+    first_file, first = load()
+    written = os.path.getmtime(first_file)
+    assert first == [0, 40, 80]
+    assert load() == (first_file, first) and os.path.getmtime(first_file) == written  # read back, not rebuilt
+
+    write_png(folder / "1.png", 200)
+    os.utime(folder / "1.png", ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed_file, changed = load()
+    assert changed == [0, 200, 80] and changed_file != first_file
+    write_png(folder / "3.png", 250)
+    assert load()[1] == [0, 200, 80, 250]
 
 
 def test_missing_or_empty_image_folder_says_what_is_wrong(tmp_path):
@@ -238,7 +320,8 @@ def test_pixel_batches_serve_the_same_pixels_as_datasets_formatting(digits, tmp_
     rng = np.random.default_rng(0)
     for i in range(40):
         Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(rgb_folder / f"{i}.png")
-    rgb = preprocess_images(data.load_image_dataset(train_data_dir=str(rgb_folder)), "image", 8, 3)
+    rgb_dataset = data.load_image_dataset(train_data_dir=str(rgb_folder), cache_dir=str(tmp_path / "cache"))
+    rgb = preprocess_images(rgb_dataset, "image", 8, 3)
     for dataset in (cached, cached.shuffle(seed=3), cached.select(range(500, 700)), rgb):
         batches = data.PixelBatches(dataset)
         indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:33].tolist()
