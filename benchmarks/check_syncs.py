@@ -53,13 +53,9 @@ def training_step(device: torch.device, prediction_type: str = "epsilon"):
     return step
 
 
-def cpu_host_reads(step) -> list[str]:
-    """The reads of a value back to the host during one call of `step` (from `training_step` on the CPU), outside
-    the fused AdamW kernel (whose CPU version reads its step counts from host memory; the CUDA one reads them on the
-    device), each with its callers."""
-    step()  # the first step creates the optimizer state
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        step()
+def host_reads(profile: torch.profiler.profile) -> list[str]:
+    """The reads of a value back to the host in a CPU profile, outside the fused AdamW kernel (whose CPU version
+    reads its step counts from host memory; the CUDA one reads them on the device), each with its callers."""
     reads = []
     for event in profile.events():
         if event.name != "aten::_local_scalar_dense":
@@ -71,6 +67,14 @@ def cpu_host_reads(step) -> list[str]:
         if "aten::_fused_adamw_" not in callers:
             reads.append(" <- ".join([event.name, *callers[:4]]))
     return reads
+
+
+def cpu_host_reads(step) -> list[str]:
+    """The reads of a value back to the host during one call of `step` (from `training_step` on the CPU)."""
+    step()  # the first step creates the optimizer state
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    return host_reads(profile)
 
 
 def main() -> None:

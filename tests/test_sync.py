@@ -2,8 +2,10 @@ import copy
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
-from benchmarks.check_syncs import cpu_host_reads, training_step
+import train_ddpm
+from benchmarks.check_syncs import cpu_host_reads, host_reads, training_step
 from training.sync import DeferredRead, adamw, step_unless_nonfinite
 
 
@@ -69,6 +71,26 @@ def test_the_check_sees_a_read():
     step = training_step(torch.device("cpu"))
     reads = cpu_host_reads(lambda: float(step()[3]))  # the loss read every step, as a per-step log line would
     assert len(reads) == 1 and reads[0].startswith("aten::_local_scalar_dense <- aten::item")
+
+
+def test_the_training_loop_itself_reads_nothing_back_per_step(tmp_path):
+    """
+    The check above replays the step's ops; this one profiles train_ddpm.py's own loop (EMA, clipping, no logging
+    step in between): a run of 12 steps reads back exactly as many values as one of 4 steps, so every read is in the
+    set-up or the wrap-up (the final checkpoint and export), none in the steps.
+    """
+    flags = "--cpu --model_preset tiny --resolution 8 --train_batch_size 8 --logging_steps 100 --use_ema true".split()
+    flags += "--checkpointing_steps 100 --save_images_epochs 0 --save_model_epochs 0".split()
+    flags += "--ddpm_num_inference_steps 1 --eval_batch_size 1".split()
+    reads = {}
+    for steps in (4, 12):
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                train_ddpm.main([*flags, "--max_train_steps", str(steps), "--output_dir", str(tmp_path / str(steps))])
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        reads[steps] = host_reads(profile)
+    assert len(reads[12]) == len(reads[4]), sorted(set(reads[12]) - set(reads[4]))
 
 
 def test_deferred_read_hands_back_the_previous_step():
