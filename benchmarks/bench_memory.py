@@ -36,7 +36,8 @@ def write_images(folder: str, count: int, resolution: int) -> None:
 def peak_memory_mib(data_dir: str, output_dir: str, cache_dir: str, args) -> dict[str, float]:
     """
     Run one training process and poll its /proc status: peak RSS, and its parts RssAnon (memory the process owns)
-    and RssFile (file pages mapped in, such as the memory-mapped Arrow cache: clean pages the kernel can drop).
+    and RssFile (file pages mapped in, such as the memory-mapped Arrow cache: clean pages the kernel can drop); and
+    the run's wall time in seconds ("seconds").
     """
     command = [
         sys.executable, os.path.join(ROOT, "train_ddpm.py"), "--cpu",
@@ -46,6 +47,7 @@ def peak_memory_mib(data_dir: str, output_dir: str, cache_dir: str, args) -> dic
         "--eval_batch_size", "1", "--ddpm_num_inference_steps", "1", "--use_ema", "false",
     ]  # fmt: skip
     env = {**os.environ, "HF_DATASETS_CACHE": cache_dir, "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peaks = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
     while process.poll() is None:
@@ -60,7 +62,7 @@ def peak_memory_mib(data_dir: str, output_dir: str, cache_dir: str, args) -> dic
         time.sleep(0.1)
     if process.wait() != 0:
         raise RuntimeError(f"train_ddpm.py failed on {data_dir}")
-    return peaks
+    return {**peaks, "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -87,6 +89,8 @@ def main() -> None:
                 f"  peak {name:8s}: {args.images} images {small:7.1f} MiB, {10 * args.images} images "
                 f"{large:7.1f} MiB, growth {large - small:6.1f} MiB ({(large - small) / uint8_mib:.2f} of the uint8 size)"
             )
+        small, large = peaks["small", run]["seconds"], peaks["large", run]["seconds"]
+        print(f"  wall time    : {args.images} images {small:7.1f} s,   {10 * args.images} images {large:7.1f} s")
 
 
 if __name__ == "__main__":
