@@ -14,6 +14,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -30,12 +31,17 @@ from datasets import data_files as hub_data_files
 from datasets.exceptions import DatasetNotFoundError
 from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from packaging import version
 from PIL import Image
 
 HUB_PROBE_TIMEOUT = 3.0
 """Seconds to wait for the Hub before loading in offline mode (without it, `datasets` retries for ~25 s a name)."""
 
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+VERIFIED_IMAGEFOLDER_RULES = "5.2.0"
+"""The `datasets` version whose imagefolder file rules `plain_image_folder` follows (older ones go through `datasets`;
+`tests/test_data.py` compares the two on the installed version)."""
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -138,7 +144,7 @@ def _split_pattern_literals() -> re.Pattern | None:
     patterns += [pattern for group in groups[:-1] for split_patterns in group.values() for pattern in split_patterns]
     literals = set()
     for pattern in patterns:
-        pieces = [piece.strip("/") for piece in re.split(r"\[[^\]]*\]|\*+", pattern)]
+        pieces = [piece.strip("/") for piece in re.split(r"\[[^\]]*\]|[*?]+", pattern)]
         pieces = [piece for piece in pieces if piece]
         if not pieces:
             return None
@@ -162,35 +168,44 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
     entry.
     """
     literals = _split_pattern_literals()
-    if literals is None:
+    if literals is None or version.parse(datasets.__version__) < version.parse(VERIFIED_IMAGEFOLDER_RULES):
         return None
     base = os.path.realpath(folder)
     metadata_names = set(FolderBasedBuilder.METADATA_FILENAMES)
     ignored_names = set(hub_data_files.FILES_TO_IGNORE)
     image_extensions = set(ImageFolder.EXTENSIONS)
-    relative_paths, errors = [], []
+
+    def hidden(name: str) -> bool:
+        return name.startswith(".") and set(name) != {"."}
+
+    seen, images, errors = [], [], []  # every file that decides the splits; the images among them
     for root, dirs, files in os.walk(base, onerror=errors.append):
-        dirs[:] = [name for name in dirs if not name.startswith((".", "__"))]
+        dirs[:] = [name for name in dirs if not hidden(name) and not name.startswith("__")]
         prefix = os.path.relpath(root, base)
         for name in files:
-            if name.startswith(".") or name in ignored_names:
+            if hidden(name) or name in ignored_names:
                 continue
+            relative_path = name if prefix == "." else f"{prefix}/{name}"
+            seen.append(relative_path)
             stem, extension = os.path.splitext(name)
             if name in metadata_names or extension.lower() == ".zip":
                 return None
             if {extension.lower(), os.path.splitext(stem)[1].lower()} & image_extensions:  # as in "x.png.gz" too
-                relative_paths.append(name if prefix == "." else f"{prefix}/{name}")
-    if errors or literals.search("\n".join(relative_paths)):
+                images.append(relative_path)
+    # Any file, image or not, whose path might match a split pattern (`notes_test.txt`) makes `datasets` decide.
+    if errors or literals.search("\n".join(seen)):
         return None
-    images = []
-    for relative_path in sorted(relative_paths):
+    listed = []
+    for relative_path in sorted(images):
         path = f"{base}/{relative_path}"
         try:
+            path.encode()
             status = os.stat(path)
-        except OSError:
+        except (OSError, UnicodeEncodeError):  # a broken link, a name that is not UTF-8
             return None
-        images.append((path, status.st_size, status.st_mtime_ns))
-    return images
+        if stat.S_ISREG(status.st_mode):  # as `datasets`, which skips pipes, sockets and devices
+            listed.append((path, status.st_size, status.st_mtime_ns))
+    return listed
 
 
 def _image_folder_dataset(images: list[tuple[str, int, int]], cache_dir: str | None) -> Dataset:
@@ -209,10 +224,13 @@ def _image_folder_dataset(images: list[tuple[str, int, int]], cache_dir: str | N
         # Paths as strings: `save_to_disk` would copy the bytes of every file into a column of `datasets.Image`.
         listed = Dataset.from_dict({"image": [path for path, _, _ in images]})
         staging = tempfile.mkdtemp(dir=root, prefix=".incomplete-")
-        listed.save_to_disk(staging)
         try:
-            os.rename(staging, target)  # atomic: another process may have written the same listing meanwhile
+            listed.save_to_disk(staging)
+            os.rename(staging, target)  # atomic: readers see a complete folder or none
         except OSError:
+            if not os.path.isdir(target):  # rather than another process having written the same listing meanwhile
+                raise
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
     return datasets.load_from_disk(target).cast_column("image", datasets.Image())
 
