@@ -7,9 +7,10 @@ cache count in RSS once read, but they are clean file pages the kernel can drop,
 
     python benchmarks/bench_memory.py                      # 1,000 and 10,000 images of 3x32x32
     python benchmarks/bench_memory.py --images 10000       # 10,000 and 100,000
+    python benchmarks/bench_memory.py --repeats 3          # 3 runs from the cache per dataset; medians
 
-Each dataset is trained on twice: the first run also decodes the images into the uint8 cache; the second trains
-from that cache, which is the memory of training itself.
+Each dataset is trained on `--repeats` + 1 times: the first run also decodes the images into the uint8 cache; the
+others train from that cache, which is the memory of training itself.
 """
 
 import argparse
@@ -70,26 +71,37 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200, help="enough steps to read the larger dataset several times")
+    parser.add_argument("--repeats", type=int, default=1, help="runs from the cache per dataset, alternating")
     args = parser.parse_args()
+    sizes = {"small": args.images, "large": 10 * args.images}
+    runs = {}  # (dataset, "first run" | "from the cache") -> list of the runs' peaks
     with tempfile.TemporaryDirectory() as tmp:
-        peaks = {}
-        for name, count in (("small", args.images), ("large", 10 * args.images)):
-            data, cache = os.path.join(tmp, name), os.path.join(tmp, f"cache-{name}")
-            write_images(data, count, args.resolution)
-            # The first run decodes the images into the uint8 cache, then trains; the second trains from that cache.
-            peaks[name, "first run"] = peak_memory_mib(data, os.path.join(tmp, f"run-{name}-1"), cache, args)
-            peaks[name, "from the cache"] = peak_memory_mib(data, os.path.join(tmp, f"run-{name}-2"), cache, args)
+        folders = {name: (os.path.join(tmp, name), os.path.join(tmp, f"cache-{name}")) for name in sizes}
+        for name, count in sizes.items():
+            write_images(folders[name][0], count, args.resolution)
+            # The first run decodes the images into the uint8 cache, then trains; the later ones train from it.
+            data, cache = folders[name]
+            runs[name, "first run"] = [peak_memory_mib(data, os.path.join(tmp, f"run-{name}-0"), cache, args)]
+        for repeat in range(args.repeats):
+            for name in sizes:
+                data, cache = folders[name]
+                peaks = peak_memory_mib(data, os.path.join(tmp, f"run-{name}-{repeat + 1}"), cache, args)
+                runs.setdefault((name, "from the cache"), []).append(peaks)
     uint8_mib = 10 * args.images * 3 * args.resolution**2 / 2**20
     print(f"larger dataset's uint8 size: {uint8_mib:.1f} MiB")
     for run in ("first run", "from the cache"):
-        print(f"{run}:")
+        print(f"{run}" + (f" (medians of {args.repeats} alternating runs each):" if run != "first run" else ":"))
         for name in ("VmRSS", "RssAnon", "RssFile"):
-            small, large = peaks["small", run][name], peaks["large", run][name]
+            small, large = (float(np.median([peaks[name] for peaks in runs[size, run]])) for size in sizes)
+            pairs = zip(runs["small", run], runs["large", run], strict=True)
+            growths = [on_large[name] - on_small[name] for on_small, on_large in pairs]
+            each = f"; each: {', '.join(f'{growth:.1f}' for growth in growths)}" if len(growths) > 1 else ""
             print(
                 f"  peak {name:8s}: {args.images} images {small:7.1f} MiB, {10 * args.images} images "
                 f"{large:7.1f} MiB, growth {large - small:6.1f} MiB ({(large - small) / uint8_mib:.2f} of the uint8 size)"
+                + each
             )
-        small, large = peaks["small", run]["seconds"], peaks["large", run]["seconds"]
+        small, large = (float(np.median([peaks["seconds"] for peaks in runs[size, run]])) for size in sizes)
         print(f"  wall time    : {args.images} images {small:7.1f} s,   {10 * args.images} images {large:7.1f} s")
 
 

@@ -159,8 +159,8 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
     of the folder: (absolute path, size, modification time in ns) per image, in the order `datasets` gives them.
 
     `datasets` decides the splits of a folder by globbing it once for each of 66 patterns, then reads every file's
-    metadata and hashes the list, on every load: 80 s and 140 MiB for 100,000 images on a 2-core CPU, before its cache
-    is even looked up. One `os.walk` takes half a second. Its rules are applied here as it applies them (files and
+    metadata and hashes the list, on every load: 80 to 100 s and 140 to 180 MiB for 100,000 images on a 2-core CPU
+    (`benchmarks/bench_load.py`), before its cache is even looked up. One `os.walk` takes half a second. Its rules are applied here as it applies them (files and
     folders starting with "." and folders starting with "__" skipped, `README.md` and the like ignored, images
     recognised by `ImageFolder.EXTENSIONS`, links to files followed and links to folders not) where they come down to
     "every image is the train split". Anything else returns None and is left to `datasets`: a path that might name a
