@@ -143,6 +143,7 @@ def test_plain_image_folder_lists_the_images_datasets_imagefolder_loads(tmp_path
         (["a.png", "train_b.png", "c.png"], 1),  # a file name that names the split makes the other files no split's
         (["a.png", "b.png", "metadata.csv"], 2),
         (["a.png", "b.png", "train_notes.txt"], None),  # not an image, but it names a split: no image is in it
+        (["a.png", "b.png", "my_test.png"], None),  # the only split is "test"
     ],
 )
 def test_image_folders_with_splits_or_metadata_are_left_to_datasets(tmp_path, layout, count):
@@ -156,8 +157,8 @@ def test_image_folders_with_splits_or_metadata_are_left_to_datasets(tmp_path, la
         else:
             write_png(folder / name, 10 * i)
     assert data.plain_image_folder(str(folder)) is None
-    if count is None:  # `datasets` fails on such a folder, and says why
-        with pytest.raises(ValueError, match="corresponds to no data"):
+    if count is None:  # no image is in the train split: the error says how `datasets` splits a folder
+        with pytest.raises(ImageDataError, match="has no split 'train'.*Rename such files"):
             load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
         return
     dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))

@@ -317,6 +317,16 @@ def load_image_dataset(
     except (DatasetNotFoundError, FileNotFoundError) as error:
         where = "it is not a local folder and no cached copy was found" if offline else "it was not found"
         raise DatasetUnavailableError(_unavailable_message(name, f"{where} ({error})")) from error
+    except ValueError as error:  # "Unknown split", "Instruction 'train' corresponds to no data!"
+        if train_data_dir is None or ("split" not in str(error) and "corresponds to no data" not in str(error)):
+            raise
+        raise ImageDataError(
+            f"--train_data_dir {train_data_dir!r} has no split '{split}' ({error}). `datasets` takes the splits of an "
+            "image folder from the names in it: a file or folder whose name has 'train', 'test', 'validation', "
+            "'valid', 'dev', 'val' or 'eval' between separators ('-', '_', '.', ' ', digits, '/') makes a split "
+            "(`train/`, `test/`, `my_test.png`), and the files without one then belong to none. Rename such files, "
+            "or put the images to train on in a `train/` subfolder."
+        ) from error
 
 
 def find_image_column(dataset: Dataset | IterableDataset, image_column: str | None = None) -> str:
