@@ -135,6 +135,17 @@ def test_plain_image_folder_lists_the_images_datasets_imagefolder_loads(tmp_path
         {"bytes": None, "path": path} for path in expected
     ]
 
+    # Streamed, the same examples in the same order as `datasets`' stream of the folder, shuffled or not.
+    ours = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"), streaming=True)
+    theirs = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=True)
+
+    def paths(stream):
+        return [example["image"]["path"] for example in stream.cast_column("image", datasets.Image(decode=False))]
+
+    assert paths(ours) == paths(theirs) == expected
+    shuffled = paths(ours.shuffle(seed=1, buffer_size=4))
+    assert shuffled == paths(theirs.shuffle(seed=1, buffer_size=4)) and shuffled != expected
+
 
 @pytest.mark.parametrize(
     "layout, count",

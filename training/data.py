@@ -290,9 +290,11 @@ def load_image_dataset(
                 f"--train_data_dir {train_data_dir!r} is not a folder. Pass a folder that holds the training images "
                 "(directly or in one subfolder per class)."
             )
-        images = None if streaming or split != "train" else plain_image_folder(train_data_dir)
+        images = plain_image_folder(train_data_dir) if split == "train" else None
         if images:
-            return _image_folder_dataset(images, cache_dir)
+            dataset = _image_folder_dataset(images, cache_dir)
+            # One shard, as `datasets` streams a folder: the same examples in the same order.
+            return dataset.to_iterable_dataset() if streaming else dataset
         name, load_args, load_kwargs = train_data_dir, ("imagefolder",), {"data_dir": train_data_dir}
     else:
         name, load_args, load_kwargs = dataset_name, (dataset_name, dataset_config_name), {}
