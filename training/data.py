@@ -160,12 +160,12 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
 
     `datasets` decides the splits of a folder by globbing it once for each of 66 patterns, then reads every file's
     metadata and hashes the list, on every load: 80 to 100 s and 140 to 180 MiB for 100,000 images on a 2-core CPU
-    (`benchmarks/bench_load.py`), before its cache is even looked up. One `os.walk` takes half a second. Its rules are applied here as it applies them (files and
-    folders starting with "." and folders starting with "__" skipped, `README.md` and the like ignored, images
-    recognised by `ImageFolder.EXTENSIONS`, links to files followed and links to folders not) where they come down to
-    "every image is the train split". Anything else returns None and is left to `datasets`: a path that might name a
-    split (one containing `train`, `test`, `val`, `dev`, `eval`, ...), a metadata file, a zip archive, an unreadable
-    entry.
+    (`benchmarks/bench_load.py`), before its cache is even looked up. One `os.walk` takes half a second. Its rules are
+    applied here as it applies them (files and folders starting with "." and folders starting with "__" skipped,
+    `README.md` and the like ignored, images recognised by `ImageFolder.EXTENSIONS`, links to files followed and links
+    to folders not) where they come down to "every image is the train split". Anything else returns None and is left to
+    `datasets`: a path that might name a split (one containing `train`, `test`, `val`, `dev`, `eval`, ...), a metadata
+    file, a zip archive, an unreadable entry.
     """
     literals = _split_pattern_literals()
     if literals is None or version.parse(datasets.__version__) < version.parse(VERIFIED_IMAGEFOLDER_RULES):
