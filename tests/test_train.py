@@ -377,6 +377,23 @@ def test_two_cpu_processes_end_identical_and_only_rank_0_writes(workdir, digits_
     assert_stock_pipeline_samples(output, channels=1)
 
 
+def test_two_cpu_processes_stream_an_image_folder(workdir, image_folder):
+    dump = workdir / "streamed-ranks"
+    dump.mkdir()
+    script = workdir / "streamed_ranks.py"
+    script.write_text(WRAPPER.format(repo=str(REPO), dump=str(dump)))
+    # 12 images, 2 per process and step: the stream is read by the main process and its batches split between the two.
+    args = ["--cpu", "--train_data_dir", str(image_folder), "--streaming", "--resolution", "8", "--random_flip"]
+    args += ["--model_config_name_or_path", "unet.json", "--train_batch_size", "2", "--max_train_steps", "4"]
+    result = run_training(workdir, [*args, "--output_dir", "streamed-two", *FAST], 2, script)
+    assert "MULTI_CPU: 2 process(es)" in result.stderr and "Training 4 optimizer steps (? epochs)" in result.stderr
+    rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert trainer_state(workdir / "streamed-two" / "checkpoint-4").global_step == 4
+    assert_stock_pipeline_samples(workdir / "streamed-two", channels=3)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, --multi_gpu forms a job of GPU processes")
 def test_multi_process_launch_without_gpus_needs_cpu_and_says_so(workdir):
     args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "2", "--output_dir", "alone", *FAST]
