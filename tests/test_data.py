@@ -101,10 +101,16 @@ def test_plain_image_folder_loads_with_train_data_dir(tmp_path):
     assert sorted(pixels[:, 0, 0, 0].tolist()) == [30, 60]
 
 
+def image_paths(dataset) -> list[str]:
+    """The paths of a dataset's (or a stream's) images, in order."""
+    return [example["image"]["path"] for example in dataset.cast_column("image", datasets.Image(decode=False))]
+
+
 def imagefolder_paths(folder, cache_dir) -> list[str]:
     """The image paths of the train split that `datasets`' own imagefolder builder loads from `folder`, in order."""
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(cache_dir))
-    return [image["path"] for image in loaded.cast_column("image", datasets.Image(decode=False))["image"]]
+    return image_paths(
+        datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(cache_dir))
+    )
 
 
 def test_plain_image_folder_lists_the_images_datasets_imagefolder_loads(tmp_path):
@@ -138,13 +144,9 @@ def test_plain_image_folder_lists_the_images_datasets_imagefolder_loads(tmp_path
     # Streamed, the same examples in the same order as `datasets`' stream of the folder, shuffled or not.
     ours = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"), streaming=True)
     theirs = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=True)
-
-    def paths(stream):
-        return [example["image"]["path"] for example in stream.cast_column("image", datasets.Image(decode=False))]
-
-    assert paths(ours) == paths(theirs) == expected
-    shuffled = paths(ours.shuffle(seed=1, buffer_size=4))
-    assert shuffled == paths(theirs.shuffle(seed=1, buffer_size=4)) and shuffled != expected
+    assert image_paths(ours) == image_paths(theirs) == expected
+    shuffled = image_paths(ours.shuffle(seed=1, buffer_size=4))
+    assert shuffled == image_paths(theirs.shuffle(seed=1, buffer_size=4)) and shuffled != expected
 
 
 @pytest.mark.parametrize(
@@ -174,7 +176,7 @@ def test_image_folders_with_splits_or_metadata_are_left_to_datasets(tmp_path, la
         return
     dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
     assert "ddpm_imagefolder" not in dataset.cache_files[0]["filename"]
-    paths = [image["path"] for image in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+    paths = image_paths(dataset)
     assert paths == imagefolder_paths(folder, tmp_path / "cache")
     assert len(paths) == count
 
