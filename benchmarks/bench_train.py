@@ -13,6 +13,11 @@ Three loops train the same model at the same batch and resolution on the same im
 
 Each repetition runs the three in turn; the figures are medians of images/s over repetitions, warm-up excluded.
 
+It then times the two input pipelines alone, without a model, on the host: ours (whole uint8 batches from the
+memory-mapped cache, then float conversion and random flip, as the loop does on the device) and the peer's (per-sample
+PIL transforms in a `DataLoader` with its default `num_workers=0`). Their images/s bound what a loop can train at when
+the model step is faster than its input, as on a GPU.
+
     python benchmarks/bench_train.py                                   # tiny preset, CPU
     python benchmarks/bench_train.py --preset ddpm-cifar10 --batch 16
     python benchmarks/bench_train.py --mixed_precision bf16 --peer_mixed_precision no    # ours in bf16, the peer as run
@@ -44,6 +49,7 @@ from diffusers.training_utils import EMAModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ddpm  # noqa: E402
+from training.data import PixelBatches, collate_pixel_batch, images_to_model_input, load_pixels  # noqa: E402
 from training.models import build_unet  # noqa: E402
 from training.sync import adamw  # noqa: E402
 
@@ -214,6 +220,39 @@ def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> f
     return len(rates) / sum(1 / rate for rate in rates)
 
 
+def input_rate(loader, to_input, args) -> float:
+    """Images/s of `to_input` over batches of `loader`: 2 untimed, then 8192 images' worth, cycling through epochs."""
+    batches = iter(loader)
+    timing = argparse.Namespace(warmup=2, steps=max(1, 8192 // args.batch), batch=args.batch)
+
+    def step() -> None:
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        to_input(batch)
+
+    return images_per_second(step, timing, torch.device("cpu"))
+
+
+def input_pipelines(args, data_folder: str, repeats: int) -> tuple[float, float]:
+    """Median images/s of our input pipeline and the peer's, alternating, on the host."""
+    pixels, _ = load_pixels(None, None, data_folder, resolution=args.resolution, channels=args.channels)  # cached
+    ours = torch.utils.data.DataLoader(
+        PixelBatches(pixels), batch_size=args.batch, shuffle=True, collate_fn=collate_pixel_batch
+    )
+    dataset = datasets.load_dataset("imagefolder", data_dir=data_folder, split="train")
+    dataset.set_transform(peer_transform(args.resolution, args.channels))
+    peer = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=0)
+    rates = {"ours": [], "peer": []}
+    for _ in range(repeats):
+        rates["ours"].append(input_rate(ours, lambda batch: images_to_model_input(batch, random_flip=True), args))
+        rates["peer"].append(input_rate(peer, lambda batch: batch["input"], args))
+    return statistics.median(rates["ours"]), statistics.median(rates["peer"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -256,9 +295,14 @@ def main() -> None:
             figures["floor"].append(floor_loop(args, device))
             figures["peer"].append(peer_loop(args, device, data_folder))
             print("  repetition", repeat, {k: round(v[-1], 2) for k, v in figures.items()})
+        inputs = input_pipelines(args, data_folder, args.repeats)
     ours, floor, peer = (statistics.median(figures[k]) for k in ("ours", "floor", "peer"))
     print(f"images/s (median of {args.repeats}): ours {ours:.2f}, floor {floor:.2f}, peer {peer:.2f}")
     print(f"ours/floor {ours / floor:.3f}   ours/peer {ours / peer:.3f}")
+    print(
+        f"input pipelines alone, host, no model (median of {args.repeats}): ours {inputs[0]:.0f} img/s, "
+        f"peer {inputs[1]:.0f} img/s, ours/peer {inputs[0] / inputs[1]:.1f}"
+    )
 
 
 if __name__ == "__main__":
