@@ -81,6 +81,21 @@ def images_per_second(step, args, device: torch.device) -> float:
     return args.steps * args.batch / (time.perf_counter() - start)
 
 
+def batch_source(loader):
+    """A function returning `loader`'s next batch, starting another epoch when one ends."""
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    return next_batch
+
+
 def autocast(device: torch.device, mixed_precision: str):
     if mixed_precision == "no":
         return contextlib.nullcontext()
@@ -151,16 +166,10 @@ def peer_loop(args, device: torch.device, data_folder: str) -> float:
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     ema.to(accelerator.device)
 
-    batches = iter(loader)
+    next_batch = batch_source(loader)
 
     def step() -> None:
-        nonlocal batches
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        clean = batch["input"].to(accelerator.device)
+        clean = next_batch()["input"].to(accelerator.device)
         noise = torch.randn(clean.shape, device=clean.device)
         timesteps = torch.randint(0, 1000, (clean.shape[0],), device=clean.device).long()
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
@@ -222,19 +231,9 @@ def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> f
 
 def input_rate(loader, to_input, args) -> float:
     """Images/s of `to_input` over batches of `loader`: 2 untimed, then 8192 images' worth, cycling through epochs."""
-    batches = iter(loader)
+    next_batch = batch_source(loader)
     timing = argparse.Namespace(warmup=2, steps=max(1, 8192 // args.batch), batch=args.batch)
-
-    def step() -> None:
-        nonlocal batches
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        to_input(batch)
-
-    return images_per_second(step, timing, torch.device("cpu"))
+    return images_per_second(lambda: to_input(next_batch()), timing, torch.device("cpu"))
 
 
 def input_pipelines(args, data_folder: str, repeats: int) -> tuple[float, float]:
