@@ -445,7 +445,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     )
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     if args.compile:
-        unet = torch.compile(unet)
+        unet = torch.compile(unet, mode=args.compile_mode)
     model = accelerator.unwrap_model(unet, keep_torch_compile=False)  # the bare UNet2DModel (same parameters)
     ema = None
     if args.use_ema:

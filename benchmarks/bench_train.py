@@ -114,7 +114,7 @@ def floor_loop(args, device: torch.device) -> float:
     xt = 0.5 * x0 + 0.5 * noise
     if args.channels_last:
         xt = xt.contiguous(memory_format=torch.channels_last)
-    model = torch.compile(unet) if args.compile else unet
+    model = torch.compile(unet, mode=args.compile_mode) if args.compile else unet
 
     def step() -> None:
         with autocast(device, args.mixed_precision):
@@ -213,6 +213,8 @@ def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> f
         argv.append("--cpu")
     if args.compile:
         argv.append("--compile")
+        if args.compile_mode:
+            argv += ["--compile_mode", args.compile_mode]
     if args.channels_last:
         argv.append("--channels_last")
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -227,6 +229,21 @@ def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> f
     rates = [event.value for event in events.Scalars("images_per_second")][1:]
     assert len(rates) == args.steps // args.warmup, rates
     return len(rates) / sum(1 / rate for rate in rates)
+
+
+def flops_per_image(args, device: torch.device) -> float:
+    """Model FLOPs of one training image (forward + backward of the UNet), counted once by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = build_unet(args.preset, None, args.resolution, args.channels).to(device).train()
+    batch = 2
+    xt = torch.randn(batch, args.channels, args.resolution, args.resolution, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, args.mixed_precision):
+            loss = unet(xt, t).sample.float().square().mean()
+        loss.backward()
+    return counter.get_total_flops() / batch
 
 
 def input_rate(loader, to_input, args) -> float:
@@ -265,7 +282,18 @@ def main() -> None:
         help="the peer's --mixed_precision (default: the same as ours; 'no' is the peer script's default)",
     )
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile_mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode for ours and the floor (with --compile)",
+    )
     parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        help="the device's peak in the training precision, for the achieved fraction (default on an H100/H200: 989, "
+        "the datasheet's dense bf16; no fraction is printed without one)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per loop and repetition")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
@@ -275,6 +303,9 @@ def main() -> None:
     args.channels = 3  # train_ddpm.py trains RGB on every dataset but the embedded digits
     args.steps = -(-args.steps // args.warmup) * args.warmup  # whole logging intervals (see our_loop)
     device = torch.device(args.device)
+    if args.peak_tflops is None and device.type == "cuda" and args.mixed_precision != "no":
+        if any(chip in torch.cuda.get_device_name(device) for chip in ("H100", "H200")):
+            args.peak_tflops = 989.0
     logging.disable(logging.WARNING)
     datasets.disable_progress_bars()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -282,7 +313,7 @@ def main() -> None:
         f"device {device} ({name}), torch {torch.__version__}; preset {args.preset}, batch {args.batch}, "
         f"{args.channels}x{args.resolution}x{args.resolution}, mixed precision {args.mixed_precision} (peer "
         f"{args.peer_mixed_precision}), "
-        f"compile {args.compile}, channels_last {args.channels_last}"
+        f"compile {args.compile} (mode {args.compile_mode or 'default'}), channels_last {args.channels_last}"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,6 +329,12 @@ def main() -> None:
     ours, floor, peer = (statistics.median(figures[k]) for k in ("ours", "floor", "peer"))
     print(f"images/s (median of {args.repeats}): ours {ours:.2f}, floor {floor:.2f}, peer {peer:.2f}")
     print(f"ours/floor {ours / floor:.3f}   ours/peer {ours / peer:.3f}")
+    flops = flops_per_image(args, device)
+    achieved = ", ".join(f"{name} {rate * flops / 1e12:.1f}" for name, rate in (("ours", ours), ("floor", floor)))
+    line = f"model FLOPs per training image (forward + backward) {flops / 1e9:.2f} GFLOP; TFLOP/s: {achieved}"
+    if args.peak_tflops:
+        line += f"; ours at {100 * ours * flops / 1e12 / args.peak_tflops:.1f}% of a {args.peak_tflops:g} TFLOP/s peak"
+    print(line)
     print(
         f"input pipelines alone, host, no model (median of {args.repeats}): ours {inputs[0]:.0f} img/s, "
         f"peer {inputs[1]:.0f} img/s, ours/peer {inputs[0] / inputs[1]:.1f}"

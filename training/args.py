@@ -128,6 +128,11 @@ class TrainingArguments:
     gradient_checkpointing: bool = _arg(False, help="(new) Recompute activations in backward to save memory.")
     enable_xformers_memory_efficient_attention: bool = _arg(False, help="Use xformers attention (needs xformers).")
     compile: bool = _arg(False, help="(new) torch.compile the U-Net.")
+    compile_mode: str | None = _arg(
+        help="(new) The torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune or "
+        "max-autotune-no-cudagraphs.",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    )
     channels_last: bool = _arg(False, help="(new) channels-last memory format (faster convolutions on GPUs).")
 
     # Optimisation ----------------------------------------------------------------------------------------------------

@@ -70,7 +70,17 @@ def digits_dataset() -> Dataset:
         {"image": datasets.Image(mode="L"), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
     )
     images = [Image.fromarray(array, mode="L") for array in pixels]
-    return Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    fingerprint = hashlib.sha256(pixels.tobytes() + digits.target.astype(np.int64).tobytes()).hexdigest()[:32]
+    return in_memory_dataset({"image": images, "label": digits.target.tolist()}, features, fingerprint)
+
+
+def in_memory_dataset(columns: dict[str, list], features: datasets.Features, fingerprint: str) -> Dataset:
+    """
+    `Dataset.from_dict` with the fingerprint given: from_dict hashes the Arrow table with dill, which fails under
+    Python 3.12 with pyarrow 26 ("Can't pickle <class 'MonthDayNano'>", seen on the GPU machine's Python 3.12.3).
+    """
+    table = datasets.table.InMemoryTable.from_pydict(features.encode_batch(columns), schema=features.arrow_schema)
+    return Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
 
 
 def _env_flag(name: str) -> bool:
@@ -222,7 +232,8 @@ def _image_folder_dataset(images: list[tuple[str, int, int]], cache_dir: str | N
     if not os.path.isdir(target):
         os.makedirs(root, exist_ok=True)
         # Paths as strings: `save_to_disk` would copy the bytes of every file into a column of `datasets.Image`.
-        listed = Dataset.from_dict({"image": [path for path, _, _ in images]})
+        paths = {"image": [path for path, _, _ in images]}
+        listed = in_memory_dataset(paths, datasets.Features({"image": datasets.Value("string")}), listing.hexdigest())
         staging = tempfile.mkdtemp(dir=root, prefix=".incomplete-")
         try:
             listed.save_to_disk(staging)
