@@ -28,8 +28,9 @@ import datasets
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_ddpm  # noqa: E402
 from bench_train import write_dataset  # noqa: E402
+
+import train_ddpm  # noqa: E402
 
 
 class ProfiledSteps:
