@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from training.data import digits_dataset, hub_is_reachable, offline_mode_requested
+from hub_access import work_offline
 
 CACHE_ENV = "DDPM_PAPER_CACHE"
 DIGITS_CLASSIFIER_FILE = "digits-mlp-v1.safetensors"
@@ -119,13 +119,14 @@ class DigitsFeatures(torch.nn.Module):
 
 @functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    # Built once per process: `digits_dataset` encodes its 1,797 images, about a second.
-    digits = digits_dataset().with_format("numpy")[:]
-    return digits["image"], digits["label"]
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()  # the rule of `training.data.digits_dataset` (tests/test_sample_quality.py compares them)
+    return np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
 
 
 def digits_pixels() -> tuple[torch.Tensor, torch.Tensor]:
-    """The embedded dataset (`training.data.digits_dataset`) as uint8 (1797, 1, 8, 8) in 0..255, and its labels."""
+    """The embedded dataset (as `training.data.digits_dataset` holds it) as uint8 (1797, 1, 8, 8) in 0..255, and its labels."""
     images, labels = _digits_arrays()
     return torch.tensor(images).unsqueeze(1), torch.tensor(labels, dtype=torch.long)
 
@@ -200,7 +201,7 @@ def inception_features() -> InceptionFeatures:
     url = fidelity_inception.URL_INCEPTION_V3
     weights = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     # The Hub probe stands for "is there a network": it answers within seconds where a download would hang.
-    if not weights.is_file() and (offline_mode_requested() or not hub_is_reachable()):
+    if not weights.is_file() and work_offline():
         raise FeatureExtractorUnavailableError(
             f"The Inception weights are not cached ({weights}) and cannot be downloaded from {url} (no network, or "
             f"offline mode is on). Run once with network access, or copy the file there. {hint}"

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import hub_access
 from training import data
 from training.data import (
     DatasetUnavailableError,
@@ -265,7 +266,7 @@ def test_unreachable_hub_forces_offline_mode_and_restores_it(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     probes = []
-    monkeypatch.setattr(data, "hub_is_reachable", lambda: probes.append(1) or False)
+    monkeypatch.setattr(hub_access, "hub_is_reachable", lambda: probes.append(1) or False)
 
     start = time.monotonic()
     with pytest.raises(DatasetUnavailableError, match="cannot be reached"):

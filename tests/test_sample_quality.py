@@ -155,3 +155,15 @@ def test_inception_weights_offline_fail_fast_and_point_to_digits(monkeypatch, tm
 def test_unknown_feature_extractor_lists_the_known_ones():
     with pytest.raises(ValueError, match="digits, inception"):
         load_feature_extractor("clip")
+
+
+def test_digits_pixels_are_the_training_data_the_embedded_run_sees():
+    # evaluation/ reads the digits from scikit-learn itself (it does not import training/): the same uint8 images and
+    # labels as training.data.digits_dataset.
+    from training.data import digits_dataset
+
+    pixels, labels = digits_pixels()
+    digits = digits_dataset().with_format("numpy")[:]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1797, 1, 8, 8)
+    assert torch.equal(pixels, torch.from_numpy(digits["image"]).unsqueeze(1))
+    assert torch.equal(labels, torch.from_numpy(digits["label"]).long())

@@ -16,13 +16,9 @@ import re
 import shutil
 import stat
 import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import datasets
-import huggingface_hub
 import numpy as np
 import pyarrow as pa
 import torch
@@ -34,10 +30,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from packaging import version
 from PIL import Image
 
-HUB_PROBE_TIMEOUT = 3.0
-"""Seconds to wait for the Hub before loading in offline mode (without it, `datasets` retries for ~25 s a name)."""
-
-_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+from hub_access import forced_offline_mode, offline_mode_requested, work_offline
 
 VERIFIED_IMAGEFOLDER_RULES = "5.2.0"
 """The `datasets` version whose imagefolder file rules `plain_image_folder` follows (older ones go through `datasets`;
@@ -81,55 +74,6 @@ def in_memory_dataset(columns: dict[str, list], features: datasets.Features, fin
     """
     table = datasets.table.InMemoryTable.from_pydict(features.encode_batch(columns), schema=features.arrow_schema)
     return Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").upper() in _TRUE_VALUES
-
-
-def offline_mode_requested() -> bool:
-    r"""
-    Whether the user asked for offline mode (`HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`, read now or at import).
-    """
-    return (
-        _env_flag("HF_HUB_OFFLINE")
-        or _env_flag("HF_DATASETS_OFFLINE")
-        or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-        or bool(datasets.config.HF_HUB_OFFLINE)
-    )
-
-
-def hub_is_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
-    r"""
-    Whether the Hugging Face Hub endpoint (`huggingface_hub.constants.ENDPOINT`) answers within `timeout` seconds.
-
-    Any HTTP answer, even an error status, counts as reachable; DNS failures, refused connections and timeouts do not.
-    """
-    request = urllib.request.Request(huggingface_hub.constants.ENDPOINT, method="HEAD")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def forced_offline_mode() -> Iterator[None]:
-    r"""
-    Put `huggingface_hub` and `datasets` in offline mode for the duration of the block.
-
-    Both libraries read `HF_HUB_OFFLINE` once at import, so setting the environment variable now would not be seen;
-    their module-level flags are switched instead and restored afterwards.
-    """
-    saved = (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _unavailable_message(name: str, reason: str) -> str:
@@ -311,7 +255,7 @@ def load_image_dataset(
         name, load_args, load_kwargs = dataset_name, (dataset_name, dataset_config_name), {}
 
     is_local = train_data_dir is not None or os.path.exists(dataset_name)
-    offline = not is_local and (offline_mode_requested() or not hub_is_reachable())
+    offline = not is_local and work_offline()
     try:
         with forced_offline_mode() if offline else contextlib.nullcontext():
             return datasets.load_dataset(

@@ -20,7 +20,7 @@ import torch
 from diffusers import UNet2DModel
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-from training.data import hub_is_reachable, offline_mode_requested
+from hub_access import work_offline
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _load_unet_config(name_or_path: str, cache_dir: str | None) -> dict[str, Any
             "file, a folder saved by UNet2DModel.save_pretrained, or a pipeline folder."
         )
 
-    offline = offline_mode_requested() or not hub_is_reachable()
+    offline = work_offline()
     errors = []
     for subfolder in (None, "unet"):
         try:
