@@ -19,7 +19,6 @@ import math
 import os
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,7 +33,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
-from tqdm.auto import tqdm
 
 from evaluate_ddpm import evaluate, reference_id
 from evaluation import FeatureExtractorUnavailableError, load_feature_extractor
@@ -44,12 +42,11 @@ from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
 from training.checkpointing import (
     CheckpointError,
-    StopSignal,
     TrainerState,
-    check_fresh_start,
+    changed_settings,
     checkpoint_path,
     load_checkpoint,
-    remove_checkpoints,
+    prepare_output_dir,
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -62,11 +59,13 @@ from training.data import (
     collate_pixels,
     images_to_model_input,
     load_pixels,
+    split_held_out,
 )
 from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
-from training.sync import DeferredRead, adamw, step_unless_nonfinite
+from training.monitor import StepMonitor
+from training.sync import adamw, step_unless_nonfinite
 
 logger = get_logger(__name__)
 
@@ -75,9 +74,6 @@ STREAMING_SHUFFLE_BUFFER = 10_000
 DISTRIBUTED_TIMEOUT = timedelta(hours=1)
 """How long processes wait for each other (the main process draws the sample grids while the others wait)."""
 SAMPLES_DIR = "samples"
-RESUME_INVARIANTS = ("dataset_name", "dataset_config_name", "train_data_dir", "streaming", "resolution", "seed")
-RESUME_INVARIANTS += ("train_batch_size", "gradient_accumulation_steps")
-"""Flags that fix the data order and position: resuming with other values cannot continue exactly."""
 EVAL_LOG_PREFIX = "eval/"
 
 
@@ -134,33 +130,6 @@ def diffusion_loss(
         vlb = noise_scheduler.vlb_terms(frozen_mean, x0.float(), xt.float(), timesteps)["output"]
         loss = loss + vlb.mean() * noise_scheduler.config.num_train_timesteps / 1000.0
     return loss
-
-
-def held_out_images(config: dict) -> int:
-    """How many images at the end of the training split the run with these (public) flags keeps out of training."""
-    if config.get("eval_steps") and config.get("eval_split") is None:
-        return config["eval_holdout_images"]
-    return 0
-
-
-def split_held_out(dataset: datasets.Dataset, count: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    r"""
-    Split the preprocessed training images into those trained on and the last `count`, held out for evaluation.
-
-    The split is by position in the dataset (before any shuffling), so every run and every process holds out the
-    same images: for the embedded digits, the last `count` of scikit-learn's 1,797 (the digits feature network was
-    not trained on the last 297 either).
-
-    Raises:
-        `ImageDataError`: holding out `count` images would leave none to train on.
-    """
-    if count >= len(dataset):
-        raise ImageDataError(
-            f"--eval_holdout_images {count} leaves no images to train on: the training split has {len(dataset)}. "
-            "Hold out fewer, or evaluate on another split with --eval_split."
-        )
-    boundary = len(dataset) - count
-    return dataset.select(range(boundary)), dataset.select(range(boundary, len(dataset)))
 
 
 def ema_pipeline(model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler) -> DDPMPaperPipeline:
@@ -296,8 +265,8 @@ def tracker_config(args: TrainingArguments) -> dict[str, str | int | float | boo
     }
 
 
-def train(args: TrainingArguments) -> TrainingOutcome:
-    # 1. Accelerator: devices, processes, mixed precision, gradient accumulation, trackers -------------------------
+def make_accelerator(args: TrainingArguments) -> Accelerator:
+    """The Accelerator of the run (devices, processes, mixed precision, accumulation, trackers) and the logging."""
     if args.logger == "wandb" and not is_wandb_available():
         raise ArgumentError(
             "--logger wandb needs the wandb package: pip install wandb (or this project's [wandb] extra)."
@@ -325,28 +294,17 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         accelerator.mixed_precision,
     )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint is ours to write
-    verbosity = "warning" if accelerator.is_local_main_process else "error"
-    datasets.utils.logging.set_verbosity(getattr(logging, verbosity.upper()))
-    diffusers.utils.logging.set_verbosity(getattr(logging, verbosity.upper()))
+    verbosity = getattr(logging, "WARNING" if accelerator.is_local_main_process else "ERROR")
+    datasets.utils.logging.set_verbosity(verbosity)
+    diffusers.utils.logging.set_verbosity(verbosity)
     if args.allow_tf32 and accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return accelerator
 
-    # A new run does not mix its checkpoints with those of an earlier run in the same folder.
-    if args.resume_from_checkpoint is None:
-        if args.overwrite_output_dir:
-            if accelerator.is_main_process:
-                remove_checkpoints(args.output_dir)
-            accelerator.wait_for_everyone()
-        else:
-            check_fresh_start(args.output_dir)
-    # The feature network of the evaluation now, so that a missing one fails in seconds, not after training.
-    feature_extractor = None
-    if args.eval_steps and args.eval_num_samples > 0:
-        feature_extractor = load_feature_extractor(args.eval_feature_extractor).to(accelerator.device)
 
-    # 2. The model eps_theta and the diffusion q(x_t | x_0) ------------------------------------------------------------
-    set_seed(args.seed)  # the same initial weights on every process
+def build_model(args: TrainingArguments) -> tuple[UNet2DModel, DDPMPaperScheduler]:
+    """The network eps_theta (a UNet2DModel) and the diffusion q(x_t | x_0) of the flags."""
     channels = image_channels(args)
     out_channels = 2 * channels if args.variance_type == "learned_range" else channels
     try:
@@ -382,27 +340,34 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         prediction_type=args.prediction_type,
         variance_type=args.variance_type,
     )
+    return unet, noise_scheduler
 
-    # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------
+
+def load_data(
+    args: TrainingArguments, accelerator: Accelerator
+) -> tuple[torch.utils.data.DataLoader, torch.Tensor | None]:
+    """
+    The training batches of uint8 images (decoded and resized once into a cache, the main process first) and the
+    held-out uint8 images of the evaluation (`--eval_steps`), or None.
+    """
+    data_flags = {
+        "resolution": args.resolution,
+        "channels": image_channels(args),
+        "image_column": args.image_column,
+        "cache_dir": args.cache_dir,
+        "center_crop": args.center_crop,
+        "seed": args.seed,
+        "num_proc": args.preprocessing_num_workers,
+    }
     with accelerator.main_process_first():
-        data_flags = {
-            "resolution": args.resolution,
-            "channels": channels,
-            "image_column": args.image_column,
-            "cache_dir": args.cache_dir,
-            "center_crop": args.center_crop,
-            "seed": args.seed,
-            "num_proc": args.preprocessing_num_workers,
-        }
-        train_dataset, image_column = load_pixels(
+        dataset, image_column = load_pixels(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, streaming=args.streaming, **data_flags
         )
         if args.streaming:
-            train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=STREAMING_SHUFFLE_BUFFER)
-        # The held-out images of the evaluation, preprocessed as the training images, once.
+            dataset = dataset.shuffle(seed=args.seed, buffer_size=STREAMING_SHUFFLE_BUFFER)
         held_out = None
         if args.eval_steps and args.eval_split is None:
-            train_dataset, held_out = split_held_out(train_dataset, args.eval_holdout_images)
+            dataset, held_out = split_held_out(dataset, args.eval_holdout_images)
         elif args.eval_steps:
             held_out, _ = load_pixels(
                 args.dataset_name,
@@ -415,13 +380,13 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         if held_out is not None:
             held_out = PixelBatches(held_out).__getitems__(list(range(len(held_out))))
     if not args.streaming:
-        logger.info("Data: %d images from column '%s'", len(train_dataset), image_column)
+        logger.info("Data: %d images from column '%s'", len(dataset), image_column)
     if held_out is not None:
         where = f"split '{args.eval_split}'" if args.eval_split else "the end of the training split, not trained on"
         logger.info("Evaluation every %d steps on %d held-out images (%s)", args.eval_steps, len(held_out), where)
-    train_dataloader = torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         # Whole batches straight from the memory-mapped Arrow column; a stream comes example by example.
-        train_dataset if args.streaming else PixelBatches(train_dataset),
+        dataset if args.streaming else PixelBatches(dataset),
         batch_size=args.train_batch_size,
         shuffle=not args.streaming,
         collate_fn=collate_pixels if args.streaming else collate_pixel_batch,
@@ -431,6 +396,93 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         # Its own generator, so that starting an epoch does not draw from the global RNG (exact resume).
         generator=None if args.streaming else torch.Generator().manual_seed(args.seed),
     )
+    return loader, held_out
+
+
+def resume(accelerator: Accelerator, args: TrainingArguments, path: str | None) -> TrainerState:
+    """The state to start from: a new one, or the checkpoint at `path` restored (weights, optimizer, EMA, ...)."""
+    state = TrainerState()
+    if path is not None:
+        state = load_checkpoint(accelerator, path)
+        logger.info(
+            "Resumed from %s: step %d, epoch %d, batch %d",
+            path,
+            state.global_step,
+            state.epoch,
+            state.batches_in_epoch,
+        )
+        changed = changed_settings(state, public_config(args), accelerator.num_processes)
+        if changed:
+            logger.warning(
+                "Resuming with other settings than the checkpoint's (%s): the run goes on, but it does not continue "
+                "the data order exactly.", ", ".join(changed),
+            )  # fmt: skip
+        state.consecutive_nonfinite_steps = 0  # a resumed run gets a fresh --max_nonfinite_steps budget
+    state.training_args, state.num_processes = public_config(args), accelerator.num_processes
+    return state
+
+
+def clip_and_step(
+    accelerator: Accelerator, unet: torch.nn.Module, optimizer, max_grad_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradient norm and take the optimizer step unless it is not finite, decided on the device (no sync).
+    Returns the norm before clipping and the skip flag."""
+    grad_norm = torch.as_tensor(
+        accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm), device=accelerator.device
+    )
+    nonfinite = ~torch.isfinite(grad_norm)
+    step_unless_nonfinite(optimizer, nonfinite, accelerator.scaler)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, nonfinite
+
+
+def save(
+    accelerator: Accelerator, args: TrainingArguments, state: TrainerState, model, ema: EMA | None, monitor
+) -> str:
+    """Write the checkpoint of `state.global_step` (every process calls it)."""
+    monitor.sync_state()
+    weights = list(model.parameters()) + (ema.shadow_params if ema is not None else [])
+    path = save_checkpoint(accelerator, args.output_dir, state, weights, args.checkpoints_total_limit)
+    logger.info("Saved checkpoint %s", path)
+    return path
+
+
+def evaluation(accelerator, args, model, ema, noise_scheduler, held_out, feature_extractor, step) -> dict[str, float]:
+    """`evaluate_model`, logged to the tracker and the console (every process calls it)."""
+    metrics = evaluate_model(model, ema, noise_scheduler, args, held_out, feature_extractor, accelerator)
+    accelerator.log({EVAL_LOG_PREFIX + name: value for name, value in metrics.items()}, step=step)
+    logger.info("Evaluation at step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+    return metrics
+
+
+def samples_and_export(
+    accelerator, args, model, ema, noise_scheduler, step, grid, export, images, metrics, final=False
+) -> list[PIL.Image.Image] | None:
+    """A sample grid and/or an export (main process; the others wait). Returns the grid's images, for the card."""
+    if accelerator.is_main_process:
+        if grid or (export and images is None):
+            images = sample_images(model, ema, noise_scheduler, args)
+            log_sample_grid(accelerator, args, images, step)
+        if export:
+            export_pipeline(model, ema, noise_scheduler, args, images, step, final=final, metrics=metrics)
+    accelerator.wait_for_everyone()
+    return images
+
+
+def train(args: TrainingArguments) -> TrainingOutcome:
+    # 1. Accelerator, output folder, and the evaluation's feature network (a missing one fails now, not after training)
+    accelerator = make_accelerator(args)
+    prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    feature_extractor = None
+    if args.eval_steps and args.eval_num_samples > 0:
+        feature_extractor = load_feature_extractor(args.eval_feature_extractor).to(accelerator.device)
+
+    # 2. The model eps_theta and the diffusion q(x_t | x_0) ------------------------------------------------------------
+    set_seed(args.seed)  # the same initial weights on every process
+    unet, noise_scheduler = build_model(args)
+
+    # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------
+    train_dataloader, held_out = load_data(args, accelerator)
 
     # 4. Optimizer, EMA, learning-rate schedule ----------------------------------------------------------------------
     unet.to(accelerator.device)
@@ -451,7 +503,6 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     if args.use_ema:
         ema = EMA(model.parameters(), max_decay=args.ema_max_decay, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
         accelerator.register_for_checkpointing(ema)
-
     # The schedule counts optimizer steps of this process: len(train_dataloader) is already the per-process number of
     # batches, so the count holds for any number of processes and accumulation steps. The schedule is not passed to
     # `prepare` (whose wrapper steps it num_processes times per step, diffusers issues #6137 and #8384).
@@ -475,240 +526,128 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(args.output_dir)
-    state = TrainerState()
-    if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
-        logger.info(
-            "Resumed from %s: step %d, epoch %d, batch %d", resume_path, state.global_step, state.epoch,
-            state.batches_in_epoch,
-        )  # fmt: skip
-        changed = [
-            f"--{name} {state.training_args.get(name)} -> {value}"
-            for name, value in public_config(args).items()
-            if name in RESUME_INVARIANTS and state.training_args.get(name) != value
-        ]
-        if state.num_processes != accelerator.num_processes:
-            changed.append(f"{state.num_processes} -> {accelerator.num_processes} processes")
-        if held_out_images(state.training_args) != held_out_images(public_config(args)):
-            changed.append(
-                f"{held_out_images(state.training_args)} -> {held_out_images(public_config(args))} images held out "
-                "of training for --eval_steps"
-            )
-        if changed:
-            logger.warning(
-                "Resuming with other settings than the checkpoint's (%s): the run goes on, but it does not continue "
-                "the data order exactly.", ", ".join(changed),
-            )  # fmt: skip
-        state.consecutive_nonfinite_steps = 0  # a resumed run gets a fresh --max_nonfinite_steps budget
-    state.training_args, state.num_processes = public_config(args), accelerator.num_processes
-
+    state = resume(accelerator, args, resume_path)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("train_ddpm", config=tracker_config(args))
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         "Training %d optimizer steps (%s epochs) of %d images (%d per process x %d processes x %d accumulated)",
-        max_train_steps, "?" if args.streaming else num_epochs, total_batch_size, args.train_batch_size,
+        max_train_steps, "?" if args.streaming else num_epochs,
+        args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, args.train_batch_size,
         accelerator.num_processes, args.gradient_accumulation_steps,
     )  # fmt: skip
 
     # 6. The loop: Algorithm 1 -----------------------------------------------------------------------------------------
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
-    progress = tqdm(
-        total=max_train_steps,
-        initial=state.global_step,
-        desc="Training",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
     last_checkpoint_step = state.global_step if resume_path is not None else -1
-    images = None  # the last sample grid, for the model card
-    metrics = None  # the last evaluation, for the model card
-    loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count, images_seen, last_log_time = 0, 0, time.perf_counter()
-    grad_norm = torch.zeros((), device=accelerator.device)
-    # Kept on the device and read one step late (training/sync.py): non-finite steps in a row and in all, a stop signal.
-    consecutive = torch.tensor(float(state.consecutive_nonfinite_steps), device=accelerator.device)
-    skipped = torch.tensor(float(state.skipped_nonfinite_steps), device=accelerator.device)
-    stop_flag = torch.zeros((), device=accelerator.device)
-    deferred = DeferredRead(accelerator.device)
-    pending_logs: dict[int, dict[str, float]] = {}  # the host half of log lines whose device half is on its way
-    stopped_by = None
-
-    def read_counters() -> None:
-        """Bring the device's non-finite counts into `state` (a host sync: at checkpoints only)."""
-        state.consecutive_nonfinite_steps, state.skipped_nonfinite_steps = map(
-            round, torch.stack([consecutive, skipped]).tolist()
-        )
-
-    def step_report(report: tuple[int, list[float]] | None) -> None:
-        """
-        Act on what the device said of an earlier step: warn of a skipped step, write its log line, stop on a signal
-        or on too many non-finite steps in a row.
-        """
-        nonlocal stopped_by
-        if report is None:
-            return
-        step, values = report
-        nonfinite, in_a_row, in_all, step_loss, stop_asked = values[:5]
-        if nonfinite:
-            logger.warning(
-                "Step %d: non-finite gradient (loss %s); step skipped (%d in a row, %d in all).",
-                step, step_loss, in_a_row, in_all,
-            )  # fmt: skip
-        if step in pending_logs:  # a logging step: its loss and grad norm came with the report
-            logs = pending_logs.pop(step)
-            logs.update(loss=values[5], grad_norm=values[6], skipped_nonfinite_steps=round(in_all))
-            accelerator.log(logs, step=step)
-            progress.set_postfix(
-                loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.0f}"
-            )
-        if in_a_row >= args.max_nonfinite_steps:
-            # The weights never took the skipped steps, so they are finite: keep the work done.
-            if last_checkpoint_step != state.global_step:
-                checkpoint()
-            path = checkpoint_path(args.output_dir, state.global_step)
-            raise NonFiniteLossError(
-                f"{round(in_a_row)} optimizer steps in a row had a non-finite loss or gradient (up to step {step}); "
-                f"stopping at step {state.global_step} (--max_nonfinite_steps {args.max_nonfinite_steps}). The weights "
-                f"never took a non-finite step; {path} holds them. Resume with --resume_from_checkpoint {path} and a "
-                "lower --learning_rate, a smaller --max_grad_norm, or --mixed_precision no, and check "
-                "the data for broken images."
-            )
-        if stop_asked and stopped_by is None:
-            stopped_by = stop.name or "a signal to another process"
-
-    def checkpoint() -> None:
-        nonlocal last_checkpoint_step
-        read_counters()
-        weights = list(model.parameters()) + (ema.shadow_params if ema is not None else [])
-        path = save_checkpoint(accelerator, args.output_dir, state, weights, args.checkpoints_total_limit)
-        last_checkpoint_step = state.global_step
-        logger.info("Saved checkpoint %s", path)
-
-    def samples_and_export(step: int, grid: bool, export: bool, final: bool = False) -> None:
-        nonlocal images
-        if accelerator.is_main_process:
-            if grid or (export and images is None):
-                images = sample_images(model, ema, noise_scheduler, args)
-                log_sample_grid(accelerator, args, images, step)
-            if export:
-                export_pipeline(model, ema, noise_scheduler, args, images, step, final=final, metrics=metrics)
-        accelerator.wait_for_everyone()
-
-    def evaluation() -> None:
-        nonlocal metrics
-        metrics = evaluate_model(model, ema, noise_scheduler, args, held_out, feature_extractor, accelerator)
-        accelerator.log({EVAL_LOG_PREFIX + name: value for name, value in metrics.items()}, step=state.global_step)
-        summary = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
-        logger.info("Evaluation at step %d: %s", state.global_step, summary)
-
-    with StopSignal() as stop:
+    images, metrics = None, None  # the last sample grid and evaluation, for the model card
+    monitor = StepMonitor(accelerator, state, max_train_steps, args.logging_steps, args.max_nonfinite_steps)
+    with monitor:
         for epoch in range(state.epoch, num_epochs):
-            if state.global_step >= max_train_steps or stopped_by:
+            if state.global_step >= max_train_steps or monitor.stopped_by or monitor.nonfinite_error:
                 break
             unet.train()
             train_dataloader.set_epoch(epoch)
             skip = state.batches_in_epoch if epoch == state.epoch else 0
             batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-            if skip and hasattr(batches, "_non_blocking"):  # accelerate 1.15's skip_first_batches drops it
-                batches._non_blocking = getattr(train_dataloader, "_non_blocking", False)
             state.epoch, state.batches_in_epoch = epoch, skip
             for pixels in batches:
-                # Algorithm 1: x_0 ~ q(x_0), t ~ Uniform({1..T}), eps ~ N(0, I); a gradient step on
-                # ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2.
-                x0 = images_to_model_input(pixels, args.random_flip)
+                x0 = images_to_model_input(pixels, args.random_flip)  # Algorithm 1, line 2: x_0 ~ q(x_0)
                 if args.channels_last:
                     x0 = x0.contiguous(memory_format=torch.channels_last)
-                noise = torch.randn_like(x0)
-                timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), device=x0.device)
-                xt = noise_scheduler.add_noise(x0, noise, timesteps)  # q(x_t | x_0), Eq. 4
-                with accelerator.accumulate(unet):
-                    model_output = unet(xt, timesteps).sample
-                    loss = diffusion_loss(noise_scheduler, model_output, x0, noise, xt, timesteps)
+                noise = torch.randn_like(x0)  # line 4: eps ~ N(0, I) (drawn before t, as every version of this loop)
+                timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), device=x0.device)  # line 3: t
+                with accelerator.accumulate(unet):  # line 5: a gradient step on L_simple (Eq. 14)
+                    xt = noise_scheduler.add_noise(x0, noise, timesteps)  # x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps
+                    loss = diffusion_loss(noise_scheduler, unet(xt, timesteps).sample, x0, noise, xt, timesteps)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        grad_norm = torch.as_tensor(
-                            accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm), device=accelerator.device
-                        )
-                        nonfinite = ~torch.isfinite(grad_norm)
-                        step_unless_nonfinite(optimizer, nonfinite, accelerator.scaler)  # decided on the device
-                        optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                loss_count += 1
-                images_seen += x0.shape[0] * accelerator.num_processes
+                        grad_norm, nonfinite = clip_and_step(accelerator, unet, optimizer, max_grad_norm)
+                monitor.count_batch(loss, x0.shape[0])
                 state.batches_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
 
-                # One optimizer step done (or skipped on the device).
+                # One optimizer step done (or skipped on the device): schedule, EMA, what the host learns, checkpoints.
                 state.global_step += 1
-                progress.update(1)
                 lr_scheduler.step()
-                consecutive.add_(1).mul_(nonfinite)
-                skipped.add_(nonfinite)
                 if ema is not None:  # after a skipped step it averages in the unchanged weights, as EMAModel does
                     ema.update(model.parameters())
-                if stop.received is not None:
-                    stop_flag.fill_(1.0)
-                report = torch.stack([nonfinite.float(), consecutive, skipped, loss.detach().float(), stop_flag])
-                if accelerator.num_processes > 1:  # a signal to any process stops them all
-                    # Not accelerator.reduce: before accelerate 1.15 it sums for any reduction but "mean".
-                    torch.distributed.all_reduce(report, op=torch.distributed.ReduceOp.MAX)
-                if state.global_step % args.logging_steps == 0 or state.global_step == max_train_steps:
-                    # The log line's device values travel with the report; the host half is written down now.
-                    mean_loss = loss_sum / max(loss_count, 1)
-                    if accelerator.num_processes > 1:
-                        mean_loss = accelerator.reduce(mean_loss, "mean")
-                    report = torch.cat([report, torch.stack([mean_loss, grad_norm.float()])])
-                    now = time.perf_counter()
-                    pending_logs[state.global_step] = {
-                        "lr": lr_scheduler.get_last_lr()[0],
-                        "images_per_second": images_seen / (now - last_log_time),
-                        "epoch": epoch,
-                    }
-                    if ema is not None:
-                        pending_logs[state.global_step]["ema_decay"] = ema.decay()
-                    loss_sum.zero_()
-                    loss_count, images_seen, last_log_time = 0, 0, now
-                step_report(deferred.swap(state.global_step, report))
-
-                if stopped_by is not None:
+                log = {"lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                if ema is not None:
+                    log["ema_decay"] = ema.decay()
+                monitor.end_step(nonfinite, loss, grad_norm, log)
+                if monitor.stopped_by or monitor.nonfinite_error:
                     break
                 if state.global_step % args.checkpointing_steps == 0:
-                    checkpoint()
+                    save(accelerator, args, state, model, ema, monitor)
+                    last_checkpoint_step = state.global_step
                 if state.global_step >= max_train_steps:
                     break  # the last evaluation comes after the last checkpoint, below
                 if args.eval_steps and state.global_step % args.eval_steps == 0:
-                    evaluation()
+                    metrics = evaluation(
+                        accelerator, args, model, ema, noise_scheduler, held_out, feature_extractor, state.global_step
+                    )
                 grid = bool(args.save_images_steps) and state.global_step % args.save_images_steps == 0
                 export = bool(args.save_model_steps) and state.global_step % args.save_model_steps == 0
                 if grid or export:
-                    samples_and_export(state.global_step, grid, export)
+                    images = samples_and_export(
+                        accelerator,
+                        args,
+                        model,
+                        ema,
+                        noise_scheduler,
+                        state.global_step,
+                        grid,
+                        export,
+                        images,
+                        metrics,
+                    )
             else:
                 # The epoch is complete: the epoch-based grids and exports of train_unconditional.py.
                 last_epoch = epoch == num_epochs - 1 or state.global_step >= max_train_steps
                 grid = bool(args.save_images_epochs) and epoch % args.save_images_epochs == 0 and not last_epoch
                 export = bool(args.save_model_epochs) and epoch % args.save_model_epochs == 0 and not last_epoch
                 if grid or export:
-                    samples_and_export(state.global_step, grid, export)
-    progress.close()
-    step_report(deferred.flush())  # the last step's report
+                    images = samples_and_export(
+                        accelerator,
+                        args,
+                        model,
+                        ema,
+                        noise_scheduler,
+                        state.global_step,
+                        grid,
+                        export,
+                        images,
+                        metrics,
+                    )
+        monitor.finish()  # the last step's report
 
-    # 7. The end (or a stop asked by SIGTERM / SIGINT): checkpoint, evaluation, samples, export ----------------------
+    # 7. The end (or a stop): checkpoint, then evaluation, samples and export --------------------------------------
     if last_checkpoint_step != state.global_step:
-        checkpoint()
-    if stopped_by is not None:
+        save(accelerator, args, state, model, ema, monitor)
+    path = checkpoint_path(args.output_dir, state.global_step)
+    if monitor.nonfinite_error:  # the weights never took the skipped steps, so they are finite: the work is kept
+        raise NonFiniteLossError(
+            f"{monitor.nonfinite_error} The weights never took a non-finite step; {path} holds them. Resume with "
+            f"--resume_from_checkpoint {path} and a lower --learning_rate, a smaller --max_grad_norm, or "
+            "--mixed_precision no, and check the data for broken images."
+        )
+    if monitor.stopped_by is not None:
         logger.warning(
             "Stopped by %s at step %d; resume with --resume_from_checkpoint latest (checkpoint %s).",
-            stopped_by, state.global_step, checkpoint_path(args.output_dir, state.global_step),
+            monitor.stopped_by, state.global_step, path,
         )  # fmt: skip
     else:
         if args.eval_steps:
-            evaluation()
-        samples_and_export(state.global_step, grid=True, export=True, final=True)
+            metrics = evaluation(
+                accelerator, args, model, ema, noise_scheduler, held_out, feature_extractor, state.global_step
+            )
+        samples_and_export(
+            accelerator, args, model, ema, noise_scheduler, state.global_step, True, True, images, metrics, final=True
+        )
     accelerator.end_training()
-    return TrainingOutcome(global_step=state.global_step, unet=model, ema=ema, stopped_by=stopped_by, metrics=metrics)
+    return TrainingOutcome(state.global_step, unet=model, ema=ema, stopped_by=monitor.stopped_by, metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> TrainingOutcome:

@@ -15,24 +15,33 @@ import os
 import sys
 
 import torch
+from accelerate import Accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ddpm  # noqa: E402
 from schedulers import DDPMPaperScheduler  # noqa: E402
+from training.checkpointing import TrainerState  # noqa: E402
 from training.data import images_to_model_input  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.models import build_unet  # noqa: E402
-from training.sync import adamw, step_unless_nonfinite  # noqa: E402
+from training.monitor import StepMonitor  # noqa: E402
+from training.sync import adamw  # noqa: E402
 
 
 def training_step(device: torch.device, prediction_type: str = "epsilon"):
-    """A function running the operations of one optimizer step of train_ddpm.py (tiny UNet, 8x8), set up once."""
+    """
+    A function running one optimizer step of train_ddpm.py (tiny UNet, 8x8) with its own pieces: the lines of
+    Algorithm 1, `train_ddpm.clip_and_step`, the EMA and `StepMonitor.end_step` (logging every step).
+    """
+    accelerator = Accelerator(cpu=device.type == "cpu")
     scheduler = DDPMPaperScheduler(num_train_timesteps=50, prediction_type=prediction_type)
     unet = build_unet("tiny", None, 8, 1).to(device)
     optimizer = adamw(unet.parameters())
     ema = EMA(unet.parameters())
     pixels = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8).to(device)
-    consecutive, skipped, stop_flag = (torch.zeros((), device=device) for _ in range(3))
+    state = TrainerState()
+    monitor = StepMonitor(accelerator, state, max_train_steps=10**9, logging_steps=1, max_nonfinite_steps=100)
+    monitor.progress.disable = True
 
     def step() -> torch.Tensor:
         x0 = images_to_model_input(pixels, random_flip=True)
@@ -40,15 +49,13 @@ def training_step(device: torch.device, prediction_type: str = "epsilon"):
         timesteps = torch.randint(0, 50, (x0.shape[0],), device=device)
         xt = scheduler.add_noise(x0, noise, timesteps)
         loss = train_ddpm.diffusion_loss(scheduler, unet(xt, timesteps).sample, x0, noise, xt, timesteps)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        nonfinite = ~torch.isfinite(grad_norm)
-        step_unless_nonfinite(optimizer, nonfinite)
-        optimizer.zero_grad(set_to_none=True)
-        consecutive.add_(1).mul_(nonfinite)
-        skipped.add_(nonfinite)
+        accelerator.backward(loss)
+        grad_norm, nonfinite = train_ddpm.clip_and_step(accelerator, unet, optimizer, 1.0)
+        monitor.count_batch(loss, x0.shape[0])
+        state.global_step += 1
         ema.update(unet.parameters())
-        return torch.stack([nonfinite.float(), consecutive, skipped, loss.detach().float(), stop_flag])
+        monitor.end_step(nonfinite, loss, grad_norm, {"lr": 1e-4, "epoch": 0})
+        return loss
 
     return step
 

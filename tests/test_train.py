@@ -30,7 +30,14 @@ import train_ddpm
 from schedulers import DDPMPaperScheduler
 from training.args import DIGITS_DEFAULTS, make_parser, parse_args, public_config
 from training.checkpointing import TRAINER_STATE_NAME, TrainerState
-from training.data import DatasetUnavailableError, ImageDataError, PixelBatches, digits_dataset, preprocess_images
+from training.data import (
+    DatasetUnavailableError,
+    ImageDataError,
+    PixelBatches,
+    digits_dataset,
+    preprocess_images,
+    split_held_out,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_UNET = {
@@ -275,7 +282,7 @@ def test_the_held_out_digits_are_not_trained_on(learning_run):
 
 def test_split_held_out_keeps_the_last_images_out_of_training():
     pixels = preprocess_images(digits_dataset(), "image", 8, 1)
-    train, held_out = train_ddpm.split_held_out(pixels, 256)
+    train, held_out = split_held_out(pixels, 256)
     assert (len(train), len(held_out)) == (1541, 256)
     assert torch.equal(train[:]["pixels"], pixels[:1541]["pixels"])
     assert torch.equal(held_out[:]["pixels"], pixels[1541:]["pixels"])
@@ -283,7 +290,7 @@ def test_split_held_out_keeps_the_last_images_out_of_training():
     assert torch.equal(PixelBatches(train).__getitems__([0, 1540]), pixels[[0, 1540]]["pixels"])
     assert torch.equal(PixelBatches(held_out).__getitems__([0, 255]), pixels[[1541, 1796]]["pixels"])
     with pytest.raises(ImageDataError, match="leaves no images to train on"):
-        train_ddpm.split_held_out(pixels, 1797)
+        split_held_out(pixels, 1797)
 
 
 def test_hub_layout_parquet_dataset_run_exports_a_pipeline(hub_run):

@@ -27,12 +27,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from training.data import held_out_images
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 _INCOMPLETE_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)(\..+)?$")
+RESUME_INVARIANTS = ("dataset_name", "dataset_config_name", "train_data_dir", "streaming", "resolution", "seed")
+RESUME_INVARIANTS += ("train_batch_size", "gradient_accumulation_steps")
+"""Flags that fix the data order and position: resuming with other values cannot continue exactly."""
 
 
 class CheckpointError(RuntimeError):
@@ -141,6 +146,41 @@ def check_fresh_start(output_dir: str) -> None:
             "latest to continue that run, --overwrite_output_dir to remove its checkpoints and start over, or "
             "another --output_dir."
         )
+
+
+def prepare_output_dir(
+    accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None, overwrite: bool
+) -> None:
+    """
+    Before a new run (no --resume_from_checkpoint): remove the checkpoints of an earlier run in `output_dir` if
+    `overwrite` (--overwrite_output_dir), else refuse to mix with them (`check_fresh_start`).
+    """
+    if resume_from_checkpoint is not None:
+        return
+    if overwrite:
+        if accelerator.is_main_process:
+            remove_checkpoints(output_dir)
+        accelerator.wait_for_everyone()
+    else:
+        check_fresh_start(output_dir)
+
+
+def changed_settings(saved: TrainerState, config: dict[str, Any], num_processes: int) -> list[str]:
+    """
+    What differs between the run that wrote a checkpoint (`saved`) and the resuming one (its public `config`) in the
+    settings that fix the data order and position (`RESUME_INVARIANTS`, the processes, the held-out images).
+    """
+    changed = [
+        f"--{name} {saved.training_args.get(name)} -> {value}"
+        for name, value in config.items()
+        if name in RESUME_INVARIANTS and saved.training_args.get(name) != value
+    ]
+    if saved.num_processes != num_processes:
+        changed.append(f"{saved.num_processes} -> {num_processes} processes")
+    before, now = held_out_images(saved.training_args), held_out_images(config)
+    if before != now:
+        changed.append(f"{before} -> {now} images held out of training for --eval_steps")
+    return changed
 
 
 def remove_checkpoints(output_dir: str) -> list[str]:

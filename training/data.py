@@ -485,6 +485,33 @@ def load_pixels(
     return pixels, column
 
 
+def held_out_images(config: dict) -> int:
+    """How many images at the end of the training split the run with these (public) flags keeps out of training."""
+    if config.get("eval_steps") and config.get("eval_split") is None:
+        return config["eval_holdout_images"]
+    return 0
+
+
+def split_held_out(dataset: Dataset, count: int) -> tuple[Dataset, Dataset]:
+    r"""
+    Split the preprocessed training images into those trained on and the last `count`, held out for evaluation.
+
+    The split is by position in the dataset (before any shuffling), so every run and every process holds out the
+    same images: for the embedded digits, the last `count` of scikit-learn's 1,797 (the digits feature network was
+    not trained on the last 297 either).
+
+    Raises:
+        `ImageDataError`: holding out `count` images would leave none to train on.
+    """
+    if count >= len(dataset):
+        raise ImageDataError(
+            f"--eval_holdout_images {count} leaves no images to train on: the training split has {len(dataset)}. "
+            "Hold out fewer, or evaluate on another split with --eval_split."
+        )
+    boundary = len(dataset) - count
+    return dataset.select(range(boundary)), dataset.select(range(boundary, len(dataset)))
+
+
 def collate_pixels(examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     r"""
     `collate_fn` for a `torch.utils.data.DataLoader` over `preprocess_images`' output: a uint8 batch (B, C, H, W).

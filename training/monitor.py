@@ -1,0 +1,173 @@
+"""What the host learns of the optimizer steps, one step late: `StepMonitor`.
+
+The training loop calls it twice per batch at most: `count_batch` after every backward pass and `end_step` after
+every optimizer step. It owns every counter of the loop (non-finite steps in a row and in all, the loss and images
+since the last log line), the deferred read of the device's numbers (`training.sync.DeferredRead`: the host learns of
+step n while the device runs step n + 1, so no step waits for the device), the log lines waiting for their device
+half, the progress bar, and the decision to stop: on SIGTERM / SIGINT (`StopSignal`, to any process) or after
+`--max_nonfinite_steps` non-finite steps in a row. It never writes a checkpoint itself: the loop reads `stopped_by`
+and `nonfinite_error` and acts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from training.checkpointing import StopSignal, TrainerState
+from training.sync import DeferredRead
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepReport:
+    """What the device says of one optimizer step, read by the host one step later (reduced over processes)."""
+
+    step: int
+    nonfinite: bool
+    nonfinite_in_a_row: int
+    nonfinite_in_all: int
+    loss: float
+    stop_asked: bool
+    mean_loss: float | None = None  # on logging steps: the mean loss since the last log line, and the grad norm
+    grad_norm: float | None = None
+
+
+class StepMonitor:
+    r"""
+    The host's view of training, one step late, and the decision to stop. Use as a context manager around the loop
+    (it catches SIGTERM and SIGINT for its duration).
+
+    Args:
+        accelerator (`Accelerator`): For the device, the number of processes, the reductions and the tracker.
+        state (`TrainerState`): The run's state; its non-finite counts start the device's counters.
+        max_train_steps (`int`): For the progress bar and the last log line.
+        logging_steps (`int`): Log every this many optimizer steps.
+        max_nonfinite_steps (`int`): Stop after this many non-finite steps in a row.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        state: TrainerState,
+        max_train_steps: int,
+        logging_steps: int,
+        max_nonfinite_steps: int,
+    ):
+        device = accelerator.device
+        self.accelerator, self.state = accelerator, state
+        self.max_train_steps, self.logging_steps, self.max_nonfinite_steps = (
+            max_train_steps, logging_steps, max_nonfinite_steps,
+        )  # fmt: skip
+        # Kept on the device and read one step late.
+        self.in_a_row = torch.tensor(float(state.consecutive_nonfinite_steps), device=device)
+        self.in_all = torch.tensor(float(state.skipped_nonfinite_steps), device=device)
+        self.stop_flag = torch.zeros((), device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_count, self.images_seen, self.last_log_time = 0, 0, time.perf_counter()
+        self.deferred = DeferredRead(device)
+        self.pending_logs: dict[int, dict[str, float]] = {}  # the host half of log lines whose device half is coming
+        self.signal = StopSignal()
+        self.stopped_by: str | None = None
+        self.nonfinite_error: str | None = None  # why to stop with an error, once too many steps in a row failed
+        self.progress = tqdm(
+            total=max_train_steps,
+            initial=state.global_step,
+            desc="Training",
+            disable=not accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
+
+    def __enter__(self) -> StepMonitor:
+        self.signal.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.signal.__exit__(*exc_info)
+        self.progress.close()
+
+    def count_batch(self, loss: torch.Tensor, batch_size: int) -> None:
+        """After each backward pass: the batch's loss (kept on the device) and images."""
+        self.loss_sum += loss.detach()
+        self.loss_count += 1
+        self.images_seen += batch_size * self.accelerator.num_processes
+
+    def end_step(
+        self,
+        nonfinite: torch.Tensor,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        log: dict[str, float],
+    ) -> None:
+        r"""
+        After each optimizer step (`state.global_step` already counts it): update the device's counters, send this
+        step's report on its way and act on the previous step's.
+
+        Args:
+            nonfinite (`torch.Tensor`): Boolean 0-dim: the step was skipped for a non-finite gradient.
+            loss (`torch.Tensor`): The last batch's loss.
+            grad_norm (`torch.Tensor`): The gradient norm before clipping.
+            log (`dict`): Host values for this step's log line (learning rate, epoch, ...), used on logging steps.
+        """
+        step = self.state.global_step
+        self.progress.update(1)
+        self.in_a_row.add_(1).mul_(nonfinite)
+        self.in_all.add_(nonfinite)
+        if self.signal.received is not None:
+            self.stop_flag.fill_(1.0)
+        values = [nonfinite.float(), self.in_a_row, self.in_all, loss.detach().float(), self.stop_flag]
+        if step % self.logging_steps == 0 or step == self.max_train_steps:
+            values += [self.loss_sum / max(self.loss_count, 1), grad_norm.float()]
+            now = time.perf_counter()
+            self.pending_logs[step] = {**log, "images_per_second": self.images_seen / (now - self.last_log_time)}
+            self.loss_sum.zero_()
+            self.loss_count, self.images_seen, self.last_log_time = 0, 0, now
+        # The mean over processes: a flag is set on any process when its mean is above 0 (a signal to one process
+        # stops them all); the counters and the grad norm are equal on every process.
+        report = self.accelerator.reduce(torch.stack(values), "mean")
+        self._act(self.deferred.swap(step, report))
+
+    def finish(self) -> None:
+        """After the loop: act on the last step's report."""
+        self._act(self.deferred.flush())
+
+    def sync_state(self) -> None:
+        """Bring the device's non-finite counts into `state` (a host sync: at checkpoints only)."""
+        in_a_row, in_all = torch.stack([self.in_a_row, self.in_all]).tolist()
+        self.state.consecutive_nonfinite_steps, self.state.skipped_nonfinite_steps = round(in_a_row), round(in_all)
+
+    def _act(self, read: tuple[int, list[float]] | None) -> None:
+        """Warn of a skipped step, write its log line, and decide to stop."""
+        if read is None:
+            return
+        step, values = read
+        report = StepReport(step, values[0] > 0, round(values[1]), round(values[2]), values[3], values[4] > 0)
+        if len(values) > 5:
+            report.mean_loss, report.grad_norm = values[5], values[6]
+        if report.nonfinite:
+            logger.warning(
+                "Step %d: non-finite gradient (loss %s); step skipped (%d in a row, %d in all).",
+                step, report.loss, report.nonfinite_in_a_row, report.nonfinite_in_all,
+            )  # fmt: skip
+        if step in self.pending_logs:
+            logs = self.pending_logs.pop(step)
+            logs.update(
+                loss=report.mean_loss, grad_norm=report.grad_norm, skipped_nonfinite_steps=report.nonfinite_in_all
+            )
+            self.accelerator.log(logs, step=step)
+            self.progress.set_postfix(
+                loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.0f}"
+            )
+        if report.nonfinite_in_a_row >= self.max_nonfinite_steps and self.nonfinite_error is None:
+            self.nonfinite_error = (
+                f"{report.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient (up to step "
+                f"{step}); stopping at step {self.state.global_step} (--max_nonfinite_steps {self.max_nonfinite_steps})."
+            )
+        if report.stop_asked and self.stopped_by is None:
+            self.stopped_by = self.signal.name or "a signal to another process"
