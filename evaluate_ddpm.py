@@ -44,8 +44,8 @@ from evaluation import extract_features, load_feature_extractor, reference_featu
 from pipelines import DDPMPaperPipeline
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, interpolate, rate_distortion_curve
 from pipelines.pipeline_ddpm_paper import image_grid
-from training.data import load_pixels
 from training.launch import ensure_one_job
+from training.pixels import load_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def evaluate(
         pipeline ([`DDPMPaperPipeline`]):
             The model, on its device (EMA weights if those are evaluated); its UNet is in eval mode during the call.
         images (`torch.Tensor` or `datasets.Dataset`):
-            Real images, uint8 (N, C, H, W), or the (non-streaming) output of `training.data.preprocess_images`.
+            Real images, uint8 (N, C, H, W), or the (non-streaming) output of `training.pixels.preprocess_images`.
         num_images (`int`, defaults to 256):
             How many of them (the first ones) get their bits/dim computed; 0 skips bits/dim.
         bpd_timesteps (`int`, *optional*):

@@ -51,20 +51,12 @@ from training.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from training.data import (
-    DatasetUnavailableError,
-    ImageDataError,
-    PixelBatches,
-    collate_pixel_batch,
-    collate_pixels,
-    images_to_model_input,
-    load_pixels,
-    split_held_out,
-)
+from training.data import DatasetUnavailableError, ImageDataError, split_held_out
 from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
 from training.monitor import StepMonitor
+from training.pixels import PixelBatches, collate_pixel_batch, collate_pixels, images_to_model_input, load_pixels
 from training.sync import adamw, step_unless_nonfinite
 
 logger = get_logger(__name__)

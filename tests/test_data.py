@@ -12,17 +12,16 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import hub_access
-from training import data
+from training import data, image_folder
+from training import pixels as pixel_cache
 from training.data import (
     DatasetUnavailableError,
     ImageDataError,
-    collate_pixels,
     digits_dataset,
     find_image_column,
-    images_to_model_input,
     load_image_dataset,
-    preprocess_images,
 )
+from training.pixels import collate_pixels, images_to_model_input, preprocess_images
 
 
 def banded_image() -> Image.Image:
@@ -130,7 +129,7 @@ def test_plain_image_folder_lists_the_images_datasets_imagefolder_loads(tmp_path
     (folder / "link.png").symlink_to(folder / "a.png")  # followed
     os.mkfifo(folder / "pipe.png")  # not a regular file: skipped
 
-    listed = data.plain_image_folder(str(folder))
+    listed = image_folder.plain_image_folder(str(folder))
     expected = imagefolder_paths(folder, tmp_path / "hf-cache")
     assert [path for path, _, _ in listed] == expected
     assert len(expected) == 11
@@ -170,7 +169,7 @@ def test_image_folders_with_splits_or_metadata_are_left_to_datasets(tmp_path, la
             (folder / name).write_text("notes")
         else:
             write_png(folder / name, 10 * i)
-    assert data.plain_image_folder(str(folder)) is None
+    assert image_folder.plain_image_folder(str(folder)) is None
     if count is None:  # no image is in the train split: the error says how `datasets` splits a folder
         with pytest.raises(ImageDataError, match="has no split 'train'.*Rename such files"):
             load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
@@ -347,14 +346,14 @@ def test_pixel_batches_serve_the_same_pixels_as_datasets_formatting(digits, tmp_
     rgb_dataset = data.load_image_dataset(train_data_dir=str(rgb_folder), cache_dir=str(tmp_path / "cache"))
     rgb = preprocess_images(rgb_dataset, "image", 8, 3)
     for dataset in (cached, cached.shuffle(seed=3), cached.select(range(500, 700)), rgb):
-        batches = data.PixelBatches(dataset)
+        batches = pixel_cache.PixelBatches(dataset)
         indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:33].tolist()
         batch = batches.__getitems__(indices)
         assert batch.dtype == torch.uint8 and batch.shape == (33, *dataset[0]["pixels"].shape)
         assert torch.equal(batch, dataset[indices]["pixels"])
         assert torch.equal(batches[7], dataset[7]["pixels"])
     loader = torch.utils.data.DataLoader(
-        data.PixelBatches(cached), batch_size=64, shuffle=False, collate_fn=data.collate_pixel_batch
+        pixel_cache.PixelBatches(cached), batch_size=64, shuffle=False, collate_fn=pixel_cache.collate_pixel_batch
     )
     first = next(iter(loader))
     assert torch.equal(first, cached[:64]["pixels"])

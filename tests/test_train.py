@@ -30,14 +30,8 @@ import train_ddpm
 from schedulers import DDPMPaperScheduler
 from training.args import DIGITS_DEFAULTS, make_parser, parse_args, public_config
 from training.checkpointing import TRAINER_STATE_NAME, TrainerState
-from training.data import (
-    DatasetUnavailableError,
-    ImageDataError,
-    PixelBatches,
-    digits_dataset,
-    preprocess_images,
-    split_held_out,
-)
+from training.data import DatasetUnavailableError, ImageDataError, digits_dataset, split_held_out
+from training.pixels import PixelBatches, preprocess_images
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_UNET = {
