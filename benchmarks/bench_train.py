@@ -188,14 +188,14 @@ def peer_loop(args, device: torch.device, data_folder: str) -> float:
     return images_per_second(step, args, device)
 
 
-def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> float:
-    """Images/s of train_ddpm.py's loop, as it reports after its warm-up steps."""
+def train_argv(args, data_folder: str, output_dir: str, device: torch.device, steps: int) -> list[str]:
+    """train_ddpm.py's flags for `steps` optimizer steps of the benchmark's model and data (EMA, flips, crops)."""
     argv = [
         "--train_data_dir", data_folder,
         "--resolution", str(args.resolution),
         "--model_preset", args.preset,
         "--train_batch_size", str(args.batch),
-        "--max_train_steps", str(args.warmup + args.steps),
+        "--max_train_steps", str(steps),
         "--logging_steps", str(args.warmup),
         "--mixed_precision", args.mixed_precision,
         "--output_dir", output_dir,
@@ -217,6 +217,12 @@ def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> f
             argv += ["--compile_mode", args.compile_mode]
     if args.channels_last:
         argv.append("--channels_last")
+    return argv
+
+
+def our_loop(args, device: torch.device, data_folder: str, output_dir: str) -> float:
+    """Images/s of train_ddpm.py's loop, as it reports after its warm-up steps."""
+    argv = train_argv(args, data_folder, output_dir, device, args.warmup + args.steps)
     AcceleratorState._reset_state(reset_partial_state=True)
     with contextlib.redirect_stderr(io.StringIO()):
         train_ddpm.main(argv)

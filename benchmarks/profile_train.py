@@ -28,7 +28,7 @@ import datasets
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_train import write_dataset  # noqa: E402
+from bench_train import train_argv, write_dataset  # noqa: E402
 
 import train_ddpm  # noqa: E402
 
@@ -97,16 +97,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
         write_dataset(data, args.num_images, args.resolution, 3)
-        argv = [
-            "--train_data_dir", data, "--resolution", str(args.resolution), "--model_preset", args.preset,
-            "--train_batch_size", str(args.batch), "--max_train_steps", str(args.warmup + args.steps + 1),
-            "--logging_steps", "10", "--mixed_precision", args.mixed_precision, "--output_dir",
-            os.path.join(tmp, "run"), "--use_ema", "--random_flip", "--checkpointing_steps", str(10**9),
-            "--save_images_epochs", "0", "--save_model_epochs", "0", "--eval_batch_size", "1",
-            "--ddpm_num_inference_steps", "1", "--dataloader_num_workers", "0", *args.extra.split(),
-        ]  # fmt: skip
-        if device.type == "cpu":
-            argv.append("--cpu")
+        options = argparse.Namespace(**vars(args), compile=False, compile_mode=None, channels_last=False)
+        argv = train_argv(options, data, os.path.join(tmp, "run"), device, args.warmup + args.steps + 1)
+        argv += args.extra.split()
         schedule = torch.profiler.schedule(wait=args.warmup, warmup=1, active=args.steps - 1, repeat=1)
         with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
             steps = ProfiledSteps(profiler, args.warmup + 1, args.warmup + args.steps)
