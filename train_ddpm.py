@@ -534,6 +534,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     last_checkpoint_step = state.global_step if resume_path is not None else -1
     images, metrics = None, None  # the last sample grid and evaluation, for the model card
     monitor = StepMonitor(accelerator, state, max_train_steps, args.logging_steps, args.max_nonfinite_steps)
+    if accelerator.num_processes == 1 and args.gradient_accumulation_steps == 1 and not args.compile:
+        monitor.interrupt_steps_of(model)  # a stop signal abandons the step at once (the launcher waits only 5 s)
     with monitor:
         for epoch in range(state.epoch, num_epochs):
             if state.global_step >= max_train_steps or monitor.stopped_by or monitor.nonfinite_error:
@@ -544,17 +546,20 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
             state.epoch, state.batches_in_epoch = epoch, skip
             for pixels in batches:
-                x0 = images_to_model_input(pixels, args.random_flip)  # Algorithm 1, line 2: x_0 ~ q(x_0)
-                if args.channels_last:
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
-                noise = torch.randn_like(x0)  # line 4: eps ~ N(0, I) (drawn before t, as every version of this loop)
-                timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), device=x0.device)  # line 3: t
-                with accelerator.accumulate(unet):  # line 5: a gradient step on L_simple (Eq. 14)
-                    xt = noise_scheduler.add_noise(x0, noise, timesteps)  # x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps
-                    loss = diffusion_loss(noise_scheduler, unet(xt, timesteps).sample, x0, noise, xt, timesteps)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm, nonfinite = clip_and_step(accelerator, unet, optimizer, max_grad_norm)
+                with monitor.interruptible(optimizer):  # a stop signal in here abandons the step (StepMonitor)
+                    x0 = images_to_model_input(pixels, args.random_flip)  # Algorithm 1, line 2: x_0 ~ q(x_0)
+                    if args.channels_last:
+                        x0 = x0.contiguous(memory_format=torch.channels_last)
+                    noise = torch.randn_like(x0)  # line 4: eps ~ N(0, I) (drawn before t, as always here)
+                    timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), device=x0.device)  # line 3
+                    with accelerator.accumulate(unet):  # line 5: a gradient step on L_simple (Eq. 14)
+                        xt = noise_scheduler.add_noise(x0, noise, timesteps)  # sqrt(abar_t) x_0 + sqrt(1-abar_t) eps
+                        loss = diffusion_loss(noise_scheduler, unet(xt, timesteps).sample, x0, noise, xt, timesteps)
+                        accelerator.backward(loss)
+                if monitor.abandoned:
+                    break
+                if accelerator.sync_gradients:  # the step of line 5, on the accumulated gradients
+                    grad_norm, nonfinite = clip_and_step(accelerator, unet, optimizer, max_grad_norm)
                 monitor.count_batch(loss, x0.shape[0])
                 state.batches_in_epoch += 1
                 if not accelerator.sync_gradients:
@@ -615,9 +620,9 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                     )
         monitor.finish()  # the last step's report
 
-    # 7. The end (or a stop): checkpoint, then evaluation, samples and export --------------------------------------
-    if last_checkpoint_step != state.global_step:
-        save(accelerator, args, state, model, ema, monitor)
+        # 7. The end (or a stop): checkpoint (signals still absorbed), then evaluation, samples and export ---------
+        if last_checkpoint_step != state.global_step:
+            save(accelerator, args, state, model, ema, monitor)
     path = checkpoint_path(args.output_dir, state.global_step)
     if monitor.nonfinite_error:  # the weights never took the skipped steps, so they are finite: the work is kept
         raise NonFiniteLossError(
@@ -625,7 +630,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             f"--resume_from_checkpoint {path} and a lower --learning_rate, a smaller --max_grad_norm, or "
             "--mixed_precision no, and check the data for broken images."
         )
-    if monitor.stopped_by is not None:
+    if monitor.stop_after_checkpoint() is not None:
         logger.warning(
             "Stopped by %s at step %d; resume with --resume_from_checkpoint latest (checkpoint %s).",
             monitor.stopped_by, state.global_step, path,

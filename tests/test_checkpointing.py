@@ -1,6 +1,5 @@
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from accelerate.state import AcceleratorState
 from training.checkpointing import (
     TRAINER_STATE_NAME,
     CheckpointError,
-    StopSignal,
     TrainerState,
     check_fresh_start,
     find_checkpoints,
@@ -162,14 +160,3 @@ def test_remove_checkpoints_removes_every_checkpoint_folder_and_nothing_else(tmp
     removed = remove_checkpoints(str(tmp_path))
     assert sorted(os.path.basename(path) for path in removed) == ["checkpoint-10", "checkpoint-12.tmp", "checkpoint-2"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-notes.txt", "model_index.json", "samples"]
-
-
-def test_stop_signal_records_sigterm_and_restores_the_handlers():
-    before = signal.getsignal(signal.SIGTERM)
-    with StopSignal() as stop:
-        assert stop.received is None
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.name == "SIGTERM"
-        # A second signal would act at once: the previous handler is back.
-        assert signal.getsignal(signal.SIGTERM) is before
-    assert signal.getsignal(signal.SIGTERM) is before

@@ -19,8 +19,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -320,42 +318,6 @@ def save_checkpoint(
                 shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-class StopSignal:
-    r"""
-    Turns SIGTERM and SIGINT into a request to write a checkpoint and stop cleanly (pre-emptible machines).
-
-    Use as a context manager around the training loop: the first signal only sets `received` (the loop checks it at
-    the next optimizer step); it also restores the previous handlers, so a second signal acts at once (Ctrl-C twice
-    interrupts). Outside the main thread, where Python cannot install handlers, it does nothing.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-        self.signals = signals
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def name(self) -> str | None:
-        return signal.Signals(self.received).name if self.received is not None else None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.signals}
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._restore()
 
 
 def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:

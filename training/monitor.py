@@ -1,28 +1,89 @@
-"""What the host learns of the optimizer steps, one step late: `StepMonitor`.
+"""What the host learns of the optimizer steps, one step late, and the decision to stop: `StepMonitor`.
 
 The training loop calls it twice per batch at most: `count_batch` after every backward pass and `end_step` after
 every optimizer step. It owns every counter of the loop (non-finite steps in a row and in all, the loss and images
 since the last log line), the deferred read of the device's numbers (`training.sync.DeferredRead`: the host learns of
 step n while the device runs step n + 1, so no step waits for the device), the log lines waiting for their device
-half, the progress bar, and the decision to stop: on SIGTERM / SIGINT (`StopSignal`, to any process) or after
-`--max_nonfinite_steps` non-finite steps in a row. It never writes a checkpoint itself: the loop reads `stopped_by`
+half, the progress bar, and the decision to stop. It never writes a checkpoint itself: the loop reads `stopped_by`
 and `nonfinite_error` and acts.
+
+Stopping (SIGTERM, SIGINT, or the death of the `accelerate launch` process that started this one):
+- the first signal asks for a stop; the loop writes a checkpoint of the last whole optimizer step and the script
+  exits 0. Every later signal is absorbed until the checkpoint is written (Ctrl-C in a terminal under `accelerate
+  launch` delivers two: the terminal's SIGINT, then the SIGTERM the launcher forwards);
+- `accelerate launch` kills its child 5 s after forwarding a signal (30 s with several processes, torch elastic's
+  grace). With one process (and no accumulation or compile), a signal during a step's forward or backward pass
+  abandons that step at the next U-Net block (`interruptible`): its random draws are rolled back and its batch is
+  read again on resume, so the checkpoint is written at once and the resumed run is the uninterrupted one, bit for
+  bit. With several processes the stop is agreed on through the step's report (all stop at the same step);
+- a child whose launcher died (it is re-parented) stops the same way, so that no orphan keeps training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from training.checkpointing import StopSignal, TrainerState
+from training.checkpointing import TrainerState
 from training.sync import DeferredRead
 
 logger = logging.getLogger(__name__)
+
+
+class StepInterrupted(Exception):
+    """Raised inside an interruptible step after a stop signal: the step is abandoned."""
+
+
+class StopSignal:
+    r"""
+    Turns SIGTERM and SIGINT into a request to stop, for as long as the block runs: the first signal sets `received`
+    (the loop reads it at the next U-Net block or step); later ones are counted in `absorbed` and change nothing,
+    so a checkpoint being written is never cut short by a second signal. Outside the main thread, where Python cannot
+    install handlers, it does nothing.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.received: int | None = None
+        self.absorbed = 0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.received).name if self.received is not None else None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+        else:
+            self.absorbed += 1
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.signals}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def launcher_pid() -> int | None:
+    """The PID of the `accelerate launch` process that started this one (it sets ACCELERATE_MIXED_PRECISION for its
+    children, one process or several), or None when started otherwise (`python train_ddpm.py`, nohup, ...)."""
+    return os.getppid() if "ACCELERATE_MIXED_PRECISION" in os.environ else None
 
 
 @dataclass
@@ -74,6 +135,9 @@ class StepMonitor:
         self.deferred = DeferredRead(device)
         self.pending_logs: dict[int, dict[str, float]] = {}  # the host half of log lines whose device half is coming
         self.signal = StopSignal()
+        self.launcher, self.orphaned = launcher_pid(), False
+        self.interruptible_steps = False  # set by `interrupt_steps_of`
+        self.armed, self.abandoned, self._random_states = False, False, None
         self.stopped_by: str | None = None
         self.nonfinite_error: str | None = None  # why to stop with an error, once too many steps in a row failed
         self.progress = tqdm(
@@ -91,6 +155,58 @@ class StepMonitor:
     def __exit__(self, *exc_info) -> None:
         self.signal.__exit__(*exc_info)
         self.progress.close()
+
+    def interrupt_steps_of(self, model: torch.nn.Module) -> None:
+        """
+        Let a stop signal abandon a step in the middle of `model`'s forward or backward pass: a check at every
+        top-level block of the U-Net, both ways. For one process without accumulation or compile only (see the module
+        docstring); call it once.
+        """
+        blocks = [getattr(model, name) for name in ("down_blocks", "mid_block", "up_blocks") if hasattr(model, name)]
+        blocks = [
+            block for group in blocks for block in (group if isinstance(group, torch.nn.ModuleList) else [group])
+        ]
+
+        def check(*_) -> None:
+            if self.armed and self.signal.received is not None:
+                raise StepInterrupted
+
+        def on_forward(module, inputs, output):
+            check()
+            tensor = output[0] if isinstance(output, tuple) else output
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                tensor.register_hook(check)  # runs in the backward pass, as the gradient reaches this block
+
+        for block in blocks:
+            block.register_forward_hook(on_forward)
+        self.interruptible_steps = bool(blocks)
+
+    @contextlib.contextmanager
+    def interruptible(self, optimizer) -> Iterator[None]:
+        """
+        The forward and backward pass of one batch. With `interrupt_steps_of`, a stop signal inside abandons the
+        batch: the random states (and Accelerate's batch count) are put back as they were when it began, the gradients are dropped, and `abandoned`
+        is set (the batch is not counted, so a resumed run reads it again).
+        """
+        if not self.interruptible_steps:
+            yield
+            return
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._random_states = (torch.get_rng_state(), cuda, self.accelerator.step)  # step: Accelerate's batch count
+        self.armed = True
+        try:
+            yield
+        except StepInterrupted:
+            cpu, cuda, self.accelerator.step = self._random_states
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            optimizer.zero_grad(set_to_none=True)
+            self.abandoned = True
+            self.stopped_by = self.signal.name
+            logger.warning("%s during a step: the step is abandoned, to be taken again on resume.", self.signal.name)
+        finally:
+            self.armed = False
 
     def count_batch(self, loss: torch.Tensor, batch_size: int) -> None:
         """After each backward pass: the batch's loss (kept on the device) and images."""
@@ -119,7 +235,9 @@ class StepMonitor:
         self.progress.update(1)
         self.in_a_row.add_(1).mul_(nonfinite)
         self.in_all.add_(nonfinite)
-        if self.signal.received is not None:
+        if self.launcher is not None and os.getppid() != self.launcher:
+            self.orphaned = True  # re-parented: the launcher died, and nobody waits for this run any more
+        if self.signal.received is not None or self.orphaned:
             self.stop_flag.fill_(1.0)
         values = [nonfinite.float(), self.in_a_row, self.in_all, loss.detach().float(), self.stop_flag]
         if step % self.logging_steps == 0 or step == self.max_train_steps:
@@ -170,4 +288,22 @@ class StepMonitor:
                 f"{step}); stopping at step {self.state.global_step} (--max_nonfinite_steps {self.max_nonfinite_steps})."
             )
         if report.stop_asked and self.stopped_by is None:
-            self.stopped_by = self.signal.name or "a signal to another process"
+            self.stopped_by = self._stop_reason()
+
+    def _stop_reason(self) -> str:
+        if self.signal.received is not None:
+            return self.signal.name
+        return "the death of the accelerate launch process" if self.orphaned else "a signal to another process"
+
+    def stop_after_checkpoint(self) -> str | None:
+        """
+        After the last checkpoint: why to stop before the final evaluation and export (a signal that came during the
+        last step or the checkpoint), or None. Every process gets the same answer (one reduction: a host sync).
+        """
+        if self.stopped_by is None:
+            asked = torch.tensor(
+                float(self.signal.received is not None or self.orphaned), device=self.accelerator.device
+            )
+            if self.accelerator.reduce(asked, "mean").item() > 0:
+                self.stopped_by = self._stop_reason()
+        return self.stopped_by
