@@ -19,17 +19,15 @@ The data flags are those of train_ddpm.py. Under `accelerate launch --multi_gpu 
 on a machine without GPUs) the images and samples are split across the processes, and only the main one writes;
 every image and sample has its own random stream, so the numbers do not depend on N.
 
-`evaluate(pipeline, images, ...)` computes the scalar metrics without plots; train_ddpm.py calls it during training.
+The scalar metrics come from `evaluation.evaluate(pipeline, images, ...)`, which train_ddpm.py also calls during
+training; this script adds the command line, the plots and metrics.json.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,17 +38,18 @@ from accelerate import Accelerator
 from diffusers.utils import make_image_grid, numpy_to_pil
 from transformers import HfArgumentParser
 
-from evaluation import extract_features, load_feature_extractor, reference_features, sample_quality_metrics
-from pipelines import DDPMPaperPipeline
-from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, interpolate, rate_distortion_curve
-from pipelines.pipeline_ddpm_paper import image_grid
+from evaluation import evaluate, load_feature_extractor, reference_id
+from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, stream_generators
+from pipelines import DDPMPaperPipeline, image_grid, model_range_to_unit, pixels_to_model_range
+from pipelines.interpolation import interpolate
+from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
+from training.args import default_feature_extractor, parse_flags_or_file
 from training.launch import ensure_one_job
 from training.pixels import load_pixels
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-_BPD_STREAM, _SAMPLE_STREAM = 0, 1  # independent random streams per image (bits/dim) and per sample (generation)
 
 
 @dataclass
@@ -99,184 +98,6 @@ class EvaluationArguments:
     device: str | None = field(
         default=None, metadata={"help": "cpu, cuda, ...; defaults to CUDA when available (or accelerate's)."}
     )
-
-
-def _stream_generators(seed: int, stream: int, indices: range) -> list[torch.Generator]:
-    """One CPU generator per image index, seeded from (seed, stream, index): results do not depend on batching."""
-    seeds = [int(np.random.SeedSequence([seed, stream, i]).generate_state(1, np.uint64)[0] >> 1) for i in indices]
-    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-
-
-def _as_pixels(images, count: int | None) -> torch.Tensor:
-    """The first `count` images (all if None) as uint8 (N, C, H, W), from a tensor or a `preprocess_images` dataset."""
-    count = len(images) if count is None else min(count, len(images))
-    pixels = images[:count] if isinstance(images, torch.Tensor) else images[:count]["pixels"]
-    if isinstance(pixels, list):
-        pixels = torch.stack([torch.as_tensor(p) for p in pixels])
-    return pixels.to(torch.uint8)
-
-
-def _shard(count: int, accelerator) -> tuple[range, list[int]]:
-    """This process's contiguous share of `count` items and every process's share size."""
-    processes = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    bounds = [count * r // processes for r in range(processes + 1)]
-    return range(bounds[rank], bounds[rank + 1]), [bounds[r + 1] - bounds[r] for r in range(processes)]
-
-
-def _gather(tensor: torch.Tensor, accelerator, sizes: list[int]) -> torch.Tensor:
-    """Concatenate every process's `tensor` (of `sizes[rank]` rows) in rank order."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return tensor
-    padded = accelerator.pad_across_processes(tensor.to(accelerator.device), dim=0)
-    gathered = accelerator.gather(padded).cpu()
-    rows = gathered.shape[0] // accelerator.num_processes
-    return torch.cat([gathered[r * rows : r * rows + size] for r, size in enumerate(sizes)])
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def _generate(
-    pipeline: DDPMPaperPipeline,
-    indices: range,
-    *,
-    seed: int,
-    num_inference_steps: int,
-    batch_size: int,
-    show_progress: bool,
-) -> torch.Tensor:
-    """Samples number `indices` (each from its own generator) as uint8 (N, C, H, W)."""
-    batches = []
-    for start in range(indices.start, indices.stop, batch_size):
-        batch = range(start, min(start + batch_size, indices.stop))
-        images = pipeline(
-            batch_size=len(batch),
-            generator=_stream_generators(seed, _SAMPLE_STREAM, batch),
-            num_inference_steps=num_inference_steps,
-            output_type="pt",
-            show_progress=show_progress,
-        ).images
-        batches.append((images * 255).round().to(torch.uint8).cpu())
-    unet = pipeline.unet.config
-    return torch.cat(batches) if batches else torch.empty(0, unet.in_channels, *(unet.sample_size,) * 2).byte()
-
-
-def evaluate(
-    pipeline: DDPMPaperPipeline,
-    images,
-    *,
-    num_images: int = 256,
-    bpd_timesteps: int | None = None,
-    num_samples: int = 1000,
-    num_inference_steps: int | None = None,
-    feature_extractor: str | torch.nn.Module = "digits",
-    num_reference_images: int | None = None,
-    dataset_id: str = "images",
-    batch_size: int = 256,
-    seed: int = 0,
-    accelerator=None,
-    show_progress: bool = False,
-) -> dict[str, float]:
-    r"""
-    The scalar metrics of a DDPM: bits/dim on dataset images and sample quality of generated images.
-
-    Args:
-        pipeline ([`DDPMPaperPipeline`]):
-            The model, on its device (EMA weights if those are evaluated); its UNet is in eval mode during the call.
-        images (`torch.Tensor` or `datasets.Dataset`):
-            Real images, uint8 (N, C, H, W), or the (non-streaming) output of `training.pixels.preprocess_images`.
-        num_images (`int`, defaults to 256):
-            How many of them (the first ones) get their bits/dim computed; 0 skips bits/dim.
-        bpd_timesteps (`int`, *optional*):
-            K: the unbiased K-term estimate of the bound per image (K model calls per image); None or 0: all T terms.
-        num_samples (`int`, defaults to 1000):
-            Samples generated for FID, KID and precision/recall; 0 skips them.
-        num_inference_steps (`int`, *optional*):
-            Sampling steps; the full chain of T steps by default.
-        feature_extractor (`str` or `torch.nn.Module`, defaults to `"digits"`):
-            `"digits"`, `"inception"` (see `evaluation.features`) or a module mapping uint8 images to features.
-        num_reference_images (`int`, *optional*):
-            How many real images (the first ones) the samples are compared with; all by default. Their features are
-            cached (see `evaluation.reference_features`).
-        dataset_id (`str`, defaults to `"images"`):
-            The dataset's name in the reference-feature cache.
-        batch_size (`int`, defaults to 256):
-            Images per model call.
-        seed (`int`, defaults to 0):
-            Seed of the noise of the bound, of the samples and of KID's subsets.
-        accelerator (`accelerate.Accelerator`, *optional*):
-            Split the images and samples across its processes; every process returns the same dict. Call it on every
-            process.
-        show_progress (`bool`, defaults to `False`):
-            Show the sampling progress bars.
-
-    Returns:
-        `dict[str, float]`: `bits_per_dim`, `bits_per_dim_stderr` (standard error over images, which includes the
-        timestep sampling of an estimate), `prior_bpd` (L_T), `fid`, `kid_mean`, `kid_std`, `precision`, `recall`,
-        `num_images`, `num_samples` (keys of skipped parts are absent).
-    """
-    unet = pipeline.unet
-    T = pipeline.scheduler.config.num_train_timesteps
-    metrics: dict[str, float] = {}
-    with _eval_mode(unet):  # evaluate runs inside the training loop: no dropout here, training mode restored after
-        if num_images > 0:
-            data = _as_pixels(images, num_images)
-            indices, sizes = _shard(data.shape[0], accelerator)
-            output = bits_per_dim(
-                unet,
-                pipeline.scheduler,
-                data[indices.start : indices.stop].float() / 127.5 - 1.0,
-                num_timesteps=bpd_timesteps or None,
-                generator=_stream_generators(seed, _BPD_STREAM, indices),
-                batch_size=batch_size,
-            )
-            total = _gather(output.total, accelerator, sizes).double()
-            prior = _gather(output.prior, accelerator, sizes).double()
-            stderr = total.std().item() / math.sqrt(total.numel()) if total.numel() > 1 else float("nan")
-            metrics.update(
-                bits_per_dim=total.mean().item(),
-                bits_per_dim_stderr=stderr,
-                prior_bpd=prior.mean().item(),
-                num_images=total.numel(),
-            )
-
-        if num_samples > 0:
-            extractor = (
-                load_feature_extractor(feature_extractor) if isinstance(feature_extractor, str) else feature_extractor
-            )
-            extractor_name = (
-                feature_extractor if isinstance(feature_extractor, str) else type(feature_extractor).__name__
-            )
-            extractor.to(unet.device)
-            indices, sizes = _shard(num_samples, accelerator)
-            samples = _generate(
-                pipeline,
-                indices,
-                seed=seed,
-                num_inference_steps=num_inference_steps or T,
-                batch_size=batch_size,
-                show_progress=show_progress,
-            )
-            fake = _gather(extract_features(extractor, samples, batch_size), accelerator, sizes)
-            real_images = _as_pixels(images, num_reference_images)
-            # With several processes the main one fills the reference cache first and the others read it.
-            first = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
-            with first:
-                real = reference_features(
-                    extractor, real_images, extractor_name=extractor_name, dataset_id=dataset_id, batch_size=batch_size
-                )
-            metrics.update(
-                sample_quality_metrics(real, fake, seed=seed, device=unet.device), num_samples=fake.shape[0]
-            )
-    return metrics
 
 
 # Plots ----------------------------------------------------------------------------------------------------------------
@@ -355,11 +176,11 @@ def write_plots(
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
     T = scheduler.config.num_train_timesteps
-    data = images[:rate_distortion_images].float() / 127.5 - 1.0
+    data = pixels_to_model_range(images[:rate_distortion_images])
 
     # 1. Rate-distortion and per-term bits/dim: one exact pass over all T terms.
     bpd = bits_per_dim(
-        unet, scheduler, data, generator=_stream_generators(seed, _BPD_STREAM, range(len(data))), batch_size=batch_size
+        unet, scheduler, data, generator=stream_generators(seed, BPD_STREAM, range(len(data))), batch_size=batch_size
     )
     curve = rate_distortion_curve(bpd)
     plot_rate_distortion(curve, T, output_dir / "rate_distortion.png")
@@ -368,7 +189,7 @@ def write_plots(
     # 2. Progressive generation: x_0 predicted along four sampling chains (rows), over time (columns).
     trajectory = pipeline(
         batch_size=4,
-        generator=_stream_generators(seed, _SAMPLE_STREAM, range(4)),
+        generator=stream_generators(seed, SAMPLE_STREAM, range(4)),
         num_inference_steps=num_inference_steps or T,
         output_type="pt",
         return_x0_trajectory=True,
@@ -379,13 +200,13 @@ def write_plots(
     #    Fig. 9; t = 500 of 1000 is Fig. 8), the two sources at both ends.
     if interpolation_timesteps is None:
         interpolation_timesteps = sorted({max(T // d - 1, 0) for d in (20, 4, 2)})
-    pair = images[:2].float() / 127.5 - 1.0
+    pair = pixels_to_model_range(images[:2])
     rows = []
     for t in interpolation_timesteps:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         mixed = interpolate(unet, scheduler, pair[0], pair[-1], t=t, generator=generator).cpu()
         rows.append(torch.cat([pair[:1], mixed, pair[-1:]]))
-    _grid((torch.stack(rows) + 1) / 2).save(output_dir / "interpolation.png")
+    _grid(model_range_to_unit(torch.stack(rows))).save(output_dir / "interpolation.png")
 
     return {
         "rate_distortion": {
@@ -418,18 +239,8 @@ def _finite_or_null(value):
 def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
     """The flags in `argv` (`sys.argv[1:]` by default), or a single JSON or YAML file that holds them."""
     parser = HfArgumentParser(EvaluationArguments, description=__doc__.split("\n\n")[0].strip())
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = os.path.abspath(argv[0])
-        (args,) = parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags_or_file(parser, argv)
     return args
-
-
-def reference_id(dataset_name: str | None, train_data_dir: str | None, config_name: str | None, split: str) -> str:
-    """The name under which a dataset split's reference features are cached (training and this script share it)."""
-    return f"{dataset_name or train_data_dir or 'digits'}-{config_name or ''}-{split}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -447,8 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The main process fills the caches first (the feature network, downloads, the decoded images); the others read.
     with accelerator.main_process_first():
         # The feature network first: a missing one fails in seconds, not after the bound.
-        embedded = args.dataset_name is None and args.train_data_dir is None
-        extractor_name = args.feature_extractor or ("digits" if embedded else "inception")
+        extractor_name = args.feature_extractor or default_feature_extractor(args.dataset_name, args.train_data_dir)
         extractor = load_feature_extractor(extractor_name) if args.num_samples > 0 else None
 
         pipeline = DDPMPaperPipeline.from_pretrained(args.pipeline).to(device)
@@ -491,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     curves = write_plots(
         pipeline,
-        _as_pixels(pixels, max(args.rate_distortion_images, 2)),
+        as_pixels(pixels, max(args.rate_distortion_images, 2)),
         output_dir,
         rate_distortion_images=args.rate_distortion_images,
         num_inference_steps=args.num_inference_steps,

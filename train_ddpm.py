@@ -34,10 +34,8 @@ from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 
-from evaluate_ddpm import evaluate, reference_id
-from evaluation import FeatureExtractorUnavailableError, load_feature_extractor
-from pipelines import DDPMPaperPipeline, ModelCardInfo, PublishError
-from pipelines.pipeline_ddpm_paper import image_grid
+from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
+from pipelines import DDPMPaperPipeline, ModelCardInfo, PublishError, image_grid
 from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
 from training.checkpointing import (
@@ -156,7 +154,7 @@ def evaluate_model(
     accelerator: Accelerator,
 ) -> dict[str, float]:
     """
-    `evaluate_ddpm.evaluate` of the EMA weights (the model's, without EMA) on the held-out uint8 images. Every process
+    `evaluation.evaluate` of the EMA weights (the model's, without EMA) on the held-out uint8 images. Every process
     calls it: the images and samples are split across them, and each one gets the same metrics.
     """
     pipeline = ema_pipeline(model, ema, noise_scheduler)

@@ -1,5 +1,5 @@
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
-"""Sample-quality metrics (FID, KID, precision/recall) over pluggable feature networks."""
+"""The metrics of a DDPM: bits/dim and sample quality (FID, KID, precision/recall) over pluggable feature networks."""
 
 from .features import (
     FEATURE_EXTRACTORS,
@@ -10,6 +10,7 @@ from .features import (
     load_feature_extractor,
     weights_digest,
 )
+from .pipeline_metrics import evaluate, reference_id
 from .sample_quality import (
     frechet_distance,
     kernel_distance,
@@ -23,12 +24,14 @@ __all__ = [
     "DigitsFeatures",
     "FeatureExtractorUnavailableError",
     "cache_dir",
+    "evaluate",
     "extract_features",
     "frechet_distance",
     "kernel_distance",
     "load_feature_extractor",
     "precision_recall",
     "reference_features",
+    "reference_id",
     "sample_quality_metrics",
     "weights_digest",
 ]

@@ -36,7 +36,7 @@ class _Precomputed(torch.nn.Module):
 
 
 def _metric_kwargs() -> dict:
-    # Each process holds every feature already (see evaluate_ddpm.evaluate): no all-reduce at compute time.
+    # Each process holds every feature already (see evaluation.evaluate): no all-reduce at compute time.
     return {"sync_on_compute": False}
 
 

@@ -6,8 +6,9 @@ Pure functions of `(unet, scheduler, images)`, images being float tensors in [-1
 
 - `bits_per_dim`: the negative log-likelihood bound L = L_T + sum_{t>1} L_{t-1} + L_0 of Eq. 5 in bits/dim (Table 2),
   summed over all T terms or estimated without bias from K of them;
-- `rate_distortion` / `rate_distortion_curve`: progressive lossy compression (Sec. 4.3, Fig. 5, Table 4);
-- `interpolate`: interpolation in x_t decoded by the reverse process (Sec. 4.3, Fig. 8).
+- `rate_distortion` / `rate_distortion_curve`: progressive lossy compression (Sec. 4.3, Fig. 5, Table 4).
+
+(Interpolation, Sec. 4.3 and Fig. 8, is not a likelihood: it lives in `interpolation.py`.)
 
 Timesteps are 0-based as in the scheduler: model timestep t takes x_{t+1} of the paper, and term t is the paper's
 L_t (t = 0 the decoder -log p(x_0|x_1), t > 0 the KL of x_t given x_{t+1}).
@@ -28,6 +29,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from schedulers import DDPMPaperScheduler
 from schedulers.scheduling_ddpm_paper import _mean_over_dims
+
+from .utils import as_paper_scheduler, model_device_and_dtype
 
 Generator = torch.Generator | list[torch.Generator] | None
 
@@ -75,18 +78,6 @@ class RateDistortionOutput(BaseOutput):
     timesteps: torch.Tensor
     rate: torch.Tensor
     distortion: torch.Tensor
-
-
-def _as_paper_scheduler(scheduler) -> DDPMPaperScheduler:
-    # A stock DDPMScheduler (what an exported folder names) has the same config.
-    return scheduler if isinstance(scheduler, DDPMPaperScheduler) else DDPMPaperScheduler.from_config(scheduler.config)
-
-
-def _device_and_dtype(unet: torch.nn.Module, images: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    parameter = next(unet.parameters(), None)
-    if parameter is None:  # an analytic model without weights
-        return images.device, torch.float32
-    return parameter.device, parameter.dtype
 
 
 def _generator_slice(generator: Generator, batch: slice) -> Generator:
@@ -149,7 +140,7 @@ def bits_per_dim(
     Returns:
         [`BitsPerDimOutput`]: per-image `total`, `prior`, `terms`, `pred_original_sample_mse` and `timesteps`.
     """
-    scheduler = _as_paper_scheduler(scheduler)
+    scheduler = as_paper_scheduler(scheduler)
     num_images = images.shape[0]
     T = scheduler.config.num_train_timesteps
     _check_generator(generator, num_images)
@@ -159,7 +150,7 @@ def bits_per_dim(
         raise ValueError(f"num_timesteps must be between 1 and num_train_timesteps={T}, got {num_timesteps}.")
     else:
         timesteps = _draw_timesteps(generator, num_images, T, num_timesteps)
-    device, dtype = _device_and_dtype(unet, images)
+    device, dtype = model_device_and_dtype(unet, images)
     x0 = images.to(device=device, dtype=torch.float32)
     batch_size = batch_size or num_images
 
@@ -236,65 +227,3 @@ def rate_distortion(
         unet, scheduler, images, generator=generator, batch_size=batch_size, clip_denoised=clip_denoised
     )
     return rate_distortion_curve(bpd, timesteps)
-
-
-def _clone_generator(generator: torch.Generator) -> torch.Generator:
-    clone = torch.Generator(device=generator.device)
-    clone.set_state(generator.get_state())
-    return clone
-
-
-@torch.no_grad()
-def interpolate(
-    unet: torch.nn.Module,
-    scheduler: DDPMPaperScheduler,
-    image_a: torch.Tensor,
-    image_b: torch.Tensor,
-    *,
-    t: int,
-    lambdas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    r"""
-    Interpolation of two images through the diffusion (Sec. 4.3, Fig. 8): encode both with q(x_t|x_0) and the same
-    noise, mix x_t = (1 - lambda) x_t^a + lambda x_t^b, and decode with the reverse process from t down to 0.
-
-    Every lambda is decoded with the same reverse-process noise (copies of one generator state), so the images differ
-    only through lambda.
-
-    Args:
-        unet (`torch.nn.Module`): The noise predictor, `unet(x_t, t).sample`.
-        scheduler ([`DDPMPaperScheduler`] or `DDPMScheduler`): The diffusion; it is not modified.
-        image_a, image_b (`torch.Tensor` of shape `(channels, height, width)` or `(1, channels, height, width)`):
-            The two images, in [-1, 1].
-        t (`int`): The 0-based timestep to encode to; the paper's Fig. 8 uses 500 steps of 1000 (t = 499).
-        lambdas (`Sequence[float]`, defaults to 0, 0.1, ..., 1): The mixing weights of `image_b`.
-        generator (`torch.Generator`, *optional*): Draws the encoding noise, then (continued) the decoding noise.
-
-    Returns:
-        `torch.Tensor` of shape `(len(lambdas), channels, height, width)`: the decoded images in [-1, 1].
-    """
-    T = scheduler.config.num_train_timesteps
-    if not 0 <= t < T:
-        raise ValueError(f"t must be a 0-based timestep below num_train_timesteps={T}, got {t}.")
-    device, dtype = _device_and_dtype(unet, image_a)
-    pair = torch.stack([image_a.reshape(image_a.shape[-3:]), image_b.reshape(image_b.shape[-3:])])
-    pair = pair.to(device=device, dtype=torch.float32)
-    if generator is None:
-        generator = torch.Generator(device="cpu")
-        generator.seed()
-
-    # 1. Encode both images with the same draw of q(x_t|x_0) (Eq. 4).
-    noise = randn_tensor((1, *pair.shape[1:]), generator=generator, device=device, dtype=torch.float32)
-    xt = scheduler.add_noise(pair, noise.expand_as(pair), torch.full((2,), t, device=device, dtype=torch.long))
-    # 2. Mix linearly in x_t.
-    weights = torch.as_tensor(lambdas, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
-    sample = (1 - weights) * xt[0] + weights * xt[1]
-    # 3. Decode with the full reverse chain t, t-1, ..., 0 (Algorithm 2 from x_t), the same noise for every lambda.
-    decoder = scheduler.__class__.from_config(scheduler.config)  # leaves the caller's sampling chain alone
-    decoder.set_timesteps(timesteps=list(range(t, -1, -1)))
-    generators = [_clone_generator(generator) for _ in range(len(lambdas))]
-    for step_t in decoder.timesteps.tolist():
-        model_output = unet(sample.to(dtype), step_t).sample.float()
-        sample = decoder.step(model_output, step_t, sample, generator=generators).prev_sample
-    return sample.clamp(-1.0, 1.0)

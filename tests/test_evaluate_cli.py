@@ -1,4 +1,4 @@
-"""evaluate_ddpm.py end to end on a tiny exported pipeline, and its `evaluate` function."""
+"""evaluate_ddpm.py end to end on a tiny exported pipeline, and `evaluation.evaluate`, which it calls."""
 
 import json
 import math
@@ -12,8 +12,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from offline_inception import torch_fidelity_without_cached_weights
 
 import evaluate_ddpm
-from evaluation import FeatureExtractorUnavailableError
+from evaluation import FEATURE_EXTRACTORS, FeatureExtractorUnavailableError, evaluate
 from pipelines import DDPMPaperPipeline
+from training.args import FEATURE_EXTRACTOR_NAMES, default_feature_extractor
 
 T = 20
 PLOTS = ["rate_distortion.png", "bpd_terms.png", "progressive.png", "interpolation.png"]
@@ -101,12 +102,12 @@ def test_inception_features_offline_fail_before_any_work(tmp_path, pipeline_fold
 def test_evaluate_takes_a_uint8_tensor_and_skips_what_is_not_asked(pipeline_folder, digits_cache):
     pipeline = DDPMPaperPipeline.from_pretrained(pipeline_folder)
     pixels = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    only_bpd = evaluate_ddpm.evaluate(pipeline, pixels, num_images=4, bpd_timesteps=3, num_samples=0)
+    only_bpd = evaluate(pipeline, pixels, num_images=4, bpd_timesteps=3, num_samples=0)
     assert set(only_bpd) == {"bits_per_dim", "bits_per_dim_stderr", "prior_bpd", "num_images"}
     assert only_bpd["num_images"] == 4
     # The same seed gives the same numbers: every image has its own random stream.
-    assert evaluate_ddpm.evaluate(pipeline, pixels, num_images=4, bpd_timesteps=3, num_samples=0) == only_bpd
-    only_samples = evaluate_ddpm.evaluate(pipeline, pixels, num_images=0, num_samples=6, num_inference_steps=5)
+    assert evaluate(pipeline, pixels, num_images=4, bpd_timesteps=3, num_samples=0) == only_bpd
+    only_samples = evaluate(pipeline, pixels, num_images=0, num_samples=6, num_inference_steps=5)
     assert set(only_samples) == {"fid", "kid_mean", "kid_std", "precision", "recall", "num_samples"}
 
 
@@ -130,3 +131,12 @@ def test_a_single_config_file_argument_is_parsed_from_argv(tmp_path, monkeypatch
     assert (args.pipeline, args.num_samples, args.interpolation_timesteps) == ("some/pipeline", 7, [1, 5])
     assert args.center_crop is True
     assert evaluate_ddpm.parse_args(["--pipeline", "flags/too"]).pipeline == "flags/too"
+
+
+def test_training_flags_offer_every_feature_extractor_and_the_same_default():
+    # training/ does not import evaluation/: its argparse choices are plain names, kept equal to the registry here.
+    assert sorted(FEATURE_EXTRACTOR_NAMES) == sorted(FEATURE_EXTRACTORS)
+    assert default_feature_extractor(None, None) == "digits"  # the embedded digits
+    assert (
+        default_feature_extractor("uoft-cs/cifar10", None) == default_feature_extractor(None, "images") == "inception"
+    )

@@ -32,7 +32,9 @@ def test_imports_run_one_way(room, path):
     for imported in first_party_imports(path) - {room}:
         assert imported not in SCRIPTS, f"{path.name} imports the script {imported}"
         if room in LEVEL:
-            assert LEVEL[imported] < LEVEL[room], f"{room}/{path.name} imports {imported}, a room at its level or above"
+            assert LEVEL[imported] < LEVEL[room], (
+                f"{room}/{path.name} imports {imported}, a room at its level or above"
+            )
 
 
 def test_the_check_sees_a_wrong_way_import(tmp_path):

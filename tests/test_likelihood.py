@@ -13,7 +13,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from pipelines.likelihood import bits_per_dim, interpolate, rate_distortion, rate_distortion_curve
+from pipelines.interpolation import interpolate
+from pipelines.likelihood import bits_per_dim, rate_distortion, rate_distortion_curve
 from schedulers import DDPMPaperScheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +281,8 @@ from accelerate import Accelerator
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from pipelines.likelihood import bits_per_dim
 from schedulers import DDPMPaperScheduler
-from evaluate_ddpm import evaluate, main
+from evaluation import evaluate
+from evaluate_ddpm import main
 sys.path.insert(0, sys.argv[2])
 from test_likelihood import CLI_FLAGS, ZeroNoisePredictor, tiny_unet, one_image, two_process_inputs
 
@@ -317,7 +319,8 @@ def two_process_inputs():
 
 
 def test_bits_per_dim_evaluate_and_the_cli_are_the_same_on_one_and_two_processes(tmp_path, digits_cache):
-    from evaluate_ddpm import evaluate, main
+    from evaluate_ddpm import main
+    from evaluation import evaluate
 
     script, result_file = tmp_path / "two_processes.py", tmp_path / "result.json"
     script.write_text(TWO_PROCESS_SCRIPT)

@@ -245,7 +245,7 @@ def test_push_with_a_bare_name_writes_the_full_repo_id_into_the_card(local_hub):
 
 
 def test_image_grid_is_near_square_and_upscaled():
-    from pipelines.pipeline_ddpm_paper import image_grid
+    from pipelines import image_grid
 
     images = [Image.new("L", (8, 8), 10 * i) for i in range(10)]
     grid = image_grid(images)

@@ -22,11 +22,13 @@ from typing import Any, Literal
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
-from evaluation import FEATURE_EXTRACTORS
 from training.models import MODEL_PRESETS
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
+# The names of `evaluation.FEATURE_EXTRACTORS`, as plain argparse choices: training/ does not import evaluation/
+# (tests/test_evaluate_cli.py keeps the two equal).
+FEATURE_EXTRACTOR_NAMES = ("digits", "inception")
 
 # Settings of the run with no dataset given (the embedded 8x8 digits, see README): the `tiny` net (0.7M parameters) at
 # the digits' native 8x8 resolution, 100 epochs of batch 64 (2,900 steps, ~0.09 s each on one CPU core: about 5
@@ -209,7 +211,7 @@ class TrainingArguments:
     hub_private_repo: bool = _arg(False, help="Create the Hub repo as private.")
     local_rank: int = _arg(-1, help="Accepted for compatibility; accelerate sets the rank.")
 
-    # Evaluation during training (evaluate_ddpm.evaluate on held-out images, with the EMA weights) ----------------
+    # Evaluation during training (evaluation.evaluate on held-out images, with the EMA weights) ------------------
     eval_steps: int | None = _arg(
         help="(new) Every this many optimizer steps, and at the end of training, compute bits/dim and sample quality "
         "(FID, KID, precision/recall) on the held-out images, with the EMA weights, in model calls of --train_batch_size images; logged as eval/*, "
@@ -231,7 +233,7 @@ class TrainingArguments:
     eval_feature_extractor: str | None = _arg(
         help="(new) The feature network of FID/KID/precision/recall. Default: digits for the embedded digits, "
         "inception otherwise (checked at start: an unavailable one fails before training).",
-        choices=list(FEATURE_EXTRACTORS),
+        choices=list(FEATURE_EXTRACTOR_NAMES),
     )
     eval_num_inference_steps: int | None = _arg(
         help="(new) Sampling steps of the evaluation samples. Default: --ddpm_num_inference_steps."
@@ -250,6 +252,11 @@ def uses_embedded_dataset(args: TrainingArguments) -> bool:
 def image_channels(args: TrainingArguments) -> int:
     """1 for the embedded (grayscale) digits; 3 (RGB) for every other dataset, as train_unconditional.py."""
     return 1 if uses_embedded_dataset(args) else 3
+
+
+def default_feature_extractor(dataset_name: str | None, train_data_dir: str | None) -> str:
+    """The feature network of FID/KID/precision/recall: `digits` for the embedded digits, `inception` otherwise."""
+    return "digits" if dataset_name is None and train_data_dir is None else "inception"
 
 
 def resolve_args(args: TrainingArguments) -> TrainingArguments:
@@ -278,11 +285,11 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
     args = dataclasses.replace(args, **updates)
     if args.use_ema is None:
         args = dataclasses.replace(args, use_ema=args.model_preset is not None)
-    extractor = "digits" if uses_embedded_dataset(args) else "inception"
     args = dataclasses.replace(
         args,
         eval_steps=args.eval_steps or None,
-        eval_feature_extractor=args.eval_feature_extractor or extractor,
+        eval_feature_extractor=args.eval_feature_extractor
+        or default_feature_extractor(args.dataset_name, args.train_data_dir),
         eval_num_inference_steps=args.eval_num_inference_steps or args.ddpm_num_inference_steps,
     )
 
@@ -347,21 +354,34 @@ def make_parser() -> HfArgumentParser:
     return parser
 
 
+def parse_flags_or_file(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
+    r"""
+    The dataclasses of `parser` from the flags in `argv` (`sys.argv[1:]` by default), or from a single JSON or YAML
+    file with the same keys (`train_ddpm.py config.yaml`, `evaluate_ddpm.py evaluation.json`).
+
+    Args:
+        parser (`transformers.HfArgumentParser`): The parser of the script's argument dataclasses.
+        argv (`list[str]`, *optional*): The arguments; `sys.argv[1:]` when `None`.
+
+    Returns:
+        `tuple`: One instance of each of the parser's dataclasses.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
+        if argv[0].endswith(".json"):
+            return parser.parse_json_file(argv[0])
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
 def parse_args(argv: list[str] | None = None) -> TrainingArguments:
     r"""
     Parse flags (or a single JSON / YAML file with the same keys) into a resolved `TrainingArguments`.
 
     Argument errors print the usage and the problem, and exit with status 2 (argparse's convention).
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
-        if argv[0].endswith(".json"):
-            (args,) = parser.parse_json_file(argv[0])
-        else:
-            (args,) = parser.parse_yaml_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    (args,) = parse_flags_or_file(parser, argv)
     try:
         return resolve_args(args)
     except ArgumentError as error:

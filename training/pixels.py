@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from PIL import Image
 
+from pipelines import pixels_to_model_range
 from training.data import ImageDataError, find_image_column, load_image_dataset
 
 
@@ -274,7 +275,7 @@ def images_to_model_input(
     Returns:
         `torch.Tensor`: float32, `pixels / 127.5 - 1`, same shape and device.
     """
-    images = pixels_uint8.to(torch.float32) / 127.5 - 1.0
+    images = pixels_to_model_range(pixels_uint8)
     if not random_flip:
         return images
     device = generator.device if generator is not None else images.device

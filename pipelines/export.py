@@ -1,0 +1,278 @@
+# Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
+"""
+Export of a [`DDPMPaperPipeline`] as a folder that stock `diffusers.DDPMPipeline` loads, its model card, and
+publishing that folder to the Hugging Face Hub.
+
+The pipeline's `save_pretrained` and `push_to_hub` call these functions; they read the pipeline's `unet` and
+`scheduler` and call it for the card's sample grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import PIL.Image
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+
+from .utils import image_grid
+
+if TYPE_CHECKING:
+    from .pipeline_ddpm_paper import DDPMPaperPipeline
+
+SAMPLE_GRID_FILE = "samples.png"
+CARD_TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm", "ddpm-paper"]
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A denoising diffusion probabilistic model ([Ho et al. 2020](https://arxiv.org/abs/2006.11239)) for unconditional
+image generation{% if dataset_name %}, trained on [{{ dataset_name }}]({{ dataset_link }}){% endif %}:
+{{ resolution }}x{{ resolution }} images with {{ channels }} channel{{ "s" if channels > 1 else "" }},
+a `UNet2DModel` of {{ num_parameters }} parameters and {{ num_train_timesteps }} diffusion steps
+({{ beta_schedule }} betas, `{{ variance_type }}` variance, `{{ prediction_type }}` prediction).
+
+![Samples]({{ sample_grid }})
+
+## Usage
+
+The folder is a stock `diffusers` pipeline:
+
+```python
+from diffusers import DDPMPipeline
+
+pipeline = DDPMPipeline.from_pretrained("{{ repo_id }}")
+images = pipeline(batch_size=16).images
+```
+{% if metrics %}
+## Evaluation
+
+| metric | value |
+| --- | --- |
+{% for name, value in metrics.items() %}| {{ name }} | {{ value }} |
+{% endfor %}{% endif %}{% if command or training_args %}
+## Training
+{% if command %}
+```bash
+{{ command }}
+```
+{% endif %}{% if training_args %}
+| setting | value |
+| --- | --- |
+{% for name, value in training_args.items() %}| `{{ name }}` | `{{ value }}` |
+{% endfor %}{% endif %}{% endif %}"""
+
+
+class PublishError(RuntimeError):
+    """Publishing to the Hub failed; the message says why, and the local export is left as it was."""
+
+
+@dataclass
+class ModelCardInfo:
+    """
+    What the model card of an export says beyond what the pipeline itself knows.
+
+    Args:
+        dataset_name (`str`, *optional*): The dataset's Hub id or local name (linked when it is a Hub id).
+        training_args (`dict`, *optional*): The resolved training settings, shown as a table.
+        metrics (`dict`, *optional*): Evaluation results, e.g. `{"bits_per_dim": 3.75, "fid": 3.17}`.
+        sample_images (`list[PIL.Image.Image]`, *optional*): Samples for the grid; drawn at export when absent.
+        command (`str`, *optional*): The command line that trained the model.
+        license (`str`, defaults to `"apache-2.0"`): The license in the card's metadata.
+        num_samples (`int`, defaults to 16): How many samples to draw when `sample_images` is absent.
+        num_inference_steps (`int`, *optional*): Steps for those samples (defaults to the full chain).
+        extra_tags (`list[str]`, defaults to `[]`): Tags added to the card's metadata.
+    """
+
+    dataset_name: str | None = None
+    training_args: dict[str, Any] | None = None
+    metrics: dict[str, float] | None = None
+    sample_images: list[PIL.Image.Image] | None = None
+    command: str | None = None
+    license: str = "apache-2.0"
+    num_samples: int = 16
+    num_inference_steps: int | None = None
+    extra_tags: list[str] = field(default_factory=list)
+
+
+def to_stock_pipeline(pipeline: DDPMPaperPipeline) -> DDPMPipeline:
+    """The same model as a stock `DDPMPipeline` with a `DDPMScheduler` of the same betas."""
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.to_diffusers_config())
+    return DDPMPipeline(unet=pipeline.unet, scheduler=scheduler)
+
+
+def save_stock_pipeline(
+    pipeline: DDPMPaperPipeline,
+    save_directory: str | os.PathLike,
+    card: ModelCardInfo | None = None,
+    safe_serialization: bool = True,
+    repo_id: str | None = None,
+    **kwargs,
+) -> None:
+    """
+    Writes a folder that stock `diffusers.DDPMPipeline.from_pretrained` loads where this project is not installed:
+    `model_index.json` naming diffusers' classes, `unet/` in safetensors, `scheduler/` as a `DDPMScheduler`
+    config (a schedule it lacks as `trained_betas`), and a model card `README.md` with a sample grid.
+
+    Args:
+        pipeline ([`DDPMPaperPipeline`]): The model to export.
+        save_directory (`str` or `os.PathLike`): The folder to write.
+        card ([`ModelCardInfo`], *optional*): Dataset, settings, metrics and samples for the model card.
+        safe_serialization (`bool`, defaults to `True`): Must stay `True`: exports are safetensors.
+        repo_id (`str`, *optional*): The Hub id shown in the card's usage snippet; the folder's name by default.
+        kwargs: Passed to `DDPMPipeline.save_pretrained`.
+    """
+    if not safe_serialization:
+        raise ValueError("Exports are always safetensors; pickled weights are not portable.")
+    if kwargs.pop("push_to_hub", False):
+        raise ValueError("Use DDPMPaperPipeline.push_to_hub(repo_id, card=...) to publish.")
+    save_directory = Path(save_directory)
+    to_stock_pipeline(pipeline).save_pretrained(save_directory, safe_serialization=True, **kwargs)
+    write_model_card(pipeline, save_directory, card or ModelCardInfo(), repo_id or save_directory.name)
+
+
+def write_model_card(pipeline: DDPMPaperPipeline, save_directory: Path, card: ModelCardInfo, repo_id: str) -> None:
+    """
+    Writes `README.md` (the card: metadata, description, usage, metrics, training settings) and its sample grid.
+
+    Args:
+        pipeline ([`DDPMPaperPipeline`]): The model; it draws the samples when `card.sample_images` is absent.
+        save_directory (`Path`): The export folder.
+        card ([`ModelCardInfo`]): What the card says beyond the pipeline's own config.
+        repo_id (`str`): The model's name and the id in the usage snippet.
+    """
+    images = card.sample_images
+    if images is None:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        steps = card.num_inference_steps or pipeline.scheduler.config.num_train_timesteps
+        images = pipeline(batch_size=card.num_samples, generator=generator, num_inference_steps=steps).images
+    image_grid(images).save(save_directory / SAMPLE_GRID_FILE)
+
+    is_hub_dataset = card.dataset_name is not None and not os.path.exists(card.dataset_name)
+    eval_results = None
+    if card.metrics:
+        eval_results = [
+            EvalResult(
+                task_type="unconditional-image-generation",
+                dataset_type=card.dataset_name or "unknown",
+                dataset_name=card.dataset_name or "unknown",
+                metric_type=name,
+                metric_value=value,
+            )
+            for name, value in card.metrics.items()
+        ]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license=card.license,
+        tags=CARD_TAGS + list(card.extra_tags),
+        datasets=[card.dataset_name] if is_hub_dataset else None,
+        pipeline_tag="unconditional-image-generation",
+        model_name=repo_id,
+        eval_results=eval_results,
+    )
+    config = pipeline.scheduler.config
+    unet = pipeline.unet
+    model_card = ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=repo_id,
+        repo_id=repo_id,
+        dataset_name=card.dataset_name,
+        dataset_link=f"https://huggingface.co/datasets/{card.dataset_name}" if is_hub_dataset else card.dataset_name,
+        resolution=unet.config.sample_size,
+        channels=unet.config.in_channels,
+        num_parameters=f"{sum(p.numel() for p in unet.parameters()):,}",
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule if config.trained_betas is None else "custom",
+        variance_type=config.variance_type,
+        prediction_type=config.prediction_type,
+        sample_grid=SAMPLE_GRID_FILE,
+        metrics=card.metrics,
+        command=card.command,
+        training_args=card.training_args,
+    )
+    model_card.save(save_directory / "README.md")
+
+
+def push_to_hub(
+    pipeline: DDPMPaperPipeline,
+    repo_id: str,
+    card: ModelCardInfo | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    create_pr: bool = False,
+    **kwargs,
+) -> str:
+    """
+    Exports to a temporary folder and uploads it with `huggingface_hub`: creates the repo if missing, then one
+    commit. The token comes from `token` or the usual places (`HF_TOKEN`, `hf auth login`) and is never printed.
+    A failure raises [`PublishError`] saying why; nothing local is touched.
+
+    Args:
+        pipeline ([`DDPMPaperPipeline`]): The model to publish.
+        repo_id (`str`): The Hub repo, `"user/name"` or a bare `"name"` in the token's namespace.
+        card ([`ModelCardInfo`], *optional*): What the model card says (see [`save_stock_pipeline`]).
+        commit_message (`str`, *optional*): Defaults to `"Upload DDPM pipeline"`.
+        private (`bool`, *optional*): Create the repo as private (an existing repo keeps its visibility).
+        token (`str`, *optional*): A Hub token with write access.
+        create_pr (`bool`, defaults to `False`): Open a pull request instead of committing to main.
+        kwargs: Passed to [`save_stock_pipeline`].
+
+    Returns:
+        `str`: The URL of the commit.
+    """
+    api = HfApi(token=token)
+    with _publish_errors(repo_id, token):
+        # The full id ("user/name" for a bare "name") goes into the card's usage snippet.
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        save_stock_pipeline(pipeline, folder, card=card, repo_id=repo_id, **kwargs)
+        with _publish_errors(repo_id, token):
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload DDPM pipeline",
+                create_pr=create_pr,
+            )
+    return commit.commit_url
+
+
+@contextlib.contextmanager
+def _publish_errors(repo_id: str, token: str | None):
+    """Turns what a Hub call raises into a [`PublishError`] that says why, with the token redacted."""
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        raise PublishError(
+            f"Publishing to the Hub repo {repo_id!r} failed (HTTP {status}): "
+            f"{error.server_message or _redact(str(error), token)}.{_HTTP_HINTS.get(status, '')} "
+            "Nothing local was changed; publish again once this is fixed."
+        ) from None
+    except Exception as error:  # network and offline errors come from several libraries
+        raise PublishError(
+            f"Publishing to the Hub repo {repo_id!r} failed: {type(error).__name__}: "
+            f"{_redact(str(error), token)}. Check the network and HF_ENDPOINT / HF_HUB_OFFLINE; nothing local was "
+            "changed."
+        ) from None
+
+
+_HTTP_HINTS = {
+    401: " Check the token (--hub_token, HF_TOKEN or `hf auth login`).",
+    403: " The token has no write access to that namespace.",
+}
+
+
+def _redact(message: str, token: str | None) -> str:
+    return message.replace(token, "***") if token else message
