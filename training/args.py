@@ -23,10 +23,8 @@ from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
 from evaluation import FEATURE_EXTRACTORS
+from schedulers import BETA_SCHEDULES, VARIANCE_TYPES
 from training.models import MODEL_PRESETS
-
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
 
 # Settings of the run with no dataset given (the embedded 8x8 digits, see README): the `tiny` net (0.7M parameters) at
 # the digits' native 8x8 resolution, 100 epochs of batch 64 (2,900 steps, ~0.09 s each on one CPU core: about 5
@@ -120,7 +118,8 @@ class TrainingArguments:
         "fixed_small",
         help="(new) sigma_t^2 of the reverse process: fixed_small (the paper), fixed_large, their _log variants, or "
         "learned_range (Nichol & Dhariwal 2021: twice the output channels, trained with L_simple + L_vlb/1000).",
-        choices=list(VARIANCE_TYPES),
+        # `learned` (the extra channels are sigma_t^2 itself) has no training loss in train_ddpm.py.
+        choices=[v for v in VARIANCE_TYPES if v != "learned"],
     )
     ddpm_num_steps: int = _arg(1000, help="T, the number of diffusion steps.")
     ddpm_num_inference_steps: int = _arg(1000, help="Sampling steps for the sample grids.")
