@@ -117,7 +117,7 @@ def diffusion_loss(
         loss = F.mse_loss(prediction, noise_scheduler.get_velocity(x0, noise, timesteps).float())
     if noise_scheduler.config.variance_type == "learned_range":
         frozen_mean = torch.cat([prediction.detach(), model_output[:, channels:].float()], dim=1)
-        vlb = noise_scheduler.vlb_terms(frozen_mean, x0.float(), xt.float(), timesteps)["output"]
+        vlb = noise_scheduler.vlb_terms(frozen_mean, x0.float(), xt.float(), timesteps).bpd
         loss = loss + vlb.mean() * noise_scheduler.config.num_train_timesteps / 1000.0
     return loss
 

@@ -168,8 +168,8 @@ def bits_per_dim(
             xt = scheduler.add_noise(x0[batch], noise, t)  # x_t ~ q(x_t|x_0), Eq. 4
             model_output = unet(xt.to(dtype), t).sample.float()
             vlb = scheduler.vlb_terms(model_output, x0[batch], xt, t, clip_denoised=clip_denoised)
-            drawn_terms[batch, k] = vlb["output"].cpu()
-            drawn_mse[batch, k] = _mean_over_dims((vlb["pred_original_sample"] - x0[batch]) ** 2).cpu()
+            drawn_terms[batch, k] = vlb.bpd.cpu()
+            drawn_mse[batch, k] = _mean_over_dims((vlb.pred_original_sample - x0[batch]) ** 2).cpu()
 
     prior = scheduler.prior_bpd(x0).cpu()  # L_T
     total = prior + drawn_terms.sum(dim=1) * (T / num_drawn)  # T/K: each term is drawn with probability K/T

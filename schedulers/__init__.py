@@ -1,3 +1,17 @@
-from .scheduling_ddpm_paper import DDPMPaperScheduler, DDPMPaperSchedulerOutput
+from .scheduling_ddpm_paper import (
+    BETA_SCHEDULES,
+    VARIANCE_TYPES,
+    DDPMPaperMeanVarianceOutput,
+    DDPMPaperScheduler,
+    DDPMPaperSchedulerOutput,
+    DDPMPaperVLBOutput,
+)
 
-__all__ = ["DDPMPaperScheduler", "DDPMPaperSchedulerOutput"]
+__all__ = [
+    "BETA_SCHEDULES",
+    "VARIANCE_TYPES",
+    "DDPMPaperMeanVarianceOutput",
+    "DDPMPaperScheduler",
+    "DDPMPaperSchedulerOutput",
+    "DDPMPaperVLBOutput",
+]

@@ -9,7 +9,7 @@ variational bound, with coefficients computed once in float64.
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad"]
+VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
+BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
 
 # Schedules DDPMScheduler builds itself; any other one is exported to it as `trained_betas`.
 DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
@@ -40,6 +42,44 @@ class DDPMPaperSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
+
+
+@dataclass
+class DDPMPaperMeanVarianceOutput(BaseOutput):
+    """
+    Output of [`DDPMPaperScheduler.p_mean_variance`]: the Gaussian p_theta(x_{t-1}|x_t). Every field has x_t's shape.
+
+    Args:
+        mean (`torch.Tensor`):
+            mu_theta(x_t, t); Eq. 11 for epsilon prediction without clipping.
+        variance (`torch.Tensor`):
+            sigma_t^2 of the configured `variance_type`.
+        log_variance (`torch.Tensor`):
+            log sigma_t^2 (finite at t = 0, where beta-tilde_1 stands in for beta-tilde_0 = 0).
+        pred_original_sample (`torch.Tensor`):
+            The model's prediction of x_0 (clipped when `clip_denoised`).
+    """
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+@dataclass
+class DDPMPaperVLBOutput(BaseOutput):
+    """
+    Output of [`DDPMPaperScheduler.vlb_terms`].
+
+    Args:
+        bpd (`torch.Tensor` of shape `(batch_size,)`):
+            The term of the bound (Eq. 5) at each example's t, in bits/dim: L_{t-1} for t > 0, L_0 for t = 0.
+        pred_original_sample (`torch.Tensor`):
+            The model's prediction of x_0 (clipped when `clip_denoised`).
+    """
+
+    bpd: torch.Tensor
+    pred_original_sample: torch.Tensor
 
 
 def _alpha_bar_betas(num_timesteps: int, alpha_bar, max_beta: float = 0.999) -> np.ndarray:
@@ -70,8 +110,7 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
 
         return _alpha_bar_betas(T, laplace)
     raise ValueError(
-        f"Unknown beta_schedule {beta_schedule!r}: choose one of {', '.join(DIFFUSERS_BETA_SCHEDULES + ('quad',))}, "
-        "or pass trained_betas."
+        f"Unknown beta_schedule {beta_schedule!r}: choose one of {', '.join(BETA_SCHEDULES)}, or pass trained_betas."
     )
 
 
@@ -85,47 +124,44 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
-def _chain_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> dict[str, np.ndarray]:
+def _chain_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """
-    Step coefficients of the reverse chain that visits `timesteps` (descending), in float64, indexed by timestep.
+    Coefficients of the reverse chain that visits `timesteps` (descending), in float64, indexed by timestep, and the
+    chain's previous timestep of each timestep (-1 after the last one).
 
     For the full chain T-1, ..., 0 these are the paper's coefficients; for a respaced chain they are those of the
     diffusion whose betas are 1 - abar_t / abar_prev(t) (Nichol & Dhariwal 2021, Appendix), which is what
     `DDPMScheduler.step` computes on the fly. Entries for timesteps the chain does not visit are NaN.
     """
     T = len(alphas_cumprod)
-    prev = np.full(T, -1, dtype=np.int64)
-    prev[timesteps[:-1]] = timesteps[1:]
-    names = ("betas", "log_betas", "coef1", "coef2", "variance", "log_variance_clipped", "large_variance")
-    table = {name: np.full(T, np.nan) for name in names}
-    abar_t = alphas_cumprod[timesteps]
-    abar_prev = np.where(prev[timesteps] >= 0, alphas_cumprod[np.maximum(prev[timesteps], 0)], 1.0)
-    beta = 1.0 - abar_t / abar_prev
-    variance = (1.0 - abar_prev) / (1.0 - abar_t) * beta  # beta-tilde_t, Eq. 7
-    table["betas"][timesteps] = beta
-    table["variance"][timesteps] = variance
-    table["coef1"][timesteps] = np.sqrt(abar_prev) * beta / (1.0 - abar_t)  # Eq. 7, weight of x_0
-    table["coef2"][timesteps] = np.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar_t)  # Eq. 7, weight of x_t
+    prev_timestep = np.full(T, -1, dtype=np.int64)
+    prev_timestep[timesteps[:-1]] = timesteps[1:]
+    prev = prev_timestep[timesteps]
+    abar = alphas_cumprod[timesteps]
+    abar_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], 1.0)
+    betas = 1.0 - abar / abar_prev
+    posterior_variance = (1.0 - abar_prev) / (1.0 - abar) * betas  # Eq. 7, beta-tilde_t
     # beta-tilde is 0 at the chain's last step; the paper's code uses the next one there (its log is finite).
-    log_var = np.log(np.where(variance > 0, variance, np.nan))
-    if len(timesteps) > 1:
-        log_var[-1] = log_var[-2] if variance[-1] <= 0 else log_var[-1]
-    table["log_variance_clipped"][timesteps] = log_var
-    table["log_betas"][timesteps] = np.log(beta)
-    # fixed_large: sigma^2 = beta_t, except beta-tilde at the last step, whose beta would give the decoder L_0 a
-    # different variance from the one the paper's code evaluates.
-    large = beta.copy()
-    large[-1] = np.exp(log_var[-1])
-    table["large_variance"][timesteps] = large
-    table["prev_timestep"] = prev
-    return table
-
-
-def _axpby(a: float | torch.Tensor, x: torch.Tensor, b: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """a * x + b * y in two kernels when b is a scalar (the sampling loop's case)."""
-    if isinstance(b, float):
-        return torch.mul(x, a).add_(y, alpha=b)  # in place: one allocation
-    return a * x + b * y
+    posterior_log_variance_clipped = np.log(np.where(posterior_variance > 0, posterior_variance, np.nan))
+    if len(timesteps) > 1 and posterior_variance[-1] <= 0:
+        posterior_log_variance_clipped[-1] = posterior_log_variance_clipped[-2]
+    # fixed_large: sigma_t^2 = beta_t, except beta-tilde_1 at t = 0, whose beta would give the decoder L_0 a different
+    # variance from the one the paper's code evaluates (and `step` adds no noise at t = 0).
+    fixed_large_variance = np.where(timesteps == 0, np.exp(posterior_log_variance_clipped), betas)
+    chain = {
+        "log_betas": np.log(betas),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_log_variance_clipped,
+        "posterior_mean_coef1": np.sqrt(abar_prev) * betas / (1.0 - abar),  # Eq. 7, the weight of x_0
+        "posterior_mean_coef2": np.sqrt(1.0 - betas) * (1.0 - abar_prev) / (1.0 - abar),  # Eq. 7, the weight of x_t
+        "fixed_large_variance": fixed_large_variance,
+        "fixed_large_log_variance": np.log(fixed_large_variance),
+    }
+    table = {}
+    for name, values in chain.items():
+        table[name] = np.full(T, np.nan)
+        table[name][timesteps] = values
+    return table, prev_timestep
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
@@ -186,7 +222,7 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
             sigma_t^2 of p_theta(x_{t-1}|x_t): `fixed_small` (beta-tilde_t, the paper's lower bound),
             `fixed_large` (beta_t, the upper bound), their `_log` variants (same variance, computed in log space),
             `learned` (the model's extra output channels are sigma_t^2, as in DDPMScheduler) or `learned_range`
-            (they interpolate log beta-tilde_t and log beta_t, Nichol & Dhariwal 2021 Eq. 15).
+            (they interpolate log beta-tilde_t and log beta_t, Nichol & Dhariwal 2021 Sec. 3.1).
         clip_sample (`bool`, defaults to `True`):
             Clip the predicted x_0 to [-clip_sample_range, clip_sample_range] while sampling (the paper's code does).
         prediction_type (`str`, defaults to `"epsilon"`):
@@ -229,10 +265,8 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        if variance_type not in VarianceType.__args__:
-            raise ValueError(
-                f"Unknown variance_type {variance_type!r}: choose one of {', '.join(VarianceType.__args__)}."
-            )
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"Unknown variance_type {variance_type!r}: choose one of {', '.join(VARIANCE_TYPES)}.")
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"Unknown prediction_type {prediction_type!r}: choose epsilon, sample or v_prediction.")
         if trained_betas is not None:
@@ -248,11 +282,11 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         if not (np.all(betas > 0) and np.all(betas <= 1)):
             raise ValueError("Every beta must lie in (0, 1].")
 
-        # The training chain's coefficients, computed in float64 under improved-diffusion's names.
+        # The training chain T-1, ..., 0, in float64 under improved-diffusion's names: the forward process (Eq. 4),
+        # then the posterior (Eqs. 6-7) and the reverse process's variances from `_chain_coefficients`.
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
-        full = _chain_coefficients(alphas_cumprod, np.arange(num_train_timesteps)[::-1].copy())
-        training = {
+        forward = {
             "betas": betas,
             "alphas": alphas,
             "alphas_cumprod": alphas_cumprod,
@@ -262,18 +296,20 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
             "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
-            "posterior_variance": full["variance"],
-            "posterior_log_variance_clipped": full["log_variance_clipped"],
-            "posterior_mean_coef1": full["coef1"],
-            "posterior_mean_coef2": full["coef2"],
         }
+        training, _ = _chain_coefficients(alphas_cumprod, np.arange(num_train_timesteps)[::-1].copy())
+        training.update(forward)
+        self._tables = {"training": training}
         # Public float32 tensors, as DDPMScheduler and improved-diffusion expose them.
-        for name, value in training.items():
-            setattr(self, name, torch.from_numpy(value).float())
-        full.pop("prev_timestep")
-        self._tables = {"training": {**full, **training}}
+        posterior = (
+            "posterior_variance",
+            "posterior_log_variance_clipped",
+            "posterior_mean_coef1",
+            "posterior_mean_coef2",
+        )
+        for name in (*forward, *posterior):
+            setattr(self, name, torch.from_numpy(training[name]).float())
         self._device_tables: dict[tuple[str, str, torch.device], torch.Tensor] = {}
-        self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
 
         self.custom_timesteps = False
@@ -287,12 +323,13 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
 
     def _set_sampling_chain(self, timesteps: np.ndarray) -> None:
         """Precomputes the step coefficients of the chain `step` walks, so that a step only looks them up."""
-        table = _chain_coefficients(self._tables["training"]["alphas_cumprod"], np.asarray(timesteps, dtype=np.int64))
-        self._prev_timestep = table.pop("prev_timestep")
+        alphas_cumprod = self._tables["training"]["alphas_cumprod"]
+        table, self._prev_timestep = _chain_coefficients(alphas_cumprod, np.asarray(timesteps, dtype=np.int64))
         # Sampling floors beta-tilde at 1e-20 as DDPMScheduler does, rather than borrowing the previous step's value:
         # the two differ only where the chain's last step has t > 0 (`trailing` spacing, `steps_offset`), and there
-        # `learned_range` interpolates from this floor.
-        table["log_variance_clipped"] = np.log(np.maximum(table["variance"], 1e-20))
+        # `fixed_small` draws with this variance and `learned_range` interpolates from its log.
+        table["posterior_variance"] = np.maximum(table["posterior_variance"], 1e-20)
+        table["posterior_log_variance_clipped"] = np.log(table["posterior_variance"])
         self._tables["sampling"] = table
         self._device_tables = {key: value for key, value in self._device_tables.items() if key[0] != "sampling"}
 
@@ -317,8 +354,9 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
     ) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, a draw of q(x_t|x_0) (Eq. 4)."""
         x0 = original_samples
-        a = self._extract("training", "sqrt_alphas_cumprod", timesteps, x0)
-        return _axpby(a, x0, self._extract("training", "sqrt_one_minus_alphas_cumprod", timesteps, x0), noise)
+        sqrt_alphas_cumprod = self._extract("training", "sqrt_alphas_cumprod", timesteps, x0)
+        sqrt_one_minus_alphas_cumprod = self._extract("training", "sqrt_one_minus_alphas_cumprod", timesteps, x0)
+        return sqrt_alphas_cumprod * x0 + sqrt_one_minus_alphas_cumprod * noise  # Eq. 4
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the v-prediction target (Salimans & Ho 2022, Sec. 4)."""
@@ -336,29 +374,33 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         self, x0: torch.Tensor, t: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and log-variance of q(x_t|x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Eq. 4)."""
-        ones = torch.ones_like(x0)
-        mean = self._extract("training", "sqrt_alphas_cumprod", t, x0) * x0
-        log_variance = self._extract("training", "log_one_minus_alphas_cumprod", t, x0) * ones
+        mean = self._extract("training", "sqrt_alphas_cumprod", t, x0) * x0  # Eq. 4
+        log_variance = self._extract("training", "log_one_minus_alphas_cumprod", t, x0) * torch.ones_like(x0)
         return mean, torch.exp(log_variance), log_variance
 
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean mu-tilde_t(x_t, x_0), variance beta-tilde_t and clipped log-variance of q(x_{t-1}|x_t,x_0) (Eqs. 6-7)."""
+        posterior_mean_coef1 = self._extract("training", "posterior_mean_coef1", t, xt)
+        posterior_mean_coef2 = self._extract("training", "posterior_mean_coef2", t, xt)
+        mean = posterior_mean_coef1 * x0 + posterior_mean_coef2 * xt  # Eq. 7, mu-tilde_t(x_t, x_0)
         ones = torch.ones_like(xt)
-        mean = self._extract("training", "coef1", t, xt) * x0 + self._extract("training", "coef2", t, xt) * xt
-        variance = self._extract("training", "variance", t, xt) * ones
-        log_variance = self._extract("training", "log_variance_clipped", t, xt) * ones
-        return mean, variance, log_variance
+        variance = self._extract("training", "posterior_variance", t, xt) * ones  # Eq. 7, beta-tilde_t
+        log_variance = self._extract("training", "posterior_log_variance_clipped", t, xt) * ones
+        return mean, variance, log_variance  # Eq. 6: q(x_{t-1}|x_t,x_0) = N(mean, variance I)
 
     def predict_x0_from_eps(self, xt: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps: Eq. 4 solved for x_0."""
-        a = self._extract("training", "sqrt_recip_alphas_cumprod", t, xt)
-        b = self._extract("training", "sqrt_recipm1_alphas_cumprod", t, xt)
-        return _axpby(a, xt, -b, eps)
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Eq. 15), as sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps."""
+        sqrt_recip_alphas_cumprod = self._extract("training", "sqrt_recip_alphas_cumprod", t, xt)
+        sqrt_recipm1_alphas_cumprod = self._extract("training", "sqrt_recipm1_alphas_cumprod", t, xt)
+        # A scalar t (each sampling step) computes the same sum in two kernels.
+        if isinstance(sqrt_recipm1_alphas_cumprod, float):
+            return torch.mul(xt, sqrt_recip_alphas_cumprod).add_(eps, alpha=-sqrt_recipm1_alphas_cumprod)  # Eq. 15
+        return sqrt_recip_alphas_cumprod * xt - sqrt_recipm1_alphas_cumprod * eps  # Eq. 15
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1): Eq. 4 solved for eps."""
+        """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1): Eq. 15 solved for eps."""
         return (self._extract("training", "sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self._extract(
             "training", "sqrt_recipm1_alphas_cumprod", t, xt
         )
@@ -387,20 +429,13 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
             )
         return torch.split(model_output, xt.shape[1], dim=1)
 
-    def _p_mean_variance(
-        self,
-        model_output: torch.Tensor,
-        xt: torch.Tensor,
-        t: int | torch.Tensor,
-        chain: str,
-        clip: bool,
-        with_variance: bool = True,
-    ) -> dict[str, torch.Tensor]:
+    def _p_mean(
+        self, model_output: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor, chain: str, clip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
-        p_theta(x_{t-1}|x_t) with the step coefficients of `chain` (the training chain or the sampling chain).
-        `with_variance=False` skips the variance tensors (`step` needs them only for the learned variance types).
+        mu_theta(x_t, t) and the predicted x_0 of p_theta(x_{t-1}|x_t), with the posterior coefficients of `chain`
+        (the training chain or the sampling chain); `model_output` is the prediction without variance channels.
         """
-        model_output, predicted_variance = self._split_variance(model_output, xt)
         pred_x0 = self._predict_x0(model_output, xt, t)
         if clip and self.config.thresholding:
             pred_x0 = self._threshold_sample(pred_x0)
@@ -411,33 +446,47 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
                 pred_x0 = pred_x0.clamp(-limit, limit)
             else:
                 pred_x0 = pred_x0.clamp_(-limit, limit)
-        # mu_theta(x_t, t) = mu-tilde_t(x_t, x0_theta); with epsilon prediction and no clipping this is Eq. 11.
-        mean = _axpby(self._extract(chain, "coef1", t, xt), pred_x0, self._extract(chain, "coef2", t, xt), xt)
-        if not with_variance:
-            return {"mean": mean, "pred_original_sample": pred_x0}
+        posterior_mean_coef1 = self._extract(chain, "posterior_mean_coef1", t, xt)
+        posterior_mean_coef2 = self._extract(chain, "posterior_mean_coef2", t, xt)
+        # mu_theta(x_t, t) = mu-tilde_t(x_t, x0_theta) of Eq. 7, which is Eq. 11 for epsilon prediction unclipped.
+        if isinstance(posterior_mean_coef2, float):  # a scalar t (each sampling step): the same sum in two kernels
+            mean = torch.mul(pred_x0, posterior_mean_coef1).add_(xt, alpha=posterior_mean_coef2)  # Eq. 11
+        else:
+            mean = posterior_mean_coef1 * pred_x0 + posterior_mean_coef2 * xt  # Eq. 11
+        return mean, pred_x0
 
-        ones = torch.ones_like(xt)
-        log_small = self._extract(chain, "log_variance_clipped", t, xt)
-        if self.variance_type in ("fixed_small", "fixed_small_log"):
-            variance = self._extract(chain, "variance", t, xt) * ones
-            log_variance = log_small * ones
-        elif self.variance_type in ("fixed_large", "fixed_large_log"):
-            variance = self._extract(chain, "large_variance", t, xt) * ones
-            log_variance = torch.log(variance)
-        elif self.variance_type == "learned":  # the extra channels are sigma_t^2 itself, as in DDPMScheduler
-            variance = predicted_variance
-            log_variance = torch.log(predicted_variance)
-        else:  # learned_range: v in [-1, 1] interpolates log beta-tilde_t and log beta_t
-            frac = (predicted_variance + 1) / 2
-            log_variance = frac * self._extract(chain, "log_betas", t, xt) + (1 - frac) * log_small
-            variance = torch.exp(log_variance)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_original_sample": pred_x0}
+    def _p_variance(
+        self, chain: str, t: int | torch.Tensor, xt: torch.Tensor, predicted_variance: torch.Tensor | None
+    ) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """
+        sigma_t^2 and log sigma_t^2 of p_theta(x_{t-1}|x_t) for `variance_type`, with the coefficients of `chain`: for
+        a fixed type the coefficients at t (Python floats for a scalar t), for a learned type tensors like x_t.
+        """
+        if self.variance_type in ("fixed_small", "fixed_small_log"):  # sigma_t^2 = beta-tilde_t
+            variance = self._extract(chain, "posterior_variance", t, xt)
+            return variance, self._extract(chain, "posterior_log_variance_clipped", t, xt)
+        if self.variance_type in ("fixed_large", "fixed_large_log"):  # sigma_t^2 = beta_t
+            variance = self._extract(chain, "fixed_large_variance", t, xt)
+            return variance, self._extract(chain, "fixed_large_log_variance", t, xt)
+        if self.variance_type == "learned":  # the extra channels are sigma_t^2 itself, as in DDPMScheduler
+            return predicted_variance, torch.log(predicted_variance)
+        # learned_range: v in [-1, 1] interpolates log beta-tilde_t and log beta_t (Nichol & Dhariwal 2021, Sec. 3.1)
+        frac = (predicted_variance + 1) / 2
+        min_log = self._extract(chain, "posterior_log_variance_clipped", t, xt)
+        log_variance = frac * self._extract(chain, "log_betas", t, xt) + (1 - frac) * min_log
+        return torch.exp(log_variance), log_variance
 
     def p_mean_variance(
         self, model_output: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor, clip_denoised: bool = False
-    ) -> dict[str, torch.Tensor]:
+    ) -> DDPMPaperMeanVarianceOutput:
         """Mean (Eq. 11 for epsilon prediction), variance, log-variance and predicted x_0 of p_theta(x_{t-1}|x_t)."""
-        return self._p_mean_variance(model_output, xt, t, "training", clip=clip_denoised)
+        model_output, predicted_variance = self._split_variance(model_output, xt)
+        mean, pred_x0 = self._p_mean(model_output, xt, t, "training", clip=clip_denoised)
+        variance, log_variance = self._p_variance("training", t, xt, predicted_variance)
+        ones = torch.ones_like(xt)
+        return DDPMPaperMeanVarianceOutput(
+            mean=mean, variance=variance * ones, log_variance=log_variance * ones, pred_original_sample=pred_x0
+        )
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): clip x_0 to the s-quantile of |x_0|, then rescale."""
@@ -471,23 +520,19 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
                 Return a [`DDPMPaperSchedulerOutput`] instead of a tuple.
         """
         t = int(timestep)
-        learned = self.variance_type in ("learned", "learned_range")
-        p = self._p_mean_variance(model_output, sample, t, "sampling", clip=True, with_variance=learned)
-        prev_sample = p["mean"]
+        model_output, predicted_variance = self._split_variance(model_output, sample)
+        prev_sample, pred_x0 = self._p_mean(model_output, sample, t, "sampling", clip=True)
         if t > 0:
+            variance, log_variance = self._p_variance("sampling", t, sample, predicted_variance)
             z = randn_tensor(sample.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-            if self.variance_type in ("fixed_small", "fixed_small_log"):
-                std = math.sqrt(max(self._tables["sampling"]["variance"][t], 1e-20))
-            elif self.variance_type in ("fixed_large", "fixed_large_log"):
-                std = math.sqrt(self._tables["sampling"]["betas"][t])
-            elif self.variance_type == "learned":
-                std = p["variance"] ** 0.5
-            else:
-                std = torch.exp(0.5 * p["log_variance"])
-            prev_sample = prev_sample.add_(z, alpha=std) if isinstance(std, float) else prev_sample + std * z
+            if isinstance(variance, float):  # a fixed variance type: sigma_t z added in one kernel
+                prev_sample = prev_sample.add_(z, alpha=math.sqrt(variance))
+            else:  # a learned one: sigma_t as DDPMScheduler computes it
+                std = variance**0.5 if self.variance_type == "learned" else torch.exp(0.5 * log_variance)
+                prev_sample = prev_sample + std * z
         if not return_dict:
-            return prev_sample, p["pred_original_sample"]
-        return DDPMPaperSchedulerOutput(prev_sample=prev_sample, pred_original_sample=p["pred_original_sample"])
+            return prev_sample, pred_x0
+        return DDPMPaperSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_x0)
 
     # Variational bound (Eq. 5), in bits per dimension ---------------------------------------------------------------
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
@@ -503,23 +548,22 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         xt: torch.Tensor,
         t: int | torch.Tensor,
         clip_denoised: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    ) -> DDPMPaperVLBOutput:
         """
         L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for t > 0 and L_0 = -log p_theta(x_0|x_1) for t = 0,
         per example in bits/dim (Eq. 5; the decoder is the discretized Gaussian of Sec. 3.3). t is 0-based: t = 0 is
         the paper's x_1 -> x_0 step. `clip_denoised` clips the predicted x_0 as `step` does, giving the terms of the
-        model the sampler draws from (the paper code's `calc_bpd_loop` default). Returns `output` (the term) and
-        `pred_original_sample`.
+        model the sampler draws from (the paper code's `calc_bpd_loop` default).
         """
         if not torch.is_tensor(t) or t.ndim == 0:
             t = torch.full((x0.shape[0],), int(t), device=x0.device, dtype=torch.long)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
         p = self.p_mean_variance(model_output, xt, t, clip_denoised=clip_denoised)
-        kl = _mean_over_dims(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, means=p["mean"], log_scales=0.5 * p["log_variance"])
+        kl = _mean_over_dims(normal_kl(true_mean, true_log_variance, p.mean, p.log_variance)) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance)
         decoder_nll = _mean_over_dims(nll) / math.log(2.0)
-        output = torch.where(t.to(x0.device) == 0, decoder_nll, kl)
-        return {"output": output, "pred_original_sample": p["pred_original_sample"]}
+        bpd = torch.where(t.to(x0.device) == 0, decoder_nll, kl)
+        return DDPMPaperVLBOutput(bpd=bpd, pred_original_sample=p.pred_original_sample)
 
     # The sampling chain, DDPMScheduler's interface ------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:

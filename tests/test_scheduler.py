@@ -1,5 +1,6 @@
 """DDPMPaperScheduler against the closed forms of Ho et al. 2020 and against diffusers' DDPMScheduler."""
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -10,7 +11,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from schedulers import DDPMPaperScheduler
+from schedulers import (
+    BETA_SCHEDULES,
+    VARIANCE_TYPES,
+    DDPMPaperMeanVarianceOutput,
+    DDPMPaperScheduler,
+    DDPMPaperVLBOutput,
+)
 
 T = 1000
 SHARED_VARIANCE_TYPES = ["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
@@ -69,13 +76,57 @@ def test_coefficients_match_closed_forms(schedule):
     np.testing.assert_allclose(scheduler.posterior_log_variance_clipped.double().numpy(), clipped, rtol=1e-6)
 
 
+@pytest.mark.parametrize("t", [1, 2, 500, 999])
+def test_named_tables_are_the_closed_forms_in_float64(t):
+    """At a scalar t the math reads the float64 tables; unit inputs expose each coefficient to float64 rounding."""
+    scheduler = DDPMPaperScheduler()
+    betas = closed_form_betas("linear")
+    abar_prev = math.prod(1 - beta for beta in betas[:t])
+    beta = betas[t]
+    abar = abar_prev * (1 - beta)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    closed_forms = {
+        # Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+        "sqrt_alphas_cumprod": (scheduler.add_noise(one, zero, t), math.sqrt(abar)),
+        "sqrt_one_minus_alphas_cumprod": (scheduler.add_noise(zero, one, t), math.sqrt(1 - abar)),
+        "1 - alphas_cumprod": (scheduler.q_mean_variance(one, t)[1], 1 - abar),
+        # Eq. 7: mu-tilde_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t
+        "posterior_mean_coef1": (
+            scheduler.q_posterior_mean_variance(one, zero, t)[0],
+            beta * math.sqrt(abar_prev) / (1 - abar),
+        ),
+        "posterior_mean_coef2": (
+            scheduler.q_posterior_mean_variance(zero, one, t)[0],
+            math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar),
+        ),
+        # Eq. 7: beta-tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
+        "posterior_variance": (
+            scheduler.q_posterior_mean_variance(one, one, t)[1],
+            (1 - abar_prev) / (1 - abar) * beta,
+        ),
+        "posterior_log_variance_clipped": (
+            scheduler.q_posterior_mean_variance(one, one, t)[2],
+            math.log((1 - abar_prev) / (1 - abar) * beta),
+        ),
+        # Eq. 15: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+        "sqrt_recip_alphas_cumprod": (scheduler.predict_x0_from_eps(one, t, zero), 1 / math.sqrt(abar)),
+        "sqrt_recipm1_alphas_cumprod": (
+            scheduler.predict_x0_from_eps(zero, t, one),
+            -math.sqrt(1 - abar) / math.sqrt(abar),
+        ),
+    }
+    for name, (got, expected) in closed_forms.items():
+        assert got.dtype == torch.float64, name
+        assert float(got) == pytest.approx(expected, rel=1e-11), name
+
+
 def test_eq11_mean_equals_posterior_mean_of_predicted_x0():
     scheduler = DDPMPaperScheduler()
     gen = torch.Generator().manual_seed(0)
     xt = torch.randn(6, 3, 4, 4, generator=gen, dtype=torch.float64)
     eps = torch.randn(6, 3, 4, 4, generator=gen, dtype=torch.float64)
     t = torch.tensor([0, 1, 10, 500, 998, 999])
-    mean = scheduler.p_mean_variance(eps, xt, t, clip_denoised=False)["mean"]
+    mean = scheduler.p_mean_variance(eps, xt, t, clip_denoised=False).mean
     beta = torch.tensor(closed_form_betas("linear"), dtype=torch.float64)
     abar = torch.cumprod(1 - beta, 0)
     b, a = beta[t].view(-1, 1, 1, 1), abar[t].view(-1, 1, 1, 1)
@@ -232,10 +283,42 @@ def test_decoder_log_variance_at_t0_is_log_beta_tilde_1(variance_type):
     p = scheduler.p_mean_variance(torch.zeros_like(x), x, torch.tensor([0]))
     beta = closed_form_betas("linear")
     beta_tilde_1 = (1 - (1 - beta[0])) / (1 - (1 - beta[0]) * (1 - beta[1])) * beta[1]
-    torch.testing.assert_close(p["log_variance"], torch.full_like(x, math.log(beta_tilde_1)))
+    torch.testing.assert_close(p.log_variance, torch.full_like(x, math.log(beta_tilde_1)))
     if variance_type != "fixed_small":  # beta_t for t > 0
         p = scheduler.p_mean_variance(torch.zeros_like(x), x, torch.tensor([7]))
-        torch.testing.assert_close(p["log_variance"], torch.full_like(x, math.log(beta[7])))
+        torch.testing.assert_close(p.log_variance, torch.full_like(x, math.log(beta[7])))
+
+
+def test_p_mean_variance_and_vlb_terms_return_output_dataclasses():
+    scheduler = DDPMPaperScheduler(variance_type="learned_range")
+    x = torch.zeros(2, 3, 4, 4)
+    t = torch.tensor([0, 7])
+    model_output = torch.zeros(2, 6, 4, 4)  # v = 0: log sigma_t^2 halfway between log beta-tilde_t and log beta_t
+    p = scheduler.p_mean_variance(model_output, x, t)
+    assert isinstance(p, DDPMPaperMeanVarianceOutput)
+    assert [f.name for f in dataclasses.fields(p)] == ["mean", "variance", "log_variance", "pred_original_sample"]
+    assert all(value.shape == x.shape for value in p.to_tuple())
+    beta = closed_form_betas("linear")
+    abar = np.cumprod(1 - np.array(beta))
+    beta_tilde_1 = (1 - abar[0]) / (1 - abar[1]) * beta[1]  # stands in for beta-tilde_0 = 0
+    beta_tilde_7 = (1 - abar[6]) / (1 - abar[7]) * beta[7]
+    expected = [0.5 * math.log(beta[0] * beta_tilde_1), 0.5 * math.log(beta[7] * beta_tilde_7)]
+    torch.testing.assert_close(p.log_variance[:, 0, 0, 0], torch.tensor(expected))
+    torch.testing.assert_close(p.variance, p.log_variance.exp())
+
+    vlb = scheduler.vlb_terms(model_output, x, x, t)
+    assert isinstance(vlb, DDPMPaperVLBOutput)
+    assert [f.name for f in dataclasses.fields(vlb)] == ["bpd", "pred_original_sample"]
+    assert vlb.bpd.shape == (2,) and torch.isfinite(vlb.bpd).all()
+    torch.testing.assert_close(vlb.pred_original_sample, p.pred_original_sample)
+
+
+def test_listed_beta_schedules_and_variance_types_are_the_accepted_ones():
+    for beta_schedule in BETA_SCHEDULES:
+        assert torch.all(DDPMPaperScheduler(beta_schedule=beta_schedule).betas > 0), beta_schedule
+    assert set(VARIANCE_TYPES) == {*SHARED_VARIANCE_TYPES, "fixed_large_log"}
+    for variance_type in VARIANCE_TYPES:
+        DDPMPaperScheduler(variance_type=variance_type)
 
 
 def test_respaced_previous_timestep_and_add_noise_match_diffusers():

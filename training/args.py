@@ -22,10 +22,9 @@ from typing import Any, Literal
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
+from schedulers import BETA_SCHEDULES, VARIANCE_TYPES
 from training.models import MODEL_PRESETS
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
 # The names of `evaluation.FEATURE_EXTRACTORS`, as plain argparse choices: training/ does not import evaluation/
 # (tests/test_evaluate_cli.py keeps the two equal).
 FEATURE_EXTRACTOR_NAMES = ("digits", "inception")
@@ -122,7 +121,8 @@ class TrainingArguments:
         "fixed_small",
         help="(new) sigma_t^2 of the reverse process: fixed_small (the paper), fixed_large, their _log variants, or "
         "learned_range (Nichol & Dhariwal 2021: twice the output channels, trained with L_simple + L_vlb/1000).",
-        choices=list(VARIANCE_TYPES),
+        # `learned` (the extra channels are sigma_t^2 itself) has no training loss in train_ddpm.py.
+        choices=[v for v in VARIANCE_TYPES if v != "learned"],
     )
     ddpm_num_steps: int = _arg(1000, help="T, the number of diffusion steps.")
     ddpm_num_inference_steps: int = _arg(1000, help="Sampling steps for the sample grids.")
