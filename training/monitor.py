@@ -168,7 +168,7 @@ class StepMonitor:
         ]
 
         def check(*_) -> None:
-            if self.armed and self.signal.received is not None:
+            if self.armed and (self.signal.received is not None or self._launcher_died()):
                 raise StepInterrupted
 
         def on_forward(module, inputs, output):
@@ -203,8 +203,8 @@ class StepMonitor:
                 torch.cuda.set_rng_state_all(cuda)
             optimizer.zero_grad(set_to_none=True)
             self.abandoned = True
-            self.stopped_by = self.signal.name
-            logger.warning("%s during a step: the step is abandoned, to be taken again on resume.", self.signal.name)
+            self.stopped_by = self._stop_reason()
+            logger.warning("Stop asked (%s) during a step: it is abandoned, to be taken on resume.", self.stopped_by)
         finally:
             self.armed = False
 
@@ -235,9 +235,7 @@ class StepMonitor:
         self.progress.update(1)
         self.in_a_row.add_(1).mul_(nonfinite)
         self.in_all.add_(nonfinite)
-        if self.launcher is not None and os.getppid() != self.launcher:
-            self.orphaned = True  # re-parented: the launcher died, and nobody waits for this run any more
-        if self.signal.received is not None or self.orphaned:
+        if self.signal.received is not None or self._launcher_died():
             self.stop_flag.fill_(1.0)
         values = [nonfinite.float(), self.in_a_row, self.in_all, loss.detach().float(), self.stop_flag]
         if step % self.logging_steps == 0 or step == self.max_train_steps:
@@ -290,6 +288,11 @@ class StepMonitor:
         if report.stop_asked and self.stopped_by is None:
             self.stopped_by = self._stop_reason()
 
+    def _launcher_died(self) -> bool:
+        """Whether this process was re-parented: the launcher that started it died, and nobody waits for this run."""
+        self.orphaned = self.orphaned or (self.launcher is not None and os.getppid() != self.launcher)
+        return self.orphaned
+
     def _stop_reason(self) -> str:
         if self.signal.received is not None:
             return self.signal.name
@@ -302,7 +305,7 @@ class StepMonitor:
         """
         if self.stopped_by is None:
             asked = torch.tensor(
-                float(self.signal.received is not None or self.orphaned), device=self.accelerator.device
+                float(self.signal.received is not None or self._launcher_died()), device=self.accelerator.device
             )
             if self.accelerator.reduce(asked, "mean").item() > 0:
                 self.stopped_by = self._stop_reason()
