@@ -81,6 +81,7 @@ def test_the_check_sees_a_read():
 LOOP_READS = """
 import json, sys
 import torch
+import train_ddpm
 from benchmarks.check_syncs import host_reads
 
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:

@@ -203,9 +203,9 @@ SMALL_EVAL += ["--eval_num_inference_steps", "5"]
 
 
 @pytest.fixture(scope="module")
-def learning_run(request, workdir, digits_cache) -> tuple[Path, train_ddpm.TrainingOutcome]:
+def learning_run(workdir, digits_cache) -> tuple[Path, train_ddpm.TrainingOutcome]:
     """In this process: its tests are marked fresh_process (accelerate's state is process-wide)."""
-    assert request.node.get_closest_marker("fresh_process"), "mark the test @pytest.mark.fresh_process"
+    assert "DDPM_TESTS_FRESH_PROCESS_REPORTS" in os.environ, "mark its tests @pytest.mark.fresh_process"
     output = workdir / "learning"
     with one_thread():
         outcome = train_ddpm.main(
