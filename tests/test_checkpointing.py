@@ -4,7 +4,6 @@ import os
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from training.checkpointing import (
     TRAINER_STATE_NAME,
@@ -23,10 +22,10 @@ from training.ema import EMA
 
 
 @pytest.fixture
-def accelerator():
-    accelerator = Accelerator(cpu=True)
-    yield accelerator
-    AcceleratorState._reset_state(reset_partial_state=True)
+def accelerator(request):
+    # accelerate's state is process-wide: the tests that build an Accelerator run in a fresh process (conftest.py).
+    assert request.node.get_closest_marker("fresh_process"), "mark the test @pytest.mark.fresh_process"
+    return Accelerator(cpu=True)
 
 
 @pytest.fixture
@@ -48,6 +47,7 @@ def _train_step(model, optimizer, ema):
     ema.update(model.parameters())
 
 
+@pytest.mark.fresh_process
 def test_save_checkpoint_writes_a_complete_folder_and_no_temporary_one(tmp_path, accelerator, prepared):
     model, optimizer, ema = prepared
     state = TrainerState(global_step=7, epoch=1, batches_in_epoch=3, training_args={"seed": 0})
@@ -61,6 +61,7 @@ def test_save_checkpoint_writes_a_complete_folder_and_no_temporary_one(tmp_path,
     assert saved["global_step"] == 7 and saved["batches_in_epoch"] == 3 and saved["training_args"] == {"seed": 0}
 
 
+@pytest.mark.fresh_process
 def test_load_checkpoint_restores_model_optimizer_ema_and_trainer_state(tmp_path, accelerator, prepared):
     model, optimizer, ema = prepared
     _train_step(model, optimizer, ema)
@@ -79,6 +80,7 @@ def test_load_checkpoint_restores_model_optimizer_ema_and_trainer_state(tmp_path
     assert optimizer.state_dict()["state"][0]["step"].item() == 1
 
 
+@pytest.mark.fresh_process
 def test_total_limit_keeps_the_newest_checkpoints(tmp_path, accelerator, prepared):
     model, _, _ = prepared
     for step in (2, 4, 6):
@@ -86,6 +88,7 @@ def test_total_limit_keeps_the_newest_checkpoints(tmp_path, accelerator, prepare
     assert [step for step, _ in find_checkpoints(str(tmp_path))] == [4, 6]
 
 
+@pytest.mark.fresh_process
 def test_saving_a_step_again_replaces_the_old_checkpoint(tmp_path, accelerator, prepared):
     save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=3, epoch=0), [])
     save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=3, epoch=5), [])
@@ -93,6 +96,7 @@ def test_saving_a_step_again_replaces_the_old_checkpoint(tmp_path, accelerator, 
     assert TrainerState.load(str(tmp_path / "checkpoint-3" / TRAINER_STATE_NAME)).epoch == 5
 
 
+@pytest.mark.fresh_process
 def test_non_finite_weights_are_never_written(tmp_path, accelerator, prepared):
     model, _, _ = prepared
     save_checkpoint(accelerator, str(tmp_path), TrainerState(global_step=1), list(model.parameters()))

@@ -247,19 +247,18 @@ def test_corrupt_image_without_a_path_is_named_by_row():
         preprocess_images(dataset, "image", resolution=4, channels=1)
 
 
-def test_uncached_hub_dataset_offline_fails_fast_naming_it(monkeypatch):
+def test_uncached_hub_dataset_offline_fails_fast_naming_it(monkeypatch, connections):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    start = time.monotonic()
     with pytest.raises(DatasetUnavailableError) as error:
         load_image_dataset("some-user/not-cached")
-    assert time.monotonic() - start < 5
+    assert connections == []  # fast: not one connection attempted, so none retried
     message = str(error.value)
     assert "'some-user/not-cached'" in message
     assert "--train_data_dir" in message and "network" in message
 
 
-def test_unreachable_hub_forces_offline_mode_and_restores_it(monkeypatch):
+def test_unreachable_hub_forces_offline_mode_and_restores_it(monkeypatch, connections):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
@@ -267,11 +266,10 @@ def test_unreachable_hub_forces_offline_mode_and_restores_it(monkeypatch):
     probes = []
     monkeypatch.setattr(hub_access, "hub_is_reachable", lambda: probes.append(1) or False)
 
-    start = time.monotonic()
     with pytest.raises(DatasetUnavailableError, match="cannot be reached"):
         load_image_dataset("some-user/not-cached")
-    assert time.monotonic() - start < 5
-    assert probes == [1]
+    assert probes == [1]  # fast: one probe, then offline: not one connection attempted, so none retried
+    assert connections == []
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False
 
 

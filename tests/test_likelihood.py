@@ -138,7 +138,6 @@ def test_oracle_bits_per_dim_is_prior_plus_decoder_in_closed_form(variance_type,
     np.testing.assert_allclose(output.terms[0, 1:].numpy(), kl_terms, atol=2e-6, rtol=1e-4)
     expected_total = prior + kl_terms.sum() + decoder
     assert output.total.item() == pytest.approx(expected_total, rel=1e-5)
-    assert output.total.item() == pytest.approx(output.prior.item() + output.terms.sum().item(), rel=1e-6)
     assert torch.equal(output.timesteps[0], torch.arange(999, -1, -1))
     assert output.pred_original_sample_mse.max() < 1e-8
 
@@ -205,13 +204,89 @@ def test_zero_noise_model_is_finite_and_worse_than_the_oracle():
     assert (zero.terms[0, 1:] > 1e-3).all()  # every KL term pays for the wrong mean
 
 
-def test_learned_variance_models_are_evaluated():
+class Recorded(torch.nn.Module):
+    """`unet`, keeping every (x_t, t, output) it was called with, in float64."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, x, t):
+        output = self.unet(x, t)
+        self.calls.append((x.double(), torch.as_tensor(t).reshape(-1).expand(x.shape[0]), output.sample.double()))
+        return output
+
+
+def reference_terms(scheduler, x0: torch.Tensor, calls, clip_denoised: bool) -> dict[int, float]:
+    """
+    L_{t-1} and L_0 of one image in bits/dim, in float64 from the paper's formulas and the model's outputs, for a
+    learned_range model (Nichol & Dhariwal's interpolation of log beta_t and log beta-tilde_t): by 0-based timestep.
+    """
+    abar = torch.from_numpy(_abar(scheduler))
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    betas = 1 - abar / abar_prev
+    beta_tilde = (1 - abar_prev) / (1 - abar) * betas  # Eq. 7
+    log_beta_tilde = torch.cat([beta_tilde[1:2], beta_tilde[1:]]).log()  # 0 at t = 0: clipped to the next one
+    x0, channels, terms = x0.double(), x0.shape[1], {}
+    for xt, t, output in calls:
+        (t,) = t.tolist()
+        eps, v = output[:, :channels], output[:, channels:]
+        x0_pred = (xt - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()  # Eq. 4 solved for x_0
+        if clip_denoised:
+            x0_pred = x0_pred.clamp(-1, 1)
+        coef_x0, coef_xt = (
+            abar_prev[t].sqrt() * betas[t] / (1 - abar[t]),
+            (1 - betas[t]).sqrt() * (1 - abar_prev[t]) / (1 - abar[t]),
+        )
+        mean = coef_x0 * x0_pred + coef_xt * xt  # Eq. 7 with the predicted x_0
+        log_variance = (v + 1) / 2 * betas[t].log() + (1 - v) / 2 * log_beta_tilde[t]
+        if t == 0:  # the discretized Gaussian decoder: mass of the pixel's bin of width 2/255, the edges unbounded
+            normal = torch.distributions.Normal(mean, (log_variance / 2).exp())
+            upper = torch.where(x0 > 0.999, torch.ones_like(x0), normal.cdf(x0 + 1 / 255))
+            lower = torch.where(x0 < -0.999, torch.zeros_like(x0), normal.cdf(x0 - 1 / 255))
+            nats = -(upper - lower).log()
+        else:  # KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) of two Gaussians
+            posterior_mean = coef_x0 * x0 + coef_xt * xt
+            nats = 0.5 * (log_variance - log_beta_tilde[t] - 1)
+            nats = nats + 0.5 * (beta_tilde[t] + (posterior_mean - mean) ** 2) / log_variance.exp()
+        terms[t] = nats.mean().item() / math.log(2)
+    return terms
+
+
+@pytest.mark.parametrize("clip_denoised", [True, False])
+def test_learned_variance_models_are_evaluated(clip_denoised):
+    """A real network with a variance output (learned_range), two images one per call: each term equals a float64
+    reference computed from the paper's formulas and the outputs the network gave, and the batching does not matter."""
     scheduler = DDPMPaperScheduler(num_train_timesteps=20, beta_end=0.5, variance_type="learned_range")
     model = tiny_unet(out_channels=2)
+    with torch.no_grad():  # an untrained output sits near v = 0 (the middle of the range): spread it wider
+        model.conv_out.weight.mul_(4)
     images = torch.cat([one_image(0), one_image(1)]).float()
-    output = bits_per_dim(model, scheduler, images, generator=torch.Generator().manual_seed(0), batch_size=1)
+    output = bits_per_dim(
+        model,
+        scheduler,
+        images,
+        generator=[torch.Generator().manual_seed(100 + i) for i in range(2)],
+        batch_size=1,
+        clip_denoised=clip_denoised,
+    )
     assert output.total.shape == (2,) and torch.isfinite(output.total).all()
-    torch.testing.assert_close(output.total, output.prior + output.terms.sum(dim=1))
+    for i in range(2):
+        recorded = Recorded(model)
+        alone = bits_per_dim(
+            recorded,
+            scheduler,
+            images[i : i + 1],
+            generator=torch.Generator().manual_seed(100 + i),
+            clip_denoised=clip_denoised,
+        )
+        assert alone.total.item() == pytest.approx(output.total[i].item(), rel=1e-6)
+        terms = reference_terms(scheduler, images[i : i + 1], recorded.calls, clip_denoised)
+        assert sorted(terms) == list(range(20))
+        expected = np.array([terms[t] for t in range(20)])
+        np.testing.assert_allclose(output.terms[i].numpy(), expected, rtol=1e-4, atol=1e-6)
+        prior = closed_form_prior_bpd(images[i].double().numpy(), _abar(scheduler)[-1])
+        assert output.total[i].item() == pytest.approx(prior + expected.sum(), rel=1e-5)
 
 
 def test_stock_ddpm_scheduler_is_accepted_through_its_config():
@@ -318,6 +393,8 @@ def two_process_inputs():
     return scheduler, images, pipeline, pixels
 
 
+@pytest.mark.slow
+@pytest.mark.fresh_process  # evaluate_ddpm.main builds an Accelerator here too
 def test_bits_per_dim_evaluate_and_the_cli_are_the_same_on_one_and_two_processes(tmp_path, digits_cache):
     from evaluate_ddpm import main
     from evaluation import evaluate

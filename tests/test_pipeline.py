@@ -126,6 +126,7 @@ def sample_with_stock_diffusers(folder, tmp_path, num_inference_steps: int) -> n
     return np.load(out)
 
 
+@pytest.mark.slow  # stock diffusers samples in a new process
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
 def test_export_loads_in_stock_diffusers_and_samples_the_same_images(tmp_path, variance_type):
     pipe = tiny_pipeline(variance_type)

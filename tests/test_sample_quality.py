@@ -1,7 +1,6 @@
 """FID, KID and precision/recall (evaluation/) over the offline digits features, and the feature networks' errors."""
 
 import sys
-import time
 
 import pytest
 import torch
@@ -135,21 +134,19 @@ def test_reference_features_of_a_changed_extractor_are_not_reused(digits_cache, 
     }
 
 
-def test_inception_without_torch_fidelity_fails_fast_and_points_to_digits(monkeypatch):
+def test_inception_without_torch_fidelity_fails_fast_and_points_to_digits(monkeypatch, connections):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as on a machine without it
-    start = time.monotonic()
     with pytest.raises(FeatureExtractorUnavailableError, match="--feature_extractor digits"):
         load_feature_extractor("inception")
-    assert time.monotonic() - start < 5
+    assert connections == []  # fast: no download tried
 
 
-def test_inception_weights_offline_fail_fast_and_point_to_digits(monkeypatch, tmp_path):
+def test_inception_weights_offline_fail_fast_and_point_to_digits(monkeypatch, tmp_path, connections):
     # torch-fidelity present (a stand-in module) but its weights neither cached nor downloadable: offline mode is on.
     torch_fidelity_without_cached_weights(monkeypatch, tmp_path)
-    start = time.monotonic()
     with pytest.raises(FeatureExtractorUnavailableError, match="not cached.*--feature_extractor digits"):
         load_feature_extractor("inception")
-    assert time.monotonic() - start < 5
+    assert connections == []  # fast: no download tried
 
 
 def test_unknown_feature_extractor_lists_the_known_ones():

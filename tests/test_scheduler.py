@@ -137,6 +137,7 @@ def test_eq11_mean_equals_posterior_mean_of_predicted_x0():
     torch.testing.assert_close(mean, scheduler.q_posterior_mean_variance(x0, xt, t)[0])
 
 
+@pytest.mark.slow  # 8M draws per timestep
 @pytest.mark.parametrize("t", [1, 30, 500])
 def test_posterior_matches_monte_carlo(t):
     """Draw x_{t-1} ~ q(x_{t-1}|x_0), x_t ~ q(x_t|x_{t-1}); keep draws whose x_t lies in a narrow window."""
@@ -213,7 +214,7 @@ TOLERANCE_VS_DIFFUSERS = 2e-5
 
 
 @pytest.mark.parametrize("variance_type", SHARED_VARIANCE_TYPES)
-@pytest.mark.parametrize("num_inference_steps", [None, 50])
+@pytest.mark.parametrize("num_inference_steps", [pytest.param(None, marks=pytest.mark.slow), 50])  # None: all 1000
 def test_samples_equal_diffusers_ddpm_scheduler(variance_type, num_inference_steps):
     worst = 0.0
     for prediction_type in PREDICTION_TYPES:

@@ -1,12 +1,17 @@
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
-import train_ddpm
-from benchmarks.check_syncs import cpu_host_reads, host_reads, training_step
+from benchmarks.check_syncs import cpu_host_reads, training_step
 from training.sync import DeferredRead, adamw, step_unless_nonfinite
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _model_and_optimizer(fused: bool):
@@ -73,6 +78,29 @@ def test_the_check_sees_a_read():
     assert len(reads) == 1 and reads[0].startswith("aten::_local_scalar_dense <- aten::item")
 
 
+LOOP_READS = """
+import json, sys
+import torch
+import train_ddpm
+from benchmarks.check_syncs import host_reads
+
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    train_ddpm.main(sys.argv[2:])
+json.dump(host_reads(profile), open(sys.argv[1], "w"))
+"""
+
+
+def loop_reads(argv: list[str], result: Path) -> list[str]:
+    """The host reads of `train_ddpm.main(argv)` under the profiler, in a fresh process: each run builds its own
+    Accelerator, and accelerate's state is process-wide."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", LOOP_READS, str(result), *argv]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+@pytest.mark.slow
 def test_the_training_loop_itself_reads_nothing_back_per_step(tmp_path):
     """
     The check above replays the step's ops; this one profiles train_ddpm.py's own loop (EMA, clipping, no logging
@@ -84,12 +112,8 @@ def test_the_training_loop_itself_reads_nothing_back_per_step(tmp_path):
     flags += "--ddpm_num_inference_steps 1 --eval_batch_size 1".split()
     reads = {}
     for steps in (4, 12):
-        try:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-                train_ddpm.main([*flags, "--max_train_steps", str(steps), "--output_dir", str(tmp_path / str(steps))])
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
-        reads[steps] = host_reads(profile)
+        argv = [*flags, "--max_train_steps", str(steps), "--output_dir", str(tmp_path / str(steps))]
+        reads[steps] = loop_reads(argv, tmp_path / f"reads-{steps}.json")
     assert len(reads[12]) == len(reads[4]), sorted(set(reads[12]) - set(reads[4]))
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from diffusers import DDPMPipeline
@@ -95,6 +95,23 @@ def run_training(workdir: Path, args: list[str], processes: int | None = None, s
             f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def read_until(stream, text: str, log: Path | None = None, timeout: float = RUN_TIMEOUT) -> str:
+    """Block on a child's output pipe until `text` appears in it (the child's signal that it reached a point); the
+    output read so far. `timeout` is a safety net against a hung run, not the wait itself."""
+    read, deadline = b"", time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        while text.encode() not in read:
+            ready = selector.select(deadline - time.monotonic())
+            chunk = os.read(stream.fileno(), 1 << 16) if ready else b""
+            if not chunk:
+                why = "the run ended" if ready else f"{timeout} s passed"
+                output = (read + (log.read_bytes() if log else b"")).decode(errors="replace")
+                raise AssertionError(f"{why} before it wrote {text!r}:\n{output[-3000:]}")
+            read += chunk
+    return read.decode(errors="replace")
 
 
 @contextlib.contextmanager
@@ -188,14 +205,13 @@ SMALL_EVAL += ["--eval_num_inference_steps", "5"]
 
 @pytest.fixture(scope="module")
 def learning_run(workdir, digits_cache) -> tuple[Path, train_ddpm.TrainingOutcome]:
+    """In this process: its tests are marked fresh_process (accelerate's state is process-wide)."""
+    assert "DDPM_TESTS_FRESH_PROCESS_REPORTS" in os.environ, "mark its tests @pytest.mark.fresh_process"
     output = workdir / "learning"
-    try:
-        with one_thread():
-            outcome = train_ddpm.main(
-                ["--cpu", *LEARNING_RUN, "--eval_steps", "60", *SMALL_EVAL, "--output_dir", str(output)]
-            )
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with one_thread():
+        outcome = train_ddpm.main(
+            ["--cpu", *LEARNING_RUN, "--eval_steps", "60", *SMALL_EVAL, "--output_dir", str(output)]
+        )
     return output, outcome
 
 
@@ -207,6 +223,7 @@ def logged_scalars(output: Path, tag: str) -> dict[int, float]:
 
 
 # End to end ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_embedded_digits_run_exports_a_pipeline_stock_diffusers_loads(digits_run):
     digits_run, _ = digits_run
     assert_stock_pipeline_samples(digits_run, channels=1)
@@ -222,6 +239,7 @@ def test_embedded_digits_run_exports_a_pipeline_stock_diffusers_loads(digits_run
     assert list((digits_run / "logs").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_push_to_hub_publishes_the_final_export_privately_without_the_token(digits_run):
     output, hub = digits_run
     repo = hub.repos["me/ddpm-digits"]
@@ -241,6 +259,8 @@ def test_push_to_hub_publishes_the_final_export_privately_without_the_token(digi
     assert all(HUB_TOKEN.encode() not in content for content in repo["files"].values())
 
 
+@pytest.mark.slow
+@pytest.mark.fresh_process
 def test_training_learns_to_predict_the_noise_of_x_t(learning_run):
     """L_simple falls from ~1.1 to ~0.14 in 150 steps (measured); a loop that fed x_0 instead of x_t to the net, from
     which the noise cannot be predicted, stays at 1.0 (measured)."""
@@ -250,6 +270,8 @@ def test_training_learns_to_predict_the_noise_of_x_t(learning_run):
     assert (loss[130] + loss[140] + loss[150]) / 3 < 0.3
 
 
+@pytest.mark.slow
+@pytest.mark.fresh_process
 def test_evaluation_every_eval_steps_is_logged_and_written_into_the_model_card(learning_run):
     output, outcome = learning_run
     bits_per_dim = logged_scalars(output, "eval/bits_per_dim")
@@ -268,6 +290,8 @@ def test_evaluation_every_eval_steps_is_logged_and_written_into_the_model_card(l
     assert "## Evaluation" in card.text
 
 
+@pytest.mark.slow
+@pytest.mark.fresh_process
 def test_the_held_out_digits_are_not_trained_on(learning_run):
     # 1797 - 256 = 1541 digits in batches of 64 are 25 batches an epoch (all 1797 would be 29): step 150 ends epoch 5.
     state = trainer_state(learning_run[0] / "checkpoint-150")
@@ -287,6 +311,7 @@ def test_split_held_out_keeps_the_last_images_out_of_training():
         split_held_out(pixels, 1797)
 
 
+@pytest.mark.slow
 def test_hub_layout_parquet_dataset_run_exports_a_pipeline(hub_run):
     assert_stock_pipeline_samples(hub_run, channels=3)
     assert sorted(p.name for p in hub_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -295,6 +320,7 @@ def test_hub_layout_parquet_dataset_run_exports_a_pipeline(hub_run):
     assert (state.global_step, state.epoch, state.batches_in_epoch) == (4, 1, 2)
 
 
+@pytest.mark.slow
 def test_image_folder_streaming_with_v_prediction_and_learned_variance(workdir, image_folder):
     args = ["--train_data_dir", str(image_folder), "--streaming", "--max_train_steps", "3", "--resolution", "8"]
     args += ["--model_config_name_or_path", "unet.json", "--train_batch_size", "4", "--center_crop"]
@@ -332,6 +358,7 @@ with open(os.path.join({dump!r}, f"metrics{{rank}}.json"), "w") as file:
 """
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_end_identical_and_only_rank_0_writes(workdir, digits_cache):
     dump = workdir / "ranks"
     dump.mkdir()
@@ -378,6 +405,7 @@ def test_two_cpu_processes_end_identical_and_only_rank_0_writes(workdir, digits_
     assert_stock_pipeline_samples(output, channels=1)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_stream_an_image_folder(workdir, image_folder):
     dump = workdir / "streamed-ranks"
     dump.mkdir()
@@ -395,6 +423,7 @@ def test_two_cpu_processes_stream_an_image_folder(workdir, image_folder):
     assert_stock_pipeline_samples(workdir / "streamed-two", channels=3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, --multi_gpu forms a job of GPU processes")
 def test_multi_process_launch_without_gpus_needs_cpu_and_says_so(workdir):
     args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "2", "--output_dir", "alone", *FAST]
@@ -405,7 +434,7 @@ def test_multi_process_launch_without_gpus_needs_cpu_and_says_so(workdir):
 
 
 PAUSE_IN_CHECKPOINT = """
-import os, sys, time
+import os, sys
 sys.path.insert(0, {repo!r})
 from accelerate import Accelerator
 
@@ -415,8 +444,9 @@ save_state = Accelerator.save_state
 def paused_save_state(self, output_dir=None, **kwargs):
     result = save_state(self, output_dir, **kwargs)
     if os.path.basename(output_dir) == {pause_in!r}:  # files written, trainer_state.json and the rename not yet
-        open({marker!r}, "w").close()
-        time.sleep(600)
+        print("paused in", output_dir, flush=True)  # the test kills the run when it reads this line
+        sys.stdin.read()  # wait for the kill; should the test die first, its end of the pipe closes and so do we
+        raise SystemExit("the test that paused this run is gone")
     return result
 
 
@@ -427,32 +457,32 @@ train_ddpm.main()
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_checkpoint_is_bitwise_exact(workdir, hub_layout_dataset, hub_run):
     """Killed while writing checkpoint-4, then resumed with `latest`: the broken checkpoint is skipped and removed,
     training resumes from checkpoint-2, and steps 3-4 give the same weights, EMA and optimizer state bit for bit as
     the uninterrupted `hub_run` (4 steps, crossing an epoch, with accumulation, flips and dropout)."""
-    output, marker = workdir / "killed", workdir / "paused"
+    output, log = workdir / "killed", workdir / "killed-stderr.txt"
     script = workdir / "pause_in_checkpoint.py"
-    script.write_text(PAUSE_IN_CHECKPOINT.format(repo=str(REPO), pause_in="checkpoint-4.tmp", marker=str(marker)))
+    script.write_text(PAUSE_IN_CHECKPOINT.format(repo=str(REPO), pause_in="checkpoint-4.tmp"))
     args = ["--dataset_name", str(hub_layout_dataset), *HUB_RUN, "--output_dir", str(output)]
-    process = subprocess.Popen(
-        _command(script, args, processes=None),
-        cwd=workdir,
-        env=_env(workdir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            _command(script, args, processes=None),
+            cwd=workdir,
+            env=_env(workdir),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not marker.exists():
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached checkpoint-4"
-            time.sleep(0.2)
+        read_until(process.stdout, "paused in", log)  # the run says when it is inside checkpoint-4's save_state
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        process.stderr.close()
+        process.stdin.close()
+        process.stdout.close()
     assert (output / "checkpoint-4.tmp" / "model.safetensors").is_file()
     assert not (output / "checkpoint-4").exists()
 
@@ -469,6 +499,7 @@ def test_resume_after_sigkill_mid_checkpoint_is_bitwise_exact(workdir, hub_layou
     assert (a.global_step, a.epoch, a.batches_in_epoch) == (b.global_step, b.epoch, b.batches_in_epoch) == (4, 1, 2)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_0(workdir):
     output = workdir / "terminated"
     args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "100000", "--checkpointing_steps", "3"]
@@ -479,15 +510,16 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(workdir):
         env=_env(workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not (output / "checkpoint-3" / TRAINER_STATE_NAME).exists():
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        # The run's own log line says that checkpoint-3 is complete (written after the rename into place).
+        stderr = read_until(process.stderr, f"Saved checkpoint {output / 'checkpoint-3'}")
+        assert (output / "checkpoint-3" / TRAINER_STATE_NAME).is_file()
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=RUN_TIMEOUT)  # a safety net: it exits after one more checkpoint
+    finally:
+        process.kill()
+    stderr += rest.decode(errors="replace")
     assert process.returncode == 0, stderr[-3000:]
     assert "Stopped by SIGTERM" in stderr
     checkpoints = sorted(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*"))
@@ -516,6 +548,7 @@ train_ddpm.main()
 """
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run(workdir):
     output = workdir / "nan"
     script = workdir / "nan_losses.py"
@@ -548,13 +581,14 @@ def test_non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run(work
 
 # Clear errors (in this process: they happen before training starts) ------------------------------------------------
 @pytest.fixture
-def in_process(workdir, monkeypatch):
-    """Run `train_ddpm.main` here, in `workdir`; the Accelerator state is reset afterwards."""
+def in_process(request, workdir, monkeypatch):
+    """Run `train_ddpm.main` here, in `workdir`: in a test marked fresh_process (accelerate's state is process-wide)."""
+    assert request.node.get_closest_marker("fresh_process"), "mark the test @pytest.mark.fresh_process"
     monkeypatch.chdir(workdir)
-    yield lambda *args: train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
-    AcceleratorState._reset_state(reset_partial_state=True)
+    return lambda *args: train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
 
 
+@pytest.mark.fresh_process
 def test_error_names_the_corrupt_image(workdir, image_folder, in_process):
     broken = workdir / "broken-images"
     (broken / "a").mkdir(parents=True)
@@ -565,11 +599,13 @@ def test_error_names_the_corrupt_image(workdir, image_folder, in_process):
         in_process("--train_data_dir", str(broken), "--model_config_name_or_path", "unet.json", "--resolution", "8")
 
 
+@pytest.mark.fresh_process
 def test_error_lists_the_columns_when_the_image_column_is_missing(hub_layout_dataset, in_process):
     with pytest.raises(SystemExit, match=r"--image_column 'picture' is not a column.*\['img', 'label'\]"):
         in_process("--dataset_name", str(hub_layout_dataset), "--image_column", "picture", "--model_preset", "tiny")
 
 
+@pytest.mark.fresh_process
 def test_error_says_which_resolutions_the_model_takes(in_process):
     with pytest.raises(SystemExit, match=r"--resolution 6 does not fit 'tiny'.*multiple of 4.*4 and 8"):
         in_process("--model_preset", "tiny", "--resolution", "6")
@@ -583,11 +619,11 @@ def test_error_for_an_unknown_preset_lists_the_presets(capsys):
     assert "invalid choice: 'ddpm-huge'" in err and "ddpm-cifar10" in err and "tiny" in err
 
 
-def test_error_for_an_unreachable_dataset_is_fast_and_says_what_to_do(in_process):
-    start = time.monotonic()
+@pytest.mark.fresh_process
+def test_error_for_an_unreachable_dataset_is_fast_and_says_what_to_do(in_process, connections):
     with pytest.raises(SystemExit, match=r"Dataset 'nobody/no-such-dataset' is not available.*--train_data_dir"):
         in_process("--dataset_name", "nobody/no-such-dataset", "--model_preset", "tiny", "--resolution", "8")
-    assert time.monotonic() - start < 10
+    assert connections == []  # fast: offline, not one connection attempted, so none retried
 
 
 def _no_data(*args, **kwargs):
@@ -605,6 +641,7 @@ def _earlier_run(output: Path) -> None:
     (output / "model_index.json").write_text("{}")
 
 
+@pytest.mark.fresh_process
 def test_a_new_run_into_a_folder_with_checkpoints_stops_at_once_and_says_what_to_do(workdir, in_process, monkeypatch):
     output = workdir / "earlier"
     _earlier_run(output)
@@ -616,6 +653,7 @@ def test_a_new_run_into_a_folder_with_checkpoints_stops_at_once_and_says_what_to
     assert sorted(output.rglob("*")) == before  # nothing written, nothing removed
 
 
+@pytest.mark.fresh_process
 def test_overwrite_output_dir_removes_the_old_checkpoints_before_training(workdir, in_process, monkeypatch):
     output = workdir / "overwritten"
     _earlier_run(output)
@@ -631,6 +669,7 @@ def test_overwrite_output_dir_removes_the_old_checkpoints_before_training(workdi
     assert seen == [["model_index.json", "samples"]]  # only the checkpoint-* folders went, before the data
 
 
+@pytest.mark.fresh_process
 def test_an_unavailable_inception_network_fails_before_training(hub_layout_dataset, in_process, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "no-weights"))
