@@ -275,13 +275,18 @@ def input_pipelines(args, data_folder: str, repeats: int) -> tuple[float, float]
     return statistics.median(rates["ours"]), statistics.median(rates["peer"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the measured run: device, model preset, batch, resolution, precision (also profile_train.py)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="tiny", choices=["tiny", "ddpm-cifar10", "ddpm-256"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(parser)
     parser.add_argument(
         "--peer_mixed_precision",
         choices=["no", "fp16", "bf16"],

@@ -28,7 +28,7 @@ import datasets
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_train import train_argv, write_dataset  # noqa: E402
+from bench_train import add_run_options, train_argv, write_dataset  # noqa: E402
 
 import train_ddpm  # noqa: E402
 
@@ -76,11 +76,7 @@ def busy_seconds(profiler: torch.profiler.profile) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "ddpm-cifar10", "ddpm-256"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    add_run_options(parser)
     parser.add_argument("--steps", type=int, default=20, help="profiled optimizer steps")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--num_images", type=int, default=1024)
