@@ -122,19 +122,26 @@ def diffusion_loss(
     return loss
 
 
-def ema_pipeline(model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler) -> DDPMPaperPipeline:
-    """A pipeline on a copy of the model holding the EMA weights (the model's own without EMA), in eval mode."""
-    copied = copy.deepcopy(model).eval()
-    if ema is not None:
-        ema.copy_to(copied.parameters())
-    return DDPMPaperPipeline(unet=copied, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
+@dataclass
+class Trained:
+    """What the sample grids, evaluations, checkpoints and exports read: the model, its EMA and its diffusion."""
+
+    model: UNet2DModel
+    ema: EMA | None
+    noise_scheduler: DDPMPaperScheduler
+
+    def pipeline(self) -> DDPMPaperPipeline:
+        """A pipeline on a copy of the model holding the EMA weights (the model's own without EMA), in eval mode."""
+        copied = copy.deepcopy(self.model).eval()
+        if self.ema is not None:
+            self.ema.copy_to(copied.parameters())
+        # Its own scheduler: sampling sets timesteps, which the training scheduler must not see.
+        return DDPMPaperPipeline(unet=copied, scheduler=DDPMPaperScheduler.from_config(self.noise_scheduler.config))
 
 
-def sample_images(
-    model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler, args: TrainingArguments
-) -> list[PIL.Image.Image]:
+def sample_images(trained: Trained, args: TrainingArguments) -> list[PIL.Image.Image]:
     """`args.eval_batch_size` samples of the EMA weights (the model's, without EMA), always from the same seed."""
-    pipeline = ema_pipeline(model, ema, noise_scheduler)
+    pipeline = trained.pipeline()
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     return pipeline(
         batch_size=args.eval_batch_size,
@@ -145,9 +152,7 @@ def sample_images(
 
 
 def evaluate_model(
-    model: UNet2DModel,
-    ema: EMA | None,
-    noise_scheduler: DDPMPaperScheduler,
+    trained: Trained,
     args: TrainingArguments,
     held_out: torch.Tensor,
     feature_extractor: torch.nn.Module | None,
@@ -157,7 +162,7 @@ def evaluate_model(
     `evaluation.evaluate` of the EMA weights (the model's, without EMA) on the held-out uint8 images. Every process
     calls it: the images and samples are split across them, and each one gets the same metrics.
     """
-    pipeline = ema_pipeline(model, ema, noise_scheduler)
+    pipeline = trained.pipeline()
     split = args.eval_split or f"train-last-{args.eval_holdout_images}"
     return evaluate(
         pipeline,
@@ -205,9 +210,7 @@ def command_line() -> str:
 
 
 def export_pipeline(
-    model: UNet2DModel,
-    ema: EMA | None,
-    noise_scheduler: DDPMPaperScheduler,
+    trained: Trained,
     args: TrainingArguments,
     images: list[PIL.Image.Image] | None,
     step: int,
@@ -215,7 +218,7 @@ def export_pipeline(
     metrics: dict[str, float] | None = None,
 ) -> None:
     """Write the EMA weights as a stock `DDPMPipeline` folder with a model card into --output_dir; push it if asked."""
-    pipeline = ema_pipeline(model, ema, noise_scheduler)
+    pipeline = trained.pipeline()
     card = ModelCardInfo(
         dataset_name=args.dataset_name or args.train_data_dir,  # None for the embedded digits (not a Hub dataset)
         training_args={**public_config(args), "global_step": step},
@@ -228,7 +231,9 @@ def export_pipeline(
     )
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     pipeline.save_pretrained(args.output_dir, card=card, repo_id=repo_id)
-    logger.info("Exported the pipeline (step %d, %s weights) to %s", step, "EMA" if ema else "raw", args.output_dir)
+    logger.info(
+        "Exported the pipeline (step %d, %s weights) to %s", step, "EMA" if trained.ema else "raw", args.output_dir
+    )
     if not args.push_to_hub:
         return
     try:
@@ -426,37 +431,46 @@ def clip_and_step(
     return grad_norm, nonfinite
 
 
-def save(
-    accelerator: Accelerator, args: TrainingArguments, state: TrainerState, model, ema: EMA | None, monitor
-) -> str:
+def save(accelerator: Accelerator, args: TrainingArguments, state: TrainerState, trained: Trained, monitor) -> str:
     """Write the checkpoint of `state.global_step` (every process calls it)."""
     monitor.sync_state()
-    weights = list(model.parameters()) + (ema.shadow_params if ema is not None else [])
+    ema = trained.ema
+    weights = list(trained.model.parameters()) + (ema.shadow_params if ema is not None else [])
     path = save_checkpoint(accelerator, args.output_dir, state, weights, args.checkpoints_total_limit)
     logger.info("Saved checkpoint %s", path)
     return path
 
 
-def evaluation(accelerator, args, model, ema, noise_scheduler, held_out, feature_extractor, step) -> dict[str, float]:
+def evaluation(accelerator, args, trained: Trained, held_out, feature_extractor, step: int) -> dict[str, float]:
     """`evaluate_model`, logged to the tracker and the console (every process calls it)."""
-    metrics = evaluate_model(model, ema, noise_scheduler, args, held_out, feature_extractor, accelerator)
+    metrics = evaluate_model(trained, args, held_out, feature_extractor, accelerator)
     accelerator.log({EVAL_LOG_PREFIX + name: value for name, value in metrics.items()}, step=step)
     logger.info("Evaluation at step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
     return metrics
 
 
 def samples_and_export(
-    accelerator, args, model, ema, noise_scheduler, step, grid, export, images, metrics, final=False
+    accelerator, args, trained: Trained, step: int, images, metrics, grid: bool, export: bool, final: bool = False
 ) -> list[PIL.Image.Image] | None:
-    """A sample grid and/or an export (main process; the others wait). Returns the grid's images, for the card."""
+    """
+    A sample grid and/or an export if asked (main process; the others wait). Returns the last grid's images, which
+    the model card shows.
+    """
+    if not (grid or export):
+        return images
     if accelerator.is_main_process:
-        if grid or (export and images is None):
-            images = sample_images(model, ema, noise_scheduler, args)
+        if grid or images is None:
+            images = sample_images(trained, args)
             log_sample_grid(accelerator, args, images, step)
         if export:
-            export_pipeline(model, ema, noise_scheduler, args, images, step, final=final, metrics=metrics)
+            export_pipeline(trained, args, images, step, final=final, metrics=metrics)
     accelerator.wait_for_everyone()
     return images
+
+
+def every(period: int | None, count: int) -> bool:
+    """Whether `count` is a multiple of `period` (a period of 0 or None: never)."""
+    return bool(period) and count % period == 0
 
 
 def train(args: TrainingArguments) -> TrainingOutcome:
@@ -531,6 +545,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
     last_checkpoint_step = state.global_step if resume_path is not None else -1
     images, metrics = None, None  # the last sample grid and evaluation, for the model card
+    trained = Trained(model, ema, noise_scheduler)
     monitor = StepMonitor(accelerator, state, max_train_steps, args.logging_steps, args.max_nonfinite_steps)
     if accelerator.num_processes == 1 and args.gradient_accumulation_steps == 1 and not args.compile:
         monitor.interrupt_steps_of(model)  # a stop signal abandons the step at once (the launcher waits only 5 s)
@@ -574,53 +589,28 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                 monitor.end_step(nonfinite, loss, grad_norm, log)
                 if monitor.stopped_by or monitor.nonfinite_error:
                     break
-                if state.global_step % args.checkpointing_steps == 0:
-                    save(accelerator, args, state, model, ema, monitor)
+                if every(args.checkpointing_steps, state.global_step):
+                    save(accelerator, args, state, trained, monitor)
                     last_checkpoint_step = state.global_step
                 if state.global_step >= max_train_steps:
                     break  # the last evaluation comes after the last checkpoint, below
-                if args.eval_steps and state.global_step % args.eval_steps == 0:
-                    metrics = evaluation(
-                        accelerator, args, model, ema, noise_scheduler, held_out, feature_extractor, state.global_step
-                    )
-                grid = bool(args.save_images_steps) and state.global_step % args.save_images_steps == 0
-                export = bool(args.save_model_steps) and state.global_step % args.save_model_steps == 0
-                if grid or export:
-                    images = samples_and_export(
-                        accelerator,
-                        args,
-                        model,
-                        ema,
-                        noise_scheduler,
-                        state.global_step,
-                        grid,
-                        export,
-                        images,
-                        metrics,
-                    )
+                step = state.global_step
+                if every(args.eval_steps, step):
+                    metrics = evaluation(accelerator, args, trained, held_out, feature_extractor, step)
+                grid, export = every(args.save_images_steps, step), every(args.save_model_steps, step)
+                images = samples_and_export(accelerator, args, trained, step, images, metrics, grid, export)
             else:
                 # The epoch is complete: the epoch-based grids and exports of train_unconditional.py.
-                last_epoch = epoch == num_epochs - 1 or state.global_step >= max_train_steps
-                grid = bool(args.save_images_epochs) and epoch % args.save_images_epochs == 0 and not last_epoch
-                export = bool(args.save_model_epochs) and epoch % args.save_model_epochs == 0 and not last_epoch
-                if grid or export:
+                if epoch < num_epochs - 1 and state.global_step < max_train_steps:  # the end has its own
+                    grid, export = every(args.save_images_epochs, epoch), every(args.save_model_epochs, epoch)
                     images = samples_and_export(
-                        accelerator,
-                        args,
-                        model,
-                        ema,
-                        noise_scheduler,
-                        state.global_step,
-                        grid,
-                        export,
-                        images,
-                        metrics,
+                        accelerator, args, trained, state.global_step, images, metrics, grid, export
                     )
         monitor.finish()  # the last step's report
 
         # 7. The end (or a stop): checkpoint (signals still absorbed), then evaluation, samples and export ---------
         if last_checkpoint_step != state.global_step:
-            save(accelerator, args, state, model, ema, monitor)
+            save(accelerator, args, state, trained, monitor)
     path = checkpoint_path(args.output_dir, state.global_step)
     if monitor.nonfinite_error:  # the weights never took the skipped steps, so they are finite: the work is kept
         raise NonFiniteLossError(
@@ -635,12 +625,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         )  # fmt: skip
     else:
         if args.eval_steps:
-            metrics = evaluation(
-                accelerator, args, model, ema, noise_scheduler, held_out, feature_extractor, state.global_step
-            )
-        samples_and_export(
-            accelerator, args, model, ema, noise_scheduler, state.global_step, True, True, images, metrics, final=True
-        )
+            metrics = evaluation(accelerator, args, trained, held_out, feature_extractor, state.global_step)
+        samples_and_export(accelerator, args, trained, state.global_step, images, metrics, True, True, final=True)
     accelerator.end_training()
     return TrainingOutcome(state.global_step, unet=model, ema=ema, stopped_by=monitor.stopped_by, metrics=metrics)
 
