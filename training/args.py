@@ -23,7 +23,9 @@ from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
 from evaluation import FEATURE_EXTRACTORS
+from training import flag_ranges
 from training.models import MODEL_PRESETS
+from training.secrets import known_tokens, parse_strictly, public_path, redact_values
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
@@ -242,6 +244,21 @@ class ArgumentError(ValueError):
     """Flags that cannot be used together, or a value out of range."""
 
 
+FLOAT_RANGES: dict[str, flag_ranges.Range] = {
+    "learning_rate": flag_ranges.POSITIVE,
+    "adam_beta1": flag_ranges.UNIT_OPEN_ABOVE,
+    "adam_beta2": flag_ranges.UNIT_OPEN_ABOVE,
+    "adam_weight_decay": flag_ranges.ZERO_OR_MORE,
+    "adam_epsilon": flag_ranges.POSITIVE,
+    "max_grad_norm": flag_ranges.ZERO_OR_MORE,
+    "ema_inv_gamma": flag_ranges.POSITIVE,
+    "ema_power": flag_ranges.POSITIVE,
+    "ema_max_decay": flag_ranges.UNIT_CLOSED,
+    "seed": flag_ranges.SEED,
+}
+"""The numeric flags beyond the step counts: each must lie in its range (checked by `resolve_args`)."""
+
+
 def uses_embedded_dataset(args: TrainingArguments) -> bool:
     """Whether the run trains on the embedded digits (no dataset given)."""
     return args.dataset_name is None and args.train_data_dir is None
@@ -327,8 +344,9 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
         )
     if args.streaming and args.max_train_steps is None:
         raise ArgumentError("--streaming needs --max_train_steps: a stream has no known length to count epochs in.")
-    if not 0.0 <= args.ema_max_decay <= 1.0:
-        raise ArgumentError(f"--ema_max_decay must lie in [0, 1], got {args.ema_max_decay}.")
+    message = flag_ranges.first_range_error(args, FLOAT_RANGES)
+    if message is not None:
+        raise ArgumentError(message)
     return args
 
 
@@ -342,6 +360,7 @@ def make_parser() -> HfArgumentParser:
         description="Train a DDPM (Ho et al. 2020, Algorithm 1) with Accelerate and export a diffusers pipeline.",
         epilog=_EPILOG,
         formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # `--hub_tok hf_...` must not pass for --hub_token (nor go unmasked)
     )
     parser.prog = "train_ddpm.py"
     return parser
@@ -361,7 +380,7 @@ def parse_args(argv: list[str] | None = None) -> TrainingArguments:
         else:
             (args,) = parser.parse_yaml_file(argv[0])
     else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        (args,) = parse_strictly(parser, argv)
     try:
         return resolve_args(args)
     except ArgumentError as error:
@@ -369,8 +388,15 @@ def parse_args(argv: list[str] | None = None) -> TrainingArguments:
 
 
 def public_config(args: TrainingArguments) -> dict[str, Any]:
-    """The resolved flags as a JSON-ready dict for checkpoints, trackers and model cards: the Hub token left out."""
+    """
+    The resolved flags as a JSON-ready dict for checkpoints, trackers and model cards: the Hub token left out, any
+    token value masked wherever it appears, and local paths made relative or reduced to their base name.
+    """
     config = dataclasses.asdict(args)
     config.pop("hub_token")
     config.pop("local_rank")
-    return config
+    for name in ("output_dir", "train_data_dir", "dataset_name", "cache_dir", "model_config_name_or_path"):
+        config[name] = public_path(config[name])
+    if config["resume_from_checkpoint"] != "latest":
+        config["resume_from_checkpoint"] = public_path(config["resume_from_checkpoint"])
+    return redact_values(config, known_tokens(args.hub_token))
