@@ -206,7 +206,10 @@ class TrainingArguments:
     )
     save_model_steps: int | None = _arg(help="(new) Export the pipeline every this many steps.")
     push_to_hub: bool = _arg(False, help="Push each export to the Hub.")
-    hub_token: str | None = _arg(help="Hub token (by default HF_TOKEN or the cached login). Never saved.")
+    hub_token: str | None = _arg(
+        help="Hub token; prefer HF_TOKEN or `huggingface-cli login` (the launcher prints a failed command line). "
+        "Masked everywhere, never saved."
+    )
     hub_model_id: str | None = _arg(help="Hub repo to push to; by default the name of --output_dir.")
     hub_private_repo: bool = _arg(False, help="Create the Hub repo as private.")
     local_rank: int = _arg(-1, help="Accepted for compatibility; accelerate sets the rank.")
