@@ -43,9 +43,11 @@ from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, st
 from pipelines import DDPMPaperPipeline, image_grid, model_range_to_unit, pixels_to_model_range
 from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
+from training import flag_ranges
 from training.args import default_feature_extractor, parse_flags_or_file
 from training.launch import ensure_one_job
 from training.pixels import load_pixels
+from training.secrets import mask_logs_and_errors, register
 
 logger = logging.getLogger(__name__)
 
@@ -236,15 +238,39 @@ def _finite_or_null(value):
 
 
 # Command line ---------------------------------------------------------------------------------------------------------
+EVALUATION_RANGES: dict[str, flag_ranges.Range] = {
+    "resolution": flag_ranges.POSITIVE,
+    "num_images": flag_ranges.ZERO_OR_MORE,
+    "bpd_timesteps": flag_ranges.ZERO_OR_MORE,
+    "rate_distortion_images": flag_ranges.POSITIVE,
+    "num_samples": flag_ranges.ZERO_OR_MORE,
+    "num_inference_steps": flag_ranges.POSITIVE,
+    "num_reference_images": flag_ranges.POSITIVE,
+    "interpolation_timesteps": flag_ranges.ZERO_OR_MORE,
+    "batch_size": flag_ranges.POSITIVE,
+    "seed": flag_ranges.SEED,
+}
+"""The range of each numeric flag, checked by `parse_args` before any work starts."""
+
+
 def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
-    """The flags in `argv` (`sys.argv[1:]` by default), or a single JSON or YAML file that holds them."""
-    parser = HfArgumentParser(EvaluationArguments, description=__doc__.split("\n\n")[0].strip())
+    """
+    The flags in `argv` (`sys.argv[1:]` by default), or a single JSON or YAML file that holds them. Flags must be
+    spelled in full; a numeric flag out of its range (`EVALUATION_RANGES`) exits with status 2 and says why.
+    """
+    parser = HfArgumentParser(EvaluationArguments, description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
+    parser.prog = "evaluate_ddpm.py"
     (args,) = parse_flags_or_file(parser, argv)
+    message = flag_ranges.first_range_error(args, EVALUATION_RANGES)
+    if message is not None:
+        parser.error(message)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    register()  # tokens of the environment and the login are masked in every log line, by value
+    mask_logs_and_errors()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     # One process, or one of `accelerate launch --num_processes N`: the Accelerator's state says which.

@@ -54,7 +54,9 @@ from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
 from training.monitor import StepMonitor
+from training.output_lock import OutputDirLockedError, lock_output_dir, release_output_locks
 from training.pixels import PixelBatches, collate_pixel_batch, collate_pixels, images_to_model_input, load_pixels
+from training.secrets import known_tokens, mask_logs_and_errors, public_argv, public_dataset_name, redact, register
 from training.sync import adamw, step_unless_nonfinite
 
 logger = get_logger(__name__)
@@ -195,17 +197,8 @@ def log_sample_grid(accelerator: Accelerator, args: TrainingArguments, images: l
 
 
 def command_line() -> str:
-    """The command that started this run, for the model card, with the value of --hub_token masked."""
-    argv, masked = [], False
-    for arg in sys.argv[1:]:
-        if masked:
-            argv.append("***")
-        elif arg.startswith("--hub_token=") or arg.startswith("--hub-token="):
-            arg = arg.split("=")[0] + "=***"
-            argv.append(arg)
-        else:
-            argv.append(arg)
-        masked = arg in ("--hub_token", "--hub-token")
+    """The command that started this run, for the model card: tokens masked by value, local paths made public."""
+    argv = public_argv(sys.argv[1:], known_tokens())
     return shlex.join(["accelerate", "launch", os.path.basename(sys.argv[0]), *argv])
 
 
@@ -220,7 +213,8 @@ def export_pipeline(
     """Write the EMA weights as a stock `DDPMPipeline` folder with a model card into --output_dir; push it if asked."""
     pipeline = trained.pipeline()
     card = ModelCardInfo(
-        dataset_name=args.dataset_name or args.train_data_dir,  # None for the embedded digits (not a Hub dataset)
+        # None for the embedded digits (not a Hub dataset); a local folder by its public (relative) name
+        dataset_name=public_dataset_name(args.dataset_name, args.train_data_dir),
         training_args={**public_config(args), "global_step": step},
         # The last evaluation (--eval_steps); a NaN (e.g. the standard error of one image) has no place in YAML.
         metrics={name: value for name, value in metrics.items() if math.isfinite(value)} if metrics else None,
@@ -476,6 +470,7 @@ def every(period: int | None, count: int) -> bool:
 def train(args: TrainingArguments) -> TrainingOutcome:
     # 1. Accelerator, output folder, and the evaluation's feature network (a missing one fails now, not after training)
     accelerator = make_accelerator(args)
+    lock_output_dir(accelerator, args.output_dir)  # one run per folder, held until `main` ends
     prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     feature_extractor = None
     if args.eval_steps and args.eval_num_samples > 0:
@@ -634,6 +629,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
 def main(argv: list[str] | None = None) -> TrainingOutcome:
     """Parse the flags (`argv`, default `sys.argv[1:]`) and train. Expected failures exit with a one-line error."""
     args = parse_args(argv)
+    register(args.hub_token)  # from here on, the token is masked in every log line and error, by value
+    mask_logs_and_errors()
     try:
         return train(args)
     except (
@@ -645,9 +642,12 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
         LaunchError,
         ModelConfigUnavailableError,
         NonFiniteLossError,
+        OutputDirLockedError,
         PublishError,
     ) as error:
-        raise SystemExit(f"train_ddpm.py: error: {error}") from error
+        raise SystemExit(f"train_ddpm.py: error: {redact(str(error))}") from error
+    finally:
+        release_output_locks()
 
 
 if __name__ == "__main__":

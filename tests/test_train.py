@@ -31,6 +31,7 @@ from schedulers import DDPMPaperScheduler
 from training.args import DIGITS_DEFAULTS, make_parser, parse_args, public_config
 from training.checkpointing import TRAINER_STATE_NAME, TrainerState
 from training.data import DatasetUnavailableError, ImageDataError, digits_dataset, split_held_out
+from training.output_lock import LOCK_FILE_NAME
 from training.pixels import PixelBatches, preprocess_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -660,7 +661,7 @@ def test_overwrite_output_dir_removes_the_old_checkpoints_before_training(workdi
     seen = []
 
     def data_after_the_removal(*args, **kwargs):
-        seen.append(sorted(path.name for path in output.iterdir()))
+        seen.append(sorted(path.name for path in output.iterdir() if path.name != LOCK_FILE_NAME))  # held by the run
         raise DatasetUnavailableError("stop here")
 
     monkeypatch.setattr(train_ddpm, "load_pixels", data_after_the_removal)

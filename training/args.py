@@ -23,7 +23,9 @@ from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
 from schedulers import BETA_SCHEDULES, VARIANCE_TYPES
+from training import flag_ranges
 from training.models import MODEL_PRESETS
+from training.secrets import known_tokens, parse_strictly, public_path, redact_values
 
 # The names of `evaluation.FEATURE_EXTRACTORS`, as plain argparse choices: training/ does not import evaluation/
 # (tests/test_evaluate_cli.py keeps the two equal).
@@ -206,7 +208,10 @@ class TrainingArguments:
     )
     save_model_steps: int | None = _arg(help="(new) Export the pipeline every this many steps.")
     push_to_hub: bool = _arg(False, help="Push each export to the Hub.")
-    hub_token: str | None = _arg(help="Hub token (by default HF_TOKEN or the cached login). Never saved.")
+    hub_token: str | None = _arg(
+        help="Hub token; prefer HF_TOKEN or `huggingface-cli login` (the launcher prints a failed command line). "
+        "Masked everywhere, never saved."
+    )
     hub_model_id: str | None = _arg(help="Hub repo to push to; by default the name of --output_dir.")
     hub_private_repo: bool = _arg(False, help="Create the Hub repo as private.")
     local_rank: int = _arg(-1, help="Accepted for compatibility; accelerate sets the rank.")
@@ -242,6 +247,21 @@ class TrainingArguments:
 
 class ArgumentError(ValueError):
     """Flags that cannot be used together, or a value out of range."""
+
+
+FLOAT_RANGES: dict[str, flag_ranges.Range] = {
+    "learning_rate": flag_ranges.POSITIVE,
+    "adam_beta1": flag_ranges.UNIT_OPEN_ABOVE,
+    "adam_beta2": flag_ranges.UNIT_OPEN_ABOVE,
+    "adam_weight_decay": flag_ranges.ZERO_OR_MORE,
+    "adam_epsilon": flag_ranges.POSITIVE,
+    "max_grad_norm": flag_ranges.ZERO_OR_MORE,
+    "ema_inv_gamma": flag_ranges.POSITIVE,
+    "ema_power": flag_ranges.POSITIVE,
+    "ema_max_decay": flag_ranges.UNIT_CLOSED,
+    "seed": flag_ranges.SEED,
+}
+"""The numeric flags beyond the step counts: each must lie in its range (checked by `resolve_args`)."""
 
 
 def uses_embedded_dataset(args: TrainingArguments) -> bool:
@@ -334,8 +354,9 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
         )
     if args.streaming and args.max_train_steps is None:
         raise ArgumentError("--streaming needs --max_train_steps: a stream has no known length to count epochs in.")
-    if not 0.0 <= args.ema_max_decay <= 1.0:
-        raise ArgumentError(f"--ema_max_decay must lie in [0, 1], got {args.ema_max_decay}.")
+    message = flag_ranges.first_range_error(args, FLOAT_RANGES)
+    if message is not None:
+        raise ArgumentError(message)
     return args
 
 
@@ -349,6 +370,7 @@ def make_parser() -> HfArgumentParser:
         description="Train a DDPM (Ho et al. 2020, Algorithm 1) with Accelerate and export a diffusers pipeline.",
         epilog=_EPILOG,
         formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # `--hub_tok hf_...` must not pass for --hub_token (nor go unmasked)
     )
     parser.prog = "train_ddpm.py"
     return parser
@@ -371,7 +393,7 @@ def parse_flags_or_file(parser: HfArgumentParser, argv: list[str] | None = None)
         if argv[0].endswith(".json"):
             return parser.parse_json_file(argv[0])
         return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return parse_strictly(parser, argv)  # no abbreviated flags, and no token in an error message
 
 
 def parse_args(argv: list[str] | None = None) -> TrainingArguments:
@@ -389,8 +411,15 @@ def parse_args(argv: list[str] | None = None) -> TrainingArguments:
 
 
 def public_config(args: TrainingArguments) -> dict[str, Any]:
-    """The resolved flags as a JSON-ready dict for checkpoints, trackers and model cards: the Hub token left out."""
+    """
+    The resolved flags as a JSON-ready dict for checkpoints, trackers and model cards: the Hub token left out, any
+    token value masked wherever it appears, and local paths made relative or reduced to their base name.
+    """
     config = dataclasses.asdict(args)
     config.pop("hub_token")
     config.pop("local_rank")
-    return config
+    for name in ("output_dir", "train_data_dir", "dataset_name", "cache_dir", "model_config_name_or_path"):
+        config[name] = public_path(config[name])
+    if config["resume_from_checkpoint"] != "latest":
+        config["resume_from_checkpoint"] = public_path(config["resume_from_checkpoint"])
+    return redact_values(config, known_tokens(args.hub_token))

@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import datasets
 import numpy as np
@@ -220,6 +221,13 @@ def find_image_column(dataset: Dataset | IterableDataset, image_column: str | No
             raise ImageDataError(
                 f"--image_column {image_column!r} is not a column of the dataset; its columns are {columns}."
             )
+        kind = _not_an_image_column(features[image_column] if features is not None else first[image_column])
+        if kind is not None:
+            others = f"its image columns are {candidates}" if candidates else f"it has no image column ({columns})"
+            raise ImageDataError(
+                f"--image_column {image_column!r} holds {kind}, not images; {others}. Pass --image_column with a "
+                "column of images (a `datasets.Image` feature, or image bytes or file paths)."
+            )
         return image_column
     if not candidates:
         raise ImageDataError(
@@ -227,6 +235,21 @@ def find_image_column(dataset: Dataset | IterableDataset, image_column: str | No
             "Name the column that holds the images with --image_column."
         )
     return candidates[0]
+
+
+def _not_an_image_column(feature_or_value: Any) -> str | None:
+    """What a column (its feature, or a streamed example's value) holds if it cannot hold images, else `None`."""
+    if isinstance(feature_or_value, datasets.ClassLabel):
+        return "class labels"
+    if isinstance(feature_or_value, datasets.Value):
+        if feature_or_value.dtype in ("string", "large_string", "binary", "large_binary"):
+            return None  # file paths or encoded image bytes, which the Image feature decodes
+        return f"values of type {feature_or_value.dtype}"
+    if isinstance(feature_or_value, (bool, int, float)):
+        return f"values of type {type(feature_or_value).__name__}"
+    if isinstance(feature_or_value, (datasets.Image, dict, str, bytes, Image.Image)):
+        return None  # an Image feature, a {"bytes", "path"} struct, a path, encoded bytes, or a decoded image
+    return f"values of type {type(feature_or_value).__name__}"
 
 
 def held_out_images(config: dict) -> int:
