@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
+from pipelines.atomic_folder import atomic_folder
 from schedulers import DDPMPaperScheduler
 
 SAMPLE_GRID_FILE = "samples.png"
@@ -264,7 +265,8 @@ class DDPMPaperPipeline(DiffusionPipeline):
         config (a schedule it lacks as `trained_betas`), and a model card `README.md` with a sample grid.
 
         Args:
-            save_directory (`str` or `os.PathLike`): The folder to write.
+            save_directory (`str` or `os.PathLike`): The folder to write, atomically (`atomic_folder`): other files
+                in it stay, and a failure midway leaves the previous export there loadable.
             card ([`ModelCardInfo`], *optional*): Dataset, settings, metrics and samples for the model card.
             safe_serialization (`bool`, defaults to `True`): Must stay `True`: exports are safetensors.
             repo_id (`str`, *optional*): The Hub id shown in the card's usage snippet.
@@ -274,8 +276,9 @@ class DDPMPaperPipeline(DiffusionPipeline):
         if kwargs.pop("push_to_hub", False):
             raise ValueError("Use DDPMPaperPipeline.push_to_hub(repo_id, card=...) to publish.")
         save_directory = Path(save_directory)
-        self.to_stock_pipeline().save_pretrained(save_directory, safe_serialization=True, **kwargs)
-        self._write_model_card(save_directory, card or ModelCardInfo(), repo_id or save_directory.name)
+        with atomic_folder(save_directory) as folder:  # killed midway: the previous export stays loadable
+            self.to_stock_pipeline().save_pretrained(folder, safe_serialization=True, **kwargs)
+            self._write_model_card(folder, card or ModelCardInfo(), repo_id or save_directory.name)
 
     def _write_model_card(self, save_directory: Path, card: ModelCardInfo, repo_id: str) -> None:
         images = card.sample_images
