@@ -574,7 +574,8 @@ def _accelerate_warnings(path: str) -> Iterator[list[str]]:
     class Surface(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             message = record.getMessage()
-            if record.levelno >= logging.WARNING or message.lower().startswith(("could not", "cannot", "unable")):
+            lowered = message.lower()  # after accelerate's "[RANK 0] " prefix
+            if record.levelno >= logging.WARNING or any(word in lowered for word in ("could not", "cannot", "unable")):
                 collected.append(message)
                 logger.warning("accelerate, loading %s: %s", path, message)
 
