@@ -149,7 +149,7 @@ def test_a_payload_in_every_file_runs_nothing_and_is_refused(workdir, base_run, 
         if path.name != MANIFEST_NAME or manifest == "replaced":
             plant(path, marker)
     if manifest == "regenerated":
-        (checkpoint / MANIFEST_NAME).unlink()
+        (checkpoint / MANIFEST_NAME).unlink(missing_ok=True)
         write_manifest(str(checkpoint))
     result = resume(workdir, output, "checkpoint-4", steps=6)
     assert not marker.exists()
@@ -164,7 +164,7 @@ def test_each_planted_file_is_refused_under_a_regenerated_manifest(workdir, base
         output = copy_run(base_run, workdir, f"payload-{name}")
         checkpoint = output / "checkpoint-4"
         plant(checkpoint / name, marker)
-        (checkpoint / MANIFEST_NAME).unlink()
+        (checkpoint / MANIFEST_NAME).unlink(missing_ok=True)
         write_manifest(str(checkpoint))
         with pytest.raises(CheckpointError, match=f"{checkpoint / name} cannot be "):
             verify_checkpoint(str(checkpoint))
@@ -190,7 +190,7 @@ def legacy_checkpoint(checkpoint: Path) -> Path:
     torch.save(read_object_state(str(checkpoint), "ema"), checkpoint / "custom_checkpoint_0.pkl")
     torch.save(read_object_state(str(checkpoint), "lr_scheduler"), checkpoint / "custom_checkpoint_1.pkl")
     for name in ("ema.safetensors", "lr_scheduler.json", MANIFEST_NAME):
-        (checkpoint / name).unlink()
+        (checkpoint / name).unlink(missing_ok=True)
     return checkpoint
 
 
@@ -213,7 +213,7 @@ def test_random_states_accelerate_cannot_restore_are_a_warning_and_an_error(work
     output = copy_run(base_run, workdir, "rng-unrestorable")
     checkpoint = output / "checkpoint-4"
     torch.save({"step": 0}, checkpoint / "random_states_0.pkl")
-    (checkpoint / MANIFEST_NAME).unlink()
+    (checkpoint / MANIFEST_NAME).unlink(missing_ok=True)
     write_manifest(str(checkpoint))
     result = resume(workdir, output, "checkpoint-4", steps=6)
     assert "WARNING" in result.stderr and "Could not load random states" in result.stderr
