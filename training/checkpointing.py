@@ -672,6 +672,11 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
     state = _read_trainer_state(path)
     objects = registered_checkpoint_state(accelerator)
     saved = _object_states(path, list(objects))
+    ours = {"model", TRAINER_STATE_NAME.split(".")[0], MANIFEST_NAME.split(".")[0], *objects}
+    for name in sorted(os.listdir(path)):
+        stem, suffix = os.path.splitext(name)
+        if suffix in (".safetensors", ".json") and stem not in ours and not stem.startswith("model_"):
+            logger.warning("%s holds the state of '%s', which this run does not use: it is not restored.", path, stem)
     problem = None
     try:
         with _without_legacy_pickles(path) as readable, _accelerate_warnings(path) as messages:
