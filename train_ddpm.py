@@ -45,6 +45,7 @@ from training.checkpointing import (
     checkpoint_path,
     load_checkpoint,
     prepare_output_dir,
+    register_checkpoint_state,
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -501,7 +502,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     ema = None
     if args.use_ema:
         ema = EMA(model.parameters(), max_decay=args.ema_max_decay, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
-        accelerator.register_for_checkpointing(ema)
+        register_checkpoint_state(accelerator, "ema", ema)  # safetensors, not pickle
     # The schedule counts optimizer steps of this process: len(train_dataloader) is already the per-process number of
     # batches, so the count holds for any number of processes and accumulation steps. The schedule is not passed to
     # `prepare` (whose wrapper steps it num_processes times per step, diffusers issues #6137 and #8384).
@@ -517,7 +518,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         num_warmup_steps=args.lr_warmup_steps,
         num_training_steps=max_train_steps,
     )
-    accelerator.register_for_checkpointing(lr_scheduler)
+    register_checkpoint_state(accelerator, "lr_scheduler", lr_scheduler)  # JSON, not pickle
 
     # 5. Resume: weights, optimizer, EMA, schedule, RNG states and the position in the data ----------------------------
     set_seed(args.seed, device_specific=True)  # each process draws its own noise and timesteps

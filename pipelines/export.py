@@ -22,6 +22,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
+from .atomic_folder import atomic_folder
 from .utils import image_grid
 
 if TYPE_CHECKING:
@@ -126,7 +127,8 @@ def save_stock_pipeline(
 
     Args:
         pipeline ([`DDPMPaperPipeline`]): The model to export.
-        save_directory (`str` or `os.PathLike`): The folder to write.
+        save_directory (`str` or `os.PathLike`): The folder to write, atomically (`atomic_folder`): other files in
+            it stay, and a failure midway leaves the previous export there loadable.
         card ([`ModelCardInfo`], *optional*): Dataset, settings, metrics and samples for the model card.
         safe_serialization (`bool`, defaults to `True`): Must stay `True`: exports are safetensors.
         repo_id (`str`, *optional*): The Hub id shown in the card's usage snippet; the folder's name by default.
@@ -137,8 +139,9 @@ def save_stock_pipeline(
     if kwargs.pop("push_to_hub", False):
         raise ValueError("Use DDPMPaperPipeline.push_to_hub(repo_id, card=...) to publish.")
     save_directory = Path(save_directory)
-    to_stock_pipeline(pipeline).save_pretrained(save_directory, safe_serialization=True, **kwargs)
-    write_model_card(pipeline, save_directory, card or ModelCardInfo(), repo_id or save_directory.name)
+    with atomic_folder(save_directory) as folder:  # killed midway: the previous export stays loadable
+        to_stock_pipeline(pipeline).save_pretrained(folder, safe_serialization=True, **kwargs)
+        write_model_card(pipeline, folder, card or ModelCardInfo(), repo_id or save_directory.name)
 
 
 def write_model_card(pipeline: DDPMPaperPipeline, save_directory: Path, card: ModelCardInfo, repo_id: str) -> None:

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 
 from training.checkpointing import (
     TRAINER_STATE_NAME,
@@ -13,12 +14,14 @@ from training.checkpointing import (
     find_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    register_checkpoint_state,
     remove_checkpoints,
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
 )
 from training.ema import EMA
+from training.manifest import write_manifest
 
 
 @pytest.fixture
@@ -35,7 +38,7 @@ def prepared(accelerator):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(model.parameters())
-    accelerator.register_for_checkpointing(ema)
+    register_checkpoint_state(accelerator, "ema", ema)
     return model, optimizer, ema
 
 
@@ -56,7 +59,8 @@ def test_save_checkpoint_writes_a_complete_folder_and_no_temporary_one(tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-7"]
     files = set(os.listdir(path))
     assert {TRAINER_STATE_NAME, "model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= files
-    assert "custom_checkpoint_0.pkl" in files  # the EMA
+    assert {"ema.safetensors", "manifest.json"} <= files  # the EMA in safetensors, not pickled
+    assert not [name for name in files if name.startswith("custom_checkpoint")]
     saved = json.loads((tmp_path / "checkpoint-7" / TRAINER_STATE_NAME).read_text())
     assert saved["global_step"] == 7 and saved["batches_in_epoch"] == 3 and saved["training_args"] == {"seed": 0}
 
@@ -110,9 +114,10 @@ def test_non_finite_weights_are_never_written(tmp_path, accelerator, prepared):
 def _fake_checkpoint(folder, name, complete=True):
     path = folder / name
     path.mkdir()
-    (path / "model.safetensors").write_bytes(b"x")
+    save_file({"weight": torch.zeros(2)}, str(path / "model.safetensors"))
     if complete:
         TrainerState(global_step=int(name.split("-")[1].split(".")[0])).save(str(path / TRAINER_STATE_NAME))
+        write_manifest(str(path))
     return path
 
 

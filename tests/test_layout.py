@@ -41,3 +41,9 @@ def test_the_check_sees_a_wrong_way_import(tmp_path):
     module = tmp_path / "module.py"
     module.write_text("def f():\n    from training.data import digits_dataset\n    import evaluate_ddpm\n")
     assert first_party_imports(module) == {"training", "evaluate_ddpm"}
+
+
+def test_no_test_touches_accelerates_private_state():
+    """Tests isolate accelerate's process-wide state with `@pytest.mark.fresh_process` (tests/conftest.py)."""
+    private = "AcceleratorState." + "_reset_state"  # split, so that this file does not match itself
+    assert [path.name for path in sorted((REPO / "tests").glob("*.py")) if private in path.read_text()] == []

@@ -386,11 +386,11 @@ def test_two_cpu_processes_end_identical_and_only_rank_0_writes(workdir, digits_
 
     state = trainer_state(output / "checkpoint-4")
     assert (state.global_step, state.epoch) == (4, 1)
-    schedule = torch.load(output / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=False)
+    schedule = json.loads((output / "checkpoint-4" / "lr_scheduler.json").read_text())  # JSON: nothing pickled
     assert schedule["last_epoch"] == 4 and schedule["_last_lr"] == [0.0]
     # Every file once: rank 1 wrote only its own RNG state.
     files = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
-    checkpoint_files = ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors", "optimizer.bin"]
+    checkpoint_files = ["ema.safetensors", "lr_scheduler.json", "manifest.json", "model.safetensors", "optimizer.bin"]
     checkpoint_files += ["random_states_0.pkl", "random_states_1.pkl", TRAINER_STATE_NAME]
     expected = [f"checkpoint-{step}/{name}" for step in (2, 4) for name in checkpoint_files]
     expected += [
@@ -492,7 +492,7 @@ def test_resume_after_sigkill_mid_checkpoint_is_bitwise_exact(workdir, hub_layou
     assert "Resumed from" in result.stderr and "checkpoint-2: step 2" in result.stderr
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     resumed, uninterrupted = output / "checkpoint-4", hub_run / "checkpoint-4"
-    for name in ("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
+    for name in ("model.safetensors", "optimizer.bin", "ema.safetensors", "random_states_0.pkl"):
         assert (resumed / name).read_bytes() == (uninterrupted / name).read_bytes(), name  # weights, Adam, EMA, RNG
     export = Path("unet") / "diffusion_pytorch_model.safetensors"
     assert (output / export).read_bytes() == (hub_run / export).read_bytes()  # the exported EMA weights
@@ -575,8 +575,8 @@ def test_non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run(work
     for step in (4, 8, 9):
         weights = load_file(output / f"checkpoint-{step}" / "model.safetensors")
         assert all(torch.isfinite(tensor).all() for tensor in weights.values())
-        ema = torch.load(output / f"checkpoint-{step}" / "custom_checkpoint_0.pkl", weights_only=False)
-        assert all(torch.isfinite(tensor).all() for tensor in ema["shadow_params"])
+        ema = load_file(output / f"checkpoint-{step}" / "ema.safetensors")
+        assert ema and all(torch.isfinite(tensor).all() for tensor in ema.values())
     assert not (output / "model_index.json").exists()
 
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from hub_server import LocalHub
@@ -49,10 +48,11 @@ def images_elsewhere(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def in_process(workdir, monkeypatch):
+def in_process(request, workdir, monkeypatch):
+    """Run `train_ddpm.main` here, in `workdir`: in a test marked fresh_process (accelerate's state is process-wide)."""
+    assert request.node.get_closest_marker("fresh_process"), "mark the test @pytest.mark.fresh_process"
     monkeypatch.chdir(workdir)
-    yield lambda *args: train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
-    AcceleratorState._reset_state(reset_partial_state=True)
+    return lambda *args: train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
 
 
 def _no_data(*args, **kwargs):
@@ -128,6 +128,7 @@ def test_a_second_run_into_a_held_folder_fails_at_once_on_every_process_and_a_ki
     assert not (output / LOCK_FILE_NAME).exists()  # a run that ends removes its lock file: never exported
 
 
+@pytest.mark.fresh_process
 def test_a_run_into_a_folder_another_process_holds_names_it_and_leaves_it_alone(workdir, in_process, monkeypatch):
     output = workdir / "held-in-process"
     monkeypatch.setattr(train_ddpm, "load_pixels", _no_data)
@@ -212,6 +213,7 @@ def test_no_token_and_no_absolute_path_in_any_file_written_or_published(
         assert (state["train_data_dir"], state["output_dir"]) == ("my-images", "by-flag")
 
 
+@pytest.mark.fresh_process
 def test_tokens_are_masked_by_value_in_logs_errors_and_public_configs(workdir, in_process, monkeypatch):
     register(TOKEN)
     mask_logs_and_errors()
@@ -294,6 +296,7 @@ def test_evaluation_flags_out_of_range_are_refused_before_loading_anything(argv,
     assert f"evaluate_ddpm.py: error: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.fresh_process
 def test_an_image_column_of_numbers_is_refused_naming_the_image_columns(workdir, in_process, monkeypatch):
     folder = workdir / "labelled" / "data"
     folder.mkdir(parents=True)

@@ -1,31 +1,49 @@
-"""Resumable checkpoints of train_ddpm.py, written so that a crash never leaves a half checkpoint behind.
+"""Resumable checkpoints of train_ddpm.py, written so that a crash never leaves a half checkpoint behind, and read so
+that a damaged or hostile one is refused before anything of it is loaded.
 
 A checkpoint is the folder `checkpoint-{step}` under the output folder. It holds what `accelerator.save_state`
-writes (model, optimizer, GradScaler, the objects registered with `register_for_checkpointing`: the EMA and the LR
-schedule, the RNG states of every process and the sampler of the data order) and `trainer_state.json`: the step, the
-data position and the resolved training flags.
+writes (the model in safetensors, the optimizer, GradScaler and sampler states, the RNG states of every process), the
+objects registered with `register_checkpoint_state` (the EMA in safetensors, the LR schedule in JSON: nothing of ours
+is pickled), `trainer_state.json` (the step, the data position and the resolved training flags) and, last,
+`manifest.json`: every file's size and SHA-256 (training/manifest.py).
 
-Writing goes to `checkpoint-{step}.tmp`; `trainer_state.json` is written last, every file is flushed to disk, and the
-folder is then renamed into place. A folder named `checkpoint-{step}` with a `trainer_state.json` is therefore
-complete; anything else (a `.tmp` or `.old` folder, or one without `trainer_state.json`) is the remains of an
-interrupted write, which `find_checkpoints` skips and `remove_incomplete_checkpoints` deletes.
+Writing goes to `checkpoint-{step}.tmp`; `trainer_state.json` and then the manifest are written last, every file is
+flushed to disk, and the folder is then renamed into place. A folder named `checkpoint-{step}` with a
+`trainer_state.json` is therefore complete; anything else (a `.tmp` or `.old` folder, or one without
+`trainer_state.json`) is the remains of an interrupted write, which `find_checkpoints` skips and
+`remove_incomplete_checkpoints` deletes.
+
+Reading verifies first (`verify_checkpoint`): the files must match the manifest, and every pickle the stack still
+writes (optimizer, RNG states, scaler, sampler) must load with `weights_only=True`, the only way any file of a
+checkpoint is unpickled, so that a crafted file cannot run code even under a regenerated manifest. Checkpoints written
+before manifests existed (no `manifest.json`) are accepted with a warning: their pickles, the EMA and LR schedule
+included, load with `weights_only=True` as well, but damage that still parses cannot be detected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from training.data import held_out_images
+from training.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +96,172 @@ class TrainerState:
             values = json.load(file)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+# State of ours, saved beside accelerate's: safetensors for tensors, JSON for the rest, never pickle ----------------
+_REGISTERED: weakref.WeakKeyDictionary[Accelerator, dict[str, Any]] = weakref.WeakKeyDictionary()
+_TENSOR_KEY = "__tensor__"
+_LEGACY_CUSTOM_RE = re.compile(r"^custom_checkpoint_(\d+)\.pkl$")
+_PICKLE_SUFFIXES = (".bin", ".pkl", ".pt")
+
+
+def register_checkpoint_state(accelerator: Accelerator, name: str, obj: Any) -> None:
+    r"""
+    Save and restore `obj` (anything with `state_dict` / `load_state_dict`, e.g. the EMA or the LR schedule) with the
+    checkpoints of `accelerator`, as `{name}.safetensors` (its tensors, the rest of the state as JSON in the header)
+    or `{name}.json` when it holds no tensor. It replaces `accelerator.register_for_checkpointing`, whose files are
+    pickles that accelerate loads with `weights_only=False` (a checkpoint that runs code).
+
+    Objects are restored in the order registered (which must be the order the run that wrote a checkpoint of the
+    pickled format registered them with accelerate, for those checkpoints to load).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name.startswith("custom_checkpoint"):
+        raise ValueError(f"'{name}' cannot name a checkpoint file: use letters, digits and '_'.")
+    _REGISTERED.setdefault(accelerator, {})[name] = obj
+
+
+def registered_checkpoint_state(accelerator: Accelerator) -> dict[str, Any]:
+    """The objects registered with `register_checkpoint_state`, by name, in registration order."""
+    return dict(_REGISTERED.get(accelerator, {}))
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """`value` as JSON, its tensors moved into `tensors` (contiguous CPU copies) and replaced by references."""
+    if isinstance(value, torch.Tensor):
+        tensors[where] = value.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR_KEY: where}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_encode(item, tensors, f"{where}.{index}") for index, item in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value) and _TENSOR_KEY not in value:
+        return {key: _encode(item, tensors, f"{where}.{key}") for key, item in value.items()}
+    raise CheckpointError(f"Cannot save '{where}' ({type(value).__name__}) as safetensors or JSON.")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(item, tensors) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR_KEY}:
+            return tensors[value[_TENSOR_KEY]]  # a KeyError for a reference to no tensor
+        return {key: _decode(item, tensors) for key, item in value.items()}
+    return value
+
+
+def save_object_state(folder: str, name: str, obj: Any) -> str:
+    """Write `obj.state_dict()` as `folder/{name}.safetensors` or `folder/{name}.json`; returns the file."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(obj.state_dict(), tensors, name)
+    if tensors:
+        path = os.path.join(folder, f"{name}.safetensors")
+        save_file(tensors, path, metadata={"state": json.dumps(structure, allow_nan=True)})
+    else:
+        path = os.path.join(folder, f"{name}.json")
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(structure, file, indent=2)
+            file.write("\n")
+    return path
+
+
+def read_object_state(folder: str, name: str) -> dict[str, Any]:
+    r"""
+    The state dict `save_object_state` wrote for `name` in `folder` (safetensors and JSON only: no code can run).
+
+    Raises:
+        `CheckpointError`: there is none, or it cannot be read; the message names the file.
+    """
+    tensors_path, json_path = os.path.join(folder, f"{name}.safetensors"), os.path.join(folder, f"{name}.json")
+    path = tensors_path if os.path.isfile(tensors_path) else json_path
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{folder} holds no state for '{name}' ({name}.safetensors or {name}.json): it was written by a run "
+            f"without it (e.g. without --use_ema for 'ema'). Resume with the flags of the run that wrote it."
+        )
+    try:
+        if path == tensors_path:
+            with safe_open(path, framework="pt", device="cpu") as file:
+                structure = json.loads((file.metadata() or {})["state"])
+                tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
+        else:
+            with open(path, encoding="utf-8") as file:
+                structure, tensors = json.load(file), {}
+        state = _decode(structure, tensors)
+    except Exception as error:  # a damaged or crafted file: whatever safetensors or json raise
+        raise CheckpointError(f"{path} cannot be read: {_first_line(error)}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict.")
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's weights_only errors go on to suggest weights_only=False)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _safe_globals() -> list[Any]:
+    """The globals accelerate allows when it unpickles with weights_only=True (numpy arrays of the RNG states)."""
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    except ImportError:  # another accelerate: torch's own allow-list
+        return []
+    return list(TORCH_SAFE_GLOBALS)
+
+
+def safe_torch_load(path: str) -> Any:
+    """`torch.load` with `weights_only=True` (no code can run), the globals accelerate allows, onto the CPU."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+# Verification -------------------------------------------------------------------------------------------------------
+def _read_trainer_state(path: str) -> TrainerState:
+    file = os.path.join(path, TRAINER_STATE_NAME)
+    try:
+        return TrainerState.load(file)
+    except Exception as error:  # missing, not JSON, not an object, unknown types
+        raise CheckpointError(f"{file} cannot be read: {_first_line(error)}") from error
+
+
+def _check_readable(path: str) -> None:
+    """Every file the resume reads parses: the trainer state, the safetensors headers, and every pickle with
+    weights_only=True (a pickle that needs more, such as one that would run code, is refused)."""
+    _read_trainer_state(path)
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(file, framework="pt", device="cpu") as opened:
+                    opened.keys()
+            elif name.endswith(_PICKLE_SUFFIXES):
+                safe_torch_load(file)
+            elif name.endswith(".json"):
+                with open(file, encoding="utf-8") as opened:
+                    json.load(opened)
+        except Exception as error:
+            raise CheckpointError(f"{file} cannot be loaded safely: {_first_line(error)}") from error
+
+
+def verify_checkpoint(path: str) -> None:
+    r"""
+    Check the checkpoint folder `path` before anything of it is loaded: its files match `manifest.json` (sizes and
+    SHA-256), and every file parses, pickles with `weights_only=True` only. A checkpoint without a manifest (written
+    before manifests existed) gets only the second check.
+
+    Raises:
+        `CheckpointError`: the first problem, naming the file.
+    """
+    if has_manifest(path):
+        try:
+            verify_manifest(path)
+        except ManifestError as error:
+            raise CheckpointError(str(error)) from error
+    elif not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+        raise CheckpointError(f"{os.path.join(path, MANIFEST_NAME)} is missing: the checkpoint is incomplete")
+    _check_readable(path)
 
 
 def checkpoint_path(output_dir: str, step: int) -> str:
@@ -203,21 +387,37 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     Args:
         output_dir (`str`): The run's output folder.
         resume_from_checkpoint (`str`, *optional*):
-            `"latest"`: the newest complete checkpoint in `output_dir`, or `None` (a fresh start) if there is none,
-            as in train_unconditional.py. Otherwise a checkpoint folder, or the name of one in `output_dir`.
+            `"latest"`: the newest complete checkpoint in `output_dir` that verifies (`verify_checkpoint`), each newer
+            one skipped with a warning that says why; `None` (a fresh start) if there is no checkpoint at all, as in
+            train_unconditional.py. Otherwise a checkpoint folder, or the name of one in `output_dir` (verified when
+            loaded, by `load_checkpoint`).
 
     Raises:
-        `CheckpointError`: the named checkpoint does not exist or is incomplete.
+        `CheckpointError`: the named checkpoint does not exist or is incomplete; or `latest` finds checkpoints but
+            none verifies.
     """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
         for path in find_incomplete_checkpoints(output_dir):
             logger.warning("Skipping %s: an incomplete checkpoint (the run writing it was interrupted).", path)
-        path = latest_checkpoint(output_dir)
-        if path is None:
+        checkpoints = find_checkpoints(output_dir)
+        if not checkpoints:
             logger.warning("No checkpoint in '%s' to resume from: starting a new training run.", output_dir)
-        return path
+            return None
+        problems = []
+        for _, path in reversed(checkpoints):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as error:
+                logger.warning("Skipping %s: it does not verify: %s", path, error)
+                problems.append(str(error))
+            else:
+                return path
+        raise CheckpointError(
+            f"None of the {len(checkpoints)} checkpoint(s) in '{output_dir}' verifies (the newest: {problems[0]}). "
+            "Restore a good copy, or start a new run with --overwrite_output_dir and no --resume_from_checkpoint."
+        )
     candidates = [resume_from_checkpoint, os.path.join(output_dir, os.path.basename(resume_from_checkpoint))]
     for path in candidates:
         if os.path.isdir(path):
@@ -276,7 +476,7 @@ def save_checkpoint(
     Args:
         accelerator (`Accelerator`): Its `save_state` writes the model, optimizer, registered objects and RNG states.
         output_dir (`str`): The run's output folder.
-        state (`TrainerState`): Step, data position and flags, written last as `trainer_state.json`.
+        state (`TrainerState`): Step, data position and flags, written as `trainer_state.json` before the manifest.
         weights (`list[torch.Tensor]`): Tensors that must be finite for the checkpoint to be written (the model's
             and the EMA's weights).
         total_limit (`int`, *optional*): Keep only this many complete checkpoints, removing the oldest.
@@ -301,7 +501,10 @@ def save_checkpoint(
     accelerator.save_state(temporary)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, obj in registered_checkpoint_state(accelerator).items():
+            save_object_state(temporary, name, obj)
         state.save(os.path.join(temporary, TRAINER_STATE_NAME))
+        write_manifest(temporary)  # last: it lists every file above
         _fsync_tree(temporary)
         if os.path.exists(final):  # a checkpoint of the same step from an earlier run: replace it
             previous = final + ".old"
@@ -320,7 +523,144 @@ def save_checkpoint(
     return final
 
 
+@contextlib.contextmanager
+def _accelerate_warnings(path: str) -> Iterator[list[str]]:
+    """
+    While accelerate loads `path`: its messages that some state could not be restored ("Could not load random
+    states", logged at INFO, below the WARNING level train_ddpm.py gives accelerate) become warnings of ours, and are
+    collected in the yielded list. Its other INFO messages stay hidden.
+    """
+    source = logging.getLogger("accelerate.checkpointing")
+    collected: list[str] = []
+
+    class Surface(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            lowered = message.lower()  # after accelerate's "[RANK 0] " prefix
+            if record.levelno >= logging.WARNING or any(word in lowered for word in ("could not", "cannot", "unable")):
+                collected.append(message)
+                logger.warning("accelerate, loading %s: %s", path, message)
+
+    handler, level, propagate = Surface(), source.level, source.propagate
+    source.addHandler(handler)
+    source.setLevel(logging.INFO)
+    source.propagate = False
+    try:
+        yield collected
+    finally:
+        source.removeHandler(handler)
+        source.setLevel(level)
+        source.propagate = propagate
+
+
+@contextlib.contextmanager
+def _without_legacy_pickles(path: str) -> Iterator[str]:
+    """`path`, or for a checkpoint of the pickled format a view of it (links) without its `custom_checkpoint_*.pkl`,
+    which accelerate would unpickle with weights_only=False: we read them ourselves, with weights_only=True."""
+    names = os.listdir(path)
+    if not any(_LEGACY_CUSTOM_RE.match(name) for name in names):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="checkpoint-view-") as view:
+        for name in names:
+            if not _LEGACY_CUSTOM_RE.match(name):
+                source, link = os.path.abspath(os.path.join(path, name)), os.path.join(view, name)
+                try:
+                    os.symlink(source, link)
+                except OSError:  # no symbolic links here
+                    (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, link)
+        yield view
+
+
+def _object_states(path: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The saved state of each registered object: ours (safetensors / JSON) or, in a checkpoint of the pickled format,
+    its `custom_checkpoint_{i}.pkl` (the i-th registered object) read with weights_only=True."""
+    legacy = sorted(
+        (int(match.group(1)), name) for name in os.listdir(path) if (match := _LEGACY_CUSTOM_RE.match(name))
+    )
+    if not legacy:
+        return {name: read_object_state(path, name) for name in names}
+    if len(legacy) != len(names):
+        raise CheckpointError(
+            f"{path} holds {len(legacy)} custom_checkpoint_*.pkl file(s) for {len(names)} object(s) of this run "
+            f"({', '.join(names) or 'none'}): it was written with other flags (e.g. --use_ema)."
+        )
+    states = {}
+    for name, (_, file_name) in zip(names, legacy, strict=True):
+        file = os.path.join(path, file_name)
+        try:
+            states[name] = safe_torch_load(file)
+        except Exception as error:
+            raise CheckpointError(f"{file} cannot be loaded safely: {_first_line(error)}") from error
+    return states
+
+
+def _restored_random_states(path: str, process_index: int) -> str | None:
+    """None if this process's RNGs now hold the states of `random_states_{process_index}.pkl` (or it has none), else
+    what differs: accelerate swallows its failures to restore them (a resume that would silently diverge)."""
+    file = os.path.join(path, f"random_states_{process_index}.pkl")
+    if not os.path.isfile(file):
+        logger.warning("%s is missing: process %d starts from fresh random states.", file, process_index)
+        return None
+    try:
+        states = safe_torch_load(file)
+        restored = random.getstate() == states["random_state"] and torch.equal(
+            torch.get_rng_state(), states["torch_manual_seed"]
+        )
+    except Exception as error:
+        return f"{file} cannot be restored: {_first_line(error)}"
+    return None if restored else f"{file} was not restored (the random states differ from the file's)"
+
+
 def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
-    """Restore what `save_checkpoint` wrote (every process calls it) and return the `TrainerState`."""
-    accelerator.load_state(path)
-    return TrainerState.load(os.path.join(path, TRAINER_STATE_NAME))
+    r"""
+    Restore what `save_checkpoint` wrote (every process calls it) and return the `TrainerState`.
+
+    The checkpoint is verified first (`verify_checkpoint`); then the trainer state and the registered objects'
+    states are read (JSON and safetensors); only then does accelerate load the model, optimizer and RNG states (its
+    pickles with `weights_only=True`), and finally the registered objects take their states.
+
+    Raises:
+        `CheckpointError`: the checkpoint does not verify, or a state cannot be restored; the message names the file.
+            The run must stop: the model or optimizer may hold part of the checkpoint.
+    """
+    if not has_manifest(path):
+        logger.warning(
+            "%s has no %s (it was written before checkpoints carried one): damage to its files cannot be detected. "
+            "Its pickles are loaded with weights_only=True; the next checkpoint will carry a manifest.",
+            path, MANIFEST_NAME,
+        )  # fmt: skip
+    verify_checkpoint(path)
+    state = _read_trainer_state(path)
+    objects = registered_checkpoint_state(accelerator)
+    saved = _object_states(path, list(objects))
+    ours = {"model", TRAINER_STATE_NAME.split(".")[0], MANIFEST_NAME.split(".")[0], *objects}
+    for name in sorted(os.listdir(path)):
+        stem, suffix = os.path.splitext(name)
+        if suffix in (".safetensors", ".json") and stem not in ours and not stem.startswith("model_"):
+            logger.warning("%s holds the state of '%s', which this run does not use: it is not restored.", path, stem)
+    problem = None
+    try:
+        with _without_legacy_pickles(path) as readable, _accelerate_warnings(path) as messages:
+            accelerator.load_state(readable, load_kwargs={"weights_only": True})
+    except CheckpointError:
+        raise
+    except Exception as error:
+        problem = f"{path} cannot be loaded: {_first_line(error)}"
+    else:
+        problem = _restored_random_states(path, accelerator.process_index)
+        if problem is None and messages:
+            problem = f"accelerate could not restore all of {path}: {messages[0]}"
+    if accelerator.num_processes > 1:  # every process stops if one cannot restore its part
+        problems = [found for found in gather_object([problem]) if found]
+        problem = problems[0] if problems else None
+    if problem:
+        raise CheckpointError(f"{problem}. Resuming from it would not continue the run it saved.")
+    for name, obj in objects.items():
+        try:
+            obj.load_state_dict(saved[name])
+        except Exception as error:
+            raise CheckpointError(
+                f"The state of '{name}' in {path} does not fit this run: {_first_line(error)}"
+            ) from error
+    return state

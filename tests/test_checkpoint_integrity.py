@@ -1,0 +1,289 @@
+"""Issue 13, item 2: a damaged or hostile checkpoint is refused, never half-loaded; an export killed midway leaves the
+previous one loadable. Real checkpoints of real short runs of train_ddpm.py (the small U-Net of test_train.py on the
+embedded digits), damaged on disk, then resumed by real runs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from safetensors.torch import load_file
+from test_train import FAST, REPO, RUN_TIMEOUT, SMALL_UNET, _command, _env, run_training, trainer_state
+
+from training.checkpointing import (
+    TRAINER_STATE_NAME,
+    CheckpointError,
+    read_object_state,
+    resolve_resume_checkpoint,
+    verify_checkpoint,
+)
+from training.manifest import MANIFEST_NAME, file_digest, write_manifest
+
+RUN = ["--model_config_name_or_path", "unet.json", "--train_batch_size", "8", "--checkpointing_steps", "2", *FAST]
+EXPORT = [Path("model_index.json"), Path("unet") / "config.json", Path("unet") / "diffusion_pytorch_model.safetensors"]
+EXPORT += [Path("scheduler") / "scheduler_config.json"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("integrity")
+    (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_run(workdir) -> Path:
+    """4 steps, checkpoints at 2 and 4, the export of step 4: the uninterrupted reference."""
+    run_training(workdir, [*RUN, "--max_train_steps", "4", "--output_dir", "base"], processes=0)
+    return workdir / "base"
+
+
+def copy_run(base: Path, workdir: Path, name: str) -> Path:
+    output = workdir / name
+    shutil.copytree(base, output)
+    shutil.rmtree(output / "logs")
+    return output
+
+
+def resume(workdir: Path, output: Path, checkpoint: str, steps: int = 4, script=None):
+    args = [*RUN, "--max_train_steps", str(steps), "--output_dir", str(output), "--resume_from_checkpoint", checkpoint]
+    return run_training(workdir, args, processes=0, script=script, check=False)
+
+
+def error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+class Payload:
+    """Unpickled with weights_only=False, it creates the marker file: code from the checkpoint runs."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path) -> None:
+    path.unlink()
+    torch.save(Payload(marker), path)  # the format accelerate's files have: a torch zip holding the pickle
+
+
+# What a checkpoint holds ---------------------------------------------------------------------------------------------
+def test_a_checkpoint_holds_no_pickle_of_ours_and_a_manifest_of_every_file(base_run):
+    checkpoint = base_run / "checkpoint-4"
+    files = sorted(path.name for path in checkpoint.iterdir())
+    assert files == sorted(
+        ["ema.safetensors", "lr_scheduler.json", MANIFEST_NAME, "model.safetensors", "optimizer.bin"]
+        + ["random_states_0.pkl", TRAINER_STATE_NAME]
+    )
+    manifest = json.loads((checkpoint / MANIFEST_NAME).read_text())
+    assert sorted(manifest["files"]) == sorted(set(files) - {MANIFEST_NAME})
+    for name, entry in manifest["files"].items():
+        assert entry == {"size": (checkpoint / name).stat().st_size, "sha256": file_digest(str(checkpoint / name))}
+    ema = read_object_state(str(checkpoint), "ema")
+    assert ema["num_updates"] == 4 and len(ema["shadow_params"]) == len(load_file(checkpoint / "model.safetensors"))
+    assert read_object_state(str(checkpoint), "lr_scheduler")["last_epoch"] == 4
+    verify_checkpoint(str(checkpoint))
+
+
+# Damage ------------------------------------------------------------------------------------------------------------
+def test_truncated_random_states_latest_skips_it_and_ends_bitwise_equal(workdir, base_run):
+    """The issue's case: truncating random_states_0.pkl of the newest checkpoint gave a silent resume with other
+    weights. Now `latest` skips it with a warning naming the file, resumes from checkpoint-2 and ends equal."""
+    output = copy_run(base_run, workdir, "truncated-rng")
+    damaged = output / "checkpoint-4" / "random_states_0.pkl"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    result = resume(workdir, output, "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Skipping {output / 'checkpoint-4'}: it does not verify: {damaged} has 100 bytes" in result.stderr
+    assert f"Resumed from {output / 'checkpoint-2'}: step 2" in result.stderr
+    for name in ("model.safetensors", "optimizer.bin", "ema.safetensors", "random_states_0.pkl"):
+        assert (output / "checkpoint-4" / name).read_bytes() == (base_run / "checkpoint-4" / name).read_bytes(), name
+    assert (output / EXPORT[2]).read_bytes() == (base_run / EXPORT[2]).read_bytes()
+    verify_checkpoint(str(output / "checkpoint-4"))  # rewritten whole
+
+
+def test_a_named_damaged_checkpoint_is_refused_with_one_line_naming_the_file(workdir, base_run):
+    output = copy_run(base_run, workdir, "truncated-optimizer")
+    damaged = output / "checkpoint-4" / "optimizer.bin"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    before = snapshot(output)
+    result = resume(workdir, output, "checkpoint-4", steps=6)
+    assert result.returncode == 1
+    assert error_line(result).startswith(f"train_ddpm.py: error: {damaged} has ")
+    assert "truncated or altered" in error_line(result) and "Traceback" not in result.stderr
+    assert snapshot(output) == before  # nothing loaded, nothing written, the damaged checkpoint kept for inspection
+
+
+def test_latest_refuses_when_no_checkpoint_verifies(workdir, base_run):
+    output = copy_run(base_run, workdir, "all-damaged")
+    (output / "checkpoint-2" / "ema.safetensors").write_bytes(b"not the ema")
+    (output / "checkpoint-4" / MANIFEST_NAME).unlink()
+    (output / "checkpoint-4" / "model.safetensors").write_bytes(b"{}")
+    with pytest.raises(
+        CheckpointError, match=r"None of the 2 checkpoint\(s\) .*model.safetensors.*overwrite_output_dir"
+    ):
+        resolve_resume_checkpoint(str(output), "latest")
+
+
+# Hostile files -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("manifest", ["replaced", "regenerated"])
+def test_a_payload_in_every_file_runs_nothing_and_is_refused(workdir, base_run, manifest):
+    """Every file of checkpoint-4 replaced by a pickle that would create a marker; the attacker also rewrites the
+    manifest to match (or plants the payload in it too). The resume stops with exit 1; no code ran."""
+    output, marker = copy_run(base_run, workdir, f"payload-{manifest}"), workdir / f"pwned-{manifest}"
+    checkpoint = output / "checkpoint-4"
+    for path in checkpoint.iterdir():
+        if path.name != MANIFEST_NAME or manifest == "replaced":
+            plant(path, marker)
+    if manifest == "regenerated":
+        (checkpoint / MANIFEST_NAME).unlink(missing_ok=True)
+        write_manifest(str(checkpoint))
+    result = resume(workdir, output, "checkpoint-4", steps=6)
+    assert not marker.exists()
+    assert result.returncode == 1 and error_line(result).startswith(f"train_ddpm.py: error: {checkpoint}")
+    assert "Traceback" not in result.stderr and not (output / "checkpoint-6").exists()
+
+
+def test_each_planted_file_is_refused_under_a_regenerated_manifest(workdir, base_run):
+    """One file at a time, so that no check hides behind an earlier one: each is refused, naming it; nothing runs."""
+    marker = workdir / "pwned-one"
+    for name in sorted(path.name for path in (base_run / "checkpoint-4").iterdir() if path.name != MANIFEST_NAME):
+        output = copy_run(base_run, workdir, f"payload-{name}")
+        checkpoint = output / "checkpoint-4"
+        plant(checkpoint / name, marker)
+        (checkpoint / MANIFEST_NAME).unlink(missing_ok=True)
+        write_manifest(str(checkpoint))
+        with pytest.raises(CheckpointError, match=f"{checkpoint / name} cannot be "):
+            verify_checkpoint(str(checkpoint))
+        assert not marker.exists(), name
+        shutil.rmtree(output)
+
+
+def test_the_old_format_exploit_a_crafted_custom_checkpoint_runs_nothing(workdir, base_run):
+    """The issue's exploit, on a checkpoint of the pickled format (no manifest, the LR schedule in
+    custom_checkpoint_1.pkl): accelerate would unpickle it with weights_only=False. Refused; nothing runs."""
+    output, marker = copy_run(base_run, workdir, "old-format-exploit"), workdir / "pwned-old"
+    checkpoint = legacy_checkpoint(output / "checkpoint-4")
+    plant(checkpoint / "custom_checkpoint_1.pkl", marker)
+    result = resume(workdir, output, "checkpoint-4", steps=6)
+    assert not marker.exists()
+    assert result.returncode == 1
+    assert error_line(result).startswith(f"train_ddpm.py: error: {checkpoint / 'custom_checkpoint_1.pkl'} cannot be")
+
+
+def legacy_checkpoint(checkpoint: Path) -> Path:
+    """Turn a checkpoint into what train_ddpm.py wrote before manifests: EMA and LR schedule pickled by accelerate
+    (`torch.save(obj.state_dict())`, in registration order), no manifest."""
+    torch.save(read_object_state(str(checkpoint), "ema"), checkpoint / "custom_checkpoint_0.pkl")
+    torch.save(read_object_state(str(checkpoint), "lr_scheduler"), checkpoint / "custom_checkpoint_1.pkl")
+    for name in ("ema.safetensors", "lr_scheduler.json", MANIFEST_NAME):
+        (checkpoint / name).unlink(missing_ok=True)
+    return checkpoint
+
+
+def test_a_checkpoint_without_manifest_resumes_with_a_warning_and_ends_bitwise_equal(workdir, base_run):
+    output = copy_run(base_run, workdir, "old-format")
+    shutil.rmtree(output / "checkpoint-4")
+    legacy_checkpoint(output / "checkpoint-2")
+    result = resume(workdir, output, "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{output / 'checkpoint-2'} has no {MANIFEST_NAME} (it was written before" in result.stderr
+    for name in ("model.safetensors", "optimizer.bin", "ema.safetensors", "random_states_0.pkl"):
+        assert (output / "checkpoint-4" / name).read_bytes() == (base_run / "checkpoint-4" / name).read_bytes(), name
+    verify_checkpoint(str(output / "checkpoint-4"))
+
+
+def test_random_states_accelerate_cannot_restore_are_a_warning_and_an_error(workdir, base_run):
+    """A random_states_0.pkl that loads safely but is not what accelerate expects (manifest regenerated): accelerate
+    only logs "Could not load random states" at INFO and goes on; that message now reaches the user, and the resume
+    stops instead of continuing with other random numbers."""
+    output = copy_run(base_run, workdir, "rng-unrestorable")
+    checkpoint = output / "checkpoint-4"
+    torch.save({"step": 0}, checkpoint / "random_states_0.pkl")
+    (checkpoint / MANIFEST_NAME).unlink(missing_ok=True)
+    write_manifest(str(checkpoint))
+    result = resume(workdir, output, "checkpoint-4", steps=6)
+    assert "WARNING" in result.stderr and "Could not load random states" in result.stderr
+    assert result.returncode == 1
+    assert error_line(result).startswith(f"train_ddpm.py: error: {checkpoint / 'random_states_0.pkl'} cannot be")
+    assert not (output / "checkpoint-6").exists()
+
+
+# The export ----------------------------------------------------------------------------------------------------------
+PAUSE_IN_EXPORT = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import safetensors.torch
+
+save_file = safetensors.torch.save_file
+
+
+def paused_save_file(tensors, filename, *args, **kwargs):
+    save_file(tensors, filename, *args, **kwargs)
+    if str(filename).endswith("diffusion_pytorch_model.safetensors"):  # the export's weights written, the rest not
+        open({marker!r}, "w").close()
+        time.sleep(600)
+
+
+safetensors.torch.save_file = paused_save_file
+import train_ddpm
+
+train_ddpm.main()
+"""
+
+
+def kill_in_export(workdir: Path, args: list[str], marker: Path) -> None:
+    script = workdir / "pause_in_export.py"
+    script.write_text(PAUSE_IN_EXPORT.format(repo=str(REPO), marker=str(marker)))
+    process = subprocess.Popen(
+        _command(script, args, processes=0),
+        cwd=workdir,
+        env=_env(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the export"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+
+
+def test_a_run_killed_while_exporting_leaves_the_previous_export_loadable(workdir, base_run):
+    output = copy_run(base_run, workdir, "killed-export")
+    before = {path: (base_run / path).read_bytes() for path in EXPORT}
+    args = [*RUN, "--max_train_steps", "6", "--output_dir", str(output), "--resume_from_checkpoint", "latest"]
+    kill_in_export(workdir, args, workdir / "in-export")
+    assert trainer_state(output / "checkpoint-6").global_step == 6  # it got as far as the export of step 6
+    assert {path: (output / path).read_bytes() for path in EXPORT} == before  # the export of step 4, whole
+    pipeline = DDPMPipeline.from_pretrained(output)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0)).images
+    assert images[0].size == (8, 8)
+
+
+def test_a_first_export_killed_midway_leaves_no_partial_pipeline(workdir):
+    output = workdir / "killed-first-export"
+    kill_in_export(workdir, [*RUN, "--max_train_steps", "2", "--output_dir", str(output)], workdir / "in-first")
+    assert (output / "checkpoint-2").is_dir()
+    visible = sorted(path.name for path in output.iterdir() if not path.name.startswith("."))
+    assert visible == ["checkpoint-2", "logs", "samples"]  # no model_index.json, unet/ or scheduler/
