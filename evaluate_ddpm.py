@@ -9,7 +9,7 @@ Evaluate a trained DDPM as Ho et al. 2020 (arXiv:2006.11239) do, and plot what t
 
 Writes to `--output_dir`:
 - `metrics.json`: bits/dim (Table 2) with its standard error and the prior term L_T, FID, KID, precision and recall
-  of generated samples against the dataset, the settings, and the curves behind the plots;
+  of generated samples against the dataset, their Inception Score (mean and std over 10 splits), the settings, and the curves behind the plots;
 - `rate_distortion.png`: progressive lossy compression, rate and distortion against reverse steps (Sec. 4.3, Fig. 5);
 - `bpd_terms.png`: the terms L_t of the bound per timestep;
 - `progressive.png`: the predicted x_0 along sampling chains, progressive generation (Fig. 6);

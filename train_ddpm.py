@@ -27,7 +27,6 @@ import diffusers
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
@@ -53,6 +52,7 @@ from training.checkpointing import (
 from training.data import DatasetUnavailableError, ImageDataError, split_held_out
 from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
+from training.losses import diffusion_loss  # the loop calls it by this name (tests wrap it)
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
 from training.monitor import StepMonitor
 from training.output_lock import OutputDirLockedError, lock_output_dir, release_output_locks
@@ -88,41 +88,12 @@ class TrainingOutcome:
     metrics: dict[str, float] | None = None
 
 
-def diffusion_loss(
-    noise_scheduler: DDPMPaperScheduler,
-    model_output: torch.Tensor,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    xt: torch.Tensor,
-    timesteps: torch.Tensor,
-) -> torch.Tensor:
-    r"""
-    The training loss of a batch: L_simple (Ho et al. 2020, Eq. 14) in the parameterisation of `prediction_type`.
-
-    - `epsilon`: ||eps - eps_theta(x_t, t)||^2, the paper's loss.
-    - `sample`: ||x_0 - x0_theta(x_t, t)||^2 weighted by SNR(t) = abar_t / (1 - abar_t), which makes it L_simple
-      in units of eps (as train_unconditional.py does).
-    - `v_prediction`: ||v - v_theta(x_t, t)||^2 with v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
-
-    With `variance_type="learned_range"` the model also outputs the variance, trained by L_hybrid = L_simple +
-    (T / 1000) * L_t (Nichol & Dhariwal 2021, Eq. 16 with lambda = 0.001, as their code scales it), the mean held
-    fixed (stop-gradient) inside the L_vlb term.
-    """
-    channels = x0.shape[1]
-    prediction = model_output[:, :channels].float()
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        loss = F.mse_loss(prediction, noise.float())
-    elif prediction_type == "sample":
-        snr = noise_scheduler.snr(timesteps, prediction)  # from a table cached on the device: no copy per step
-        loss = (snr * (prediction - x0.float()) ** 2).mean()
-    else:
-        loss = F.mse_loss(prediction, noise_scheduler.get_velocity(x0, noise, timesteps).float())
-    if noise_scheduler.config.variance_type == "learned_range":
-        frozen_mean = torch.cat([prediction.detach(), model_output[:, channels:].float()], dim=1)
-        vlb = noise_scheduler.vlb_terms(frozen_mean, x0.float(), xt.float(), timesteps).bpd
-        loss = loss + vlb.mean() * noise_scheduler.config.num_train_timesteps / 1000.0
-    return loss
+def ema_pipeline(model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler) -> DDPMPaperPipeline:
+    """A pipeline on a copy of the model holding the EMA weights (the model's own without EMA), in eval mode."""
+    copied = copy.deepcopy(model).eval()
+    if ema is not None:
+        ema.copy_to(copied.parameters())
+    return DDPMPaperPipeline(unet=copied, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
 
 
 @dataclass
@@ -561,9 +532,10 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                         x0 = x0.contiguous(memory_format=torch.channels_last)
                     noise = torch.randn_like(x0)  # line 4: eps ~ N(0, I) (drawn before t, as always here)
                     timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), device=x0.device)  # line 3
-                    with accelerator.accumulate(unet):  # line 5: a gradient step on L_simple (Eq. 14)
+                    with accelerator.accumulate(unet):  # line 5: a gradient step on L_simple (Eq. 14) or --loss_type
                         xt = noise_scheduler.add_noise(x0, noise, timesteps)  # sqrt(abar_t) x_0 + sqrt(1-abar_t) eps
-                        loss = diffusion_loss(noise_scheduler, unet(xt, timesteps).sample, x0, noise, xt, timesteps)
+                        output = unet(xt, timesteps).sample
+                        loss = diffusion_loss(noise_scheduler, output, x0, noise, xt, timesteps, args.loss_type)
                         accelerator.backward(loss)
                 if monitor.abandoned:
                     break

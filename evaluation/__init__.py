@@ -1,5 +1,5 @@
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
-"""The metrics of a DDPM: bits/dim and sample quality (FID, KID, precision/recall) over pluggable feature networks."""
+"""The metrics of a DDPM: bits/dim and sample quality (FID, KID, IS, precision/recall) over pluggable feature networks."""
 
 from .features import (
     FEATURE_EXTRACTORS,
@@ -7,12 +7,14 @@ from .features import (
     FeatureExtractorUnavailableError,
     cache_dir,
     extract_features,
+    extract_logits,
     load_feature_extractor,
     weights_digest,
 )
 from .pipeline_metrics import evaluate, reference_id
 from .sample_quality import (
     frechet_distance,
+    inception_score,
     kernel_distance,
     precision_recall,
     reference_features,
@@ -26,7 +28,9 @@ __all__ = [
     "cache_dir",
     "evaluate",
     "extract_features",
+    "extract_logits",
     "frechet_distance",
+    "inception_score",
     "kernel_distance",
     "load_feature_extractor",
     "precision_recall",

@@ -175,12 +175,21 @@ class InceptionFeatures(torch.nn.Module):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        self.inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)])
+        # The pool features, and the classifier's logits for the Inception Score (torchmetrics' `logits_unbiased`).
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=[str(self.num_features), "logits_unbiased"]
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         return self.inception(images).reshape(images.shape[0], -1)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) -> the 1008 class logits of the Inception Score."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return self.inception._torch_fidelity_forward(images)[1].reshape(images.shape[0], -1)
 
 
 def inception_features() -> InceptionFeatures:
@@ -241,3 +250,27 @@ def extract_features(
         for start in range(0, images.shape[0], batch_size)
     ]
     return torch.cat(batches) if batches else torch.empty(0, getattr(extractor, "num_features", 0))
+
+
+@torch.no_grad()
+def extract_logits(
+    extractor: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, device: str | torch.device | None = None
+) -> torch.Tensor | None:
+    """
+    Class logits of uint8 images (N, C, H, W) from the extractor's classifier head (its `logits` method: the digits
+    classifier, Inception), in batches; None for an extractor without one (no Inception Score then).
+
+    Returns:
+        `torch.Tensor` of shape (N, num_classes), float32, on the CPU, or None.
+    """
+    if not callable(getattr(extractor, "logits", None)):
+        return None
+    if images.dtype != torch.uint8:
+        raise TypeError(f"Feature extractors take uint8 images in 0..255, got {images.dtype}.")
+    parameter = next(extractor.parameters(), None)
+    device = device or (parameter.device if parameter is not None else "cpu")
+    batches = [
+        extractor.logits(images[start : start + batch_size].to(device)).float().cpu()
+        for start in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(batches)

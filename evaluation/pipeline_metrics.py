@@ -1,7 +1,7 @@
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
 """
 The scalar metrics of a trained DDPM, as Ho et al. 2020 report them: bits/dim on dataset images (Table 2) and the
-quality of generated samples (FID, KID, precision/recall), split across the processes of an `Accelerator`.
+quality of generated samples (FID, KID, precision/recall, Inception Score), split across the processes of an `Accelerator`.
 
 `evaluate(pipeline, images, ...)` is called by `evaluate_ddpm.py` (which adds the plots) and by `train_ddpm.py`
 during training. Every image and sample draws from its own random stream, so the numbers do not depend on the batch
@@ -19,8 +19,8 @@ import torch
 from pipelines import DDPMPaperPipeline, pixels_to_model_range
 from pipelines.likelihood import bits_per_dim
 
-from .features import extract_features, load_feature_extractor
-from .sample_quality import reference_features, sample_quality_metrics
+from .features import extract_features, extract_logits, load_feature_extractor
+from .sample_quality import inception_score, reference_features, sample_quality_metrics
 
 BPD_STREAM, SAMPLE_STREAM = 0, 1  # independent random streams per image (bits/dim) and per sample (generation)
 
@@ -145,7 +145,8 @@ def evaluate(
     Returns:
         `dict[str, float]`: `bits_per_dim`, `bits_per_dim_stderr` (standard error over images, which includes the
         timestep sampling of an estimate), `prior_bpd` (L_T), `fid`, `kid_mean`, `kid_std`, `precision`, `recall`,
-        `num_images`, `num_samples` (keys of skipped parts are absent).
+        `inception_score`, `inception_score_std` (mean and standard deviation over 10 splits; with an extractor that
+        has a `logits` classifier head), `num_images`, `num_samples` (keys of skipped parts are absent).
     """
     unet = pipeline.unet
     T = pipeline.scheduler.config.num_train_timesteps
@@ -200,6 +201,10 @@ def evaluate(
             metrics.update(
                 sample_quality_metrics(real, fake, seed=seed, device=unet.device), num_samples=fake.shape[0]
             )
+            logits = extract_logits(extractor, samples, batch_size)
+            if logits is not None:  # an extractor with a classifier head: the Inception Score of the samples
+                score, score_std = inception_score(_gather(logits, accelerator, sizes))
+                metrics.update(inception_score=score, inception_score_std=score_std)
     return metrics
 
 

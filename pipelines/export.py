@@ -4,12 +4,14 @@ Export of a [`DDPMPaperPipeline`] as a folder that stock `diffusers.DDPMPipeline
 publishing that folder to the Hugging Face Hub.
 
 The pipeline's `save_pretrained` and `push_to_hub` call these functions; they read the pipeline's `unet` and
-`scheduler` and call it for the card's sample grid.
+`scheduler` and call it for the card's sample grid. A parameterisation DDPMScheduler cannot sample (`mean`
+prediction) is exported as a folder of this project's classes instead, and says so (a warning and the card).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
+
+from schedulers import DIFFUSERS_PREDICTION_TYPES
 
 from .atomic_folder import atomic_folder
 from .utils import image_grid
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     from .pipeline_ddpm_paper import DDPMPaperPipeline
 
 SAMPLE_GRID_FILE = "samples.png"
+logger = logging.getLogger(__name__)
 CARD_TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm", "ddpm-paper"]
 
 CARD_TEMPLATE = """---
@@ -46,7 +51,7 @@ a `UNet2DModel` of {{ num_parameters }} parameters and {{ num_train_timesteps }}
 ![Samples]({{ sample_grid }})
 
 ## Usage
-
+{% if stock %}
 The folder is a stock `diffusers` pipeline:
 
 ```python
@@ -55,7 +60,17 @@ from diffusers import DDPMPipeline
 pipeline = DDPMPipeline.from_pretrained("{{ repo_id }}")
 images = pipeline(batch_size=16).images
 ```
-{% if metrics %}
+{% else %}
+The net predicts `{{ prediction_type }}`, which stock `diffusers.DDPMScheduler` cannot sample: the folder is a
+`DDPMPaperPipeline` of the ddpm-paper project (train_ddpm.py), which must be importable to load it:
+
+```python
+from pipelines import DDPMPaperPipeline
+
+pipeline = DDPMPaperPipeline.from_pretrained("{{ repo_id }}")
+images = pipeline(batch_size=16).images
+```
+{% endif %}{% if metrics %}
 ## Evaluation
 
 | metric | value |
@@ -106,8 +121,18 @@ class ModelCardInfo:
     extra_tags: list[str] = field(default_factory=list)
 
 
+def is_stock_exportable(pipeline: DDPMPaperPipeline) -> bool:
+    """Whether stock `DDPMPipeline` can sample the model (every parameterisation but `mean`)."""
+    return pipeline.scheduler.config.prediction_type in DIFFUSERS_PREDICTION_TYPES
+
+
 def to_stock_pipeline(pipeline: DDPMPaperPipeline) -> DDPMPipeline:
     """The same model as a stock `DDPMPipeline` with a `DDPMScheduler` of the same betas."""
+    if not is_stock_exportable(pipeline):
+        raise ValueError(
+            f"DDPMScheduler cannot sample prediction_type={pipeline.scheduler.config.prediction_type!r} (it knows "
+            f"{', '.join(DIFFUSERS_PREDICTION_TYPES)}): save the DDPMPaperPipeline itself (its save_pretrained does)."
+        )
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.to_diffusers_config())
     return DDPMPipeline(unet=pipeline.unet, scheduler=scheduler)
 
@@ -123,7 +148,9 @@ def save_stock_pipeline(
     """
     Writes a folder that stock `diffusers.DDPMPipeline.from_pretrained` loads where this project is not installed:
     `model_index.json` naming diffusers' classes, `unet/` in safetensors, `scheduler/` as a `DDPMScheduler`
-    config (a schedule it lacks as `trained_betas`), and a model card `README.md` with a sample grid.
+    config (a schedule it lacks as `trained_betas`), and a model card `README.md` with a sample grid. A model whose
+    `prediction_type` DDPMScheduler lacks (`mean`) is written as a `DDPMPaperPipeline` folder instead, with a warning
+    and a card that says how to load it.
 
     Args:
         pipeline ([`DDPMPaperPipeline`]): The model to export.
@@ -140,7 +167,17 @@ def save_stock_pipeline(
         raise ValueError("Use DDPMPaperPipeline.push_to_hub(repo_id, card=...) to publish.")
     save_directory = Path(save_directory)
     with atomic_folder(save_directory) as folder:  # killed midway: the previous export stays loadable
-        to_stock_pipeline(pipeline).save_pretrained(folder, safe_serialization=True, **kwargs)
+        if is_stock_exportable(pipeline):
+            to_stock_pipeline(pipeline).save_pretrained(folder, safe_serialization=True, **kwargs)
+        else:
+            logger.warning(
+                "Stock diffusers cannot sample prediction_type=%r: %s is exported as a DDPMPaperPipeline folder, "
+                "which DDPMPaperPipeline.from_pretrained loads (with this project importable), not a stock "
+                "DDPMPipeline one.",
+                pipeline.scheduler.config.prediction_type,
+                save_directory,
+            )
+            DiffusionPipeline.save_pretrained(pipeline, folder, safe_serialization=True, **kwargs)
         write_model_card(pipeline, folder, card or ModelCardInfo(), repo_id or save_directory.name)
 
 
@@ -199,6 +236,7 @@ def write_model_card(pipeline: DDPMPaperPipeline, save_directory: Path, card: Mo
         beta_schedule=config.beta_schedule if config.trained_betas is None else "custom",
         variance_type=config.variance_type,
         prediction_type=config.prediction_type,
+        stock=is_stock_exportable(pipeline),
         sample_grid=SAMPLE_GRID_FILE,
         metrics=card.metrics,
         command=card.command,

@@ -1,5 +1,7 @@
 from .scheduling_ddpm_paper import (
     BETA_SCHEDULES,
+    DIFFUSERS_PREDICTION_TYPES,
+    PREDICTION_TYPES,
     VARIANCE_TYPES,
     DDPMPaperMeanVarianceOutput,
     DDPMPaperScheduler,
@@ -9,6 +11,8 @@ from .scheduling_ddpm_paper import (
 
 __all__ = [
     "BETA_SCHEDULES",
+    "DIFFUSERS_PREDICTION_TYPES",
+    "PREDICTION_TYPES",
     "VARIANCE_TYPES",
     "DDPMPaperMeanVarianceOutput",
     "DDPMPaperScheduler",

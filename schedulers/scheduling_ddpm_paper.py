@@ -23,6 +23,10 @@ VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_l
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid", "quad"]
 VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
 BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
+PredictionType = Literal["epsilon", "sample", "v_prediction", "mean"]
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+# What `DDPMScheduler.step` can sample; `mean` (the posterior mean mu-tilde, Table 2 of the paper) is ours alone.
+DIFFUSERS_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 # Schedules DDPMScheduler builds itself; any other one is exported to it as `trained_betas`.
 DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
@@ -226,7 +230,9 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         clip_sample (`bool`, defaults to `True`):
             Clip the predicted x_0 to [-clip_sample_range, clip_sample_range] while sampling (the paper's code does).
         prediction_type (`str`, defaults to `"epsilon"`):
-            What the model predicts: `epsilon` (the paper, Eq. 11), `sample` (x_0) or `v_prediction`.
+            What the model predicts: `epsilon` (the paper, Eq. 11), `sample` (x_0), `v_prediction`, or `mean`: the
+            posterior mean mu-tilde_t(x_t, x_0) of Eq. 7 itself (the paper's Sec. 3.2 and Table 2; DDPMScheduler
+            cannot sample such a model, see `to_diffusers_config`).
         thresholding (`bool`, defaults to `False`):
             Dynamic thresholding of the predicted x_0 (Saharia et al. 2022) instead of clipping.
         dynamic_thresholding_ratio (`float`, defaults to `0.995`):
@@ -256,7 +262,7 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         trained_betas: np.ndarray | list[float] | None = None,
         variance_type: VarianceType = "fixed_small",
         clip_sample: bool = True,
-        prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon",
+        prediction_type: PredictionType = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
@@ -267,8 +273,10 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
     ):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"Unknown variance_type {variance_type!r}: choose one of {', '.join(VARIANCE_TYPES)}.")
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"Unknown prediction_type {prediction_type!r}: choose epsilon, sample or v_prediction.")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"Unknown prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}."
+            )
         if trained_betas is not None:
             betas = np.asarray(trained_betas, dtype=np.float64)
         else:
@@ -411,6 +419,10 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
             return self.predict_x0_from_eps(xt, t, model_output)
         if self.config.prediction_type == "sample":
             return model_output
+        if self.config.prediction_type == "mean":
+            posterior_mean_coef1 = self._extract("training", "posterior_mean_coef1", t, xt)
+            posterior_mean_coef2 = self._extract("training", "posterior_mean_coef2", t, xt)
+            return (model_output - posterior_mean_coef2 * xt) / posterior_mean_coef1  # Eq. 7 solved for x_0
         # v-prediction: x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
         return (
             self._extract("training", "sqrt_alphas_cumprod", t, xt) * xt
@@ -437,15 +449,23 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         (the training chain or the sampling chain); `model_output` is the prediction without variance channels.
         """
         pred_x0 = self._predict_x0(model_output, xt, t)
+        # Mean prediction on the chain it was trained for (every training step, and a sampling step from t to t - 1):
+        # the output is mu_theta itself, used unclipped as in the paper's code; only the reported x_0 is clipped. A
+        # respaced sampling step instead takes the posterior mean of its own chain at the (clipped) x_0 below.
+        own_mean = self.config.prediction_type == "mean" and (
+            chain == "training" or int(self._prev_timestep[int(t)]) == int(t) - 1
+        )
         if clip and self.config.thresholding:
             pred_x0 = self._threshold_sample(pred_x0)
         elif clip and self.config.clip_sample:
             limit = self.config.clip_sample_range
             # In place on a tensor made here; with `sample` prediction pred_x0 is (a view of) the model's output.
-            if self.config.prediction_type == "sample":
+            if self.config.prediction_type in ("sample", "mean"):
                 pred_x0 = pred_x0.clamp(-limit, limit)
             else:
                 pred_x0 = pred_x0.clamp_(-limit, limit)
+        if own_mean:
+            return model_output.clone() if chain == "sampling" else model_output, pred_x0
         posterior_mean_coef1 = self._extract(chain, "posterior_mean_coef1", t, xt)
         posterior_mean_coef2 = self._extract(chain, "posterior_mean_coef2", t, xt)
         # mu_theta(x_t, t) = mu-tilde_t(x_t, x0_theta) of Eq. 7, which is Eq. 11 for epsilon prediction unclipped.

@@ -108,7 +108,15 @@ def test_evaluate_takes_a_uint8_tensor_and_skips_what_is_not_asked(pipeline_fold
     # The same seed gives the same numbers: every image has its own random stream.
     assert evaluate(pipeline, pixels, num_images=4, bpd_timesteps=3, num_samples=0) == only_bpd
     only_samples = evaluate(pipeline, pixels, num_images=0, num_samples=6, num_inference_steps=5)
-    assert set(only_samples) == {"fid", "kid_mean", "kid_std", "precision", "recall", "num_samples"}
+    assert set(only_samples) == {
+        "fid",
+        "kid_mean",
+        "kid_std",
+        "precision",
+        "recall",
+        "num_samples",
+        "inception_score",
+    } | {"inception_score_std"}
 
 
 @pytest.mark.fresh_process  # evaluate_ddpm.main builds an Accelerator

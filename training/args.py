@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 
 from schedulers import BETA_SCHEDULES, VARIANCE_TYPES
 from training import flag_ranges
+from training.losses import LOSS_TYPES, check_objective
 from training.models import MODEL_PRESETS
 from training.secrets import known_tokens, parse_strictly, public_path, redact_values
 
@@ -114,10 +115,17 @@ class TrainingArguments:
     model_config_name_or_path: str | None = _arg(
         help="A UNet2DModel config instead of a preset: a config.json, a model folder or a Hub id."
     )
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = _arg(
+    prediction_type: Literal["epsilon", "sample", "v_prediction", "mean"] = _arg(
         "epsilon",
         help="What the net predicts: epsilon (the paper's L_simple), sample (x0, with the loss weighted by "
-        "SNR(t) as in train_unconditional.py) or v_prediction (new).",
+        "SNR(t) as in train_unconditional.py), v_prediction (new) or mean (new: the posterior mean mu-tilde, "
+        "Table 2 of the paper; trained with --loss_type vlb or mse; exported as a DDPMPaperPipeline folder).",
+    )
+    loss_type: str = _arg(
+        "simple",
+        help="(new) The objective (Table 2 of the paper, see training/losses.py): simple (L_simple, Eq. 14), vlb (the "
+        "true variational bound, Eq. 5) or mse (mean prediction only: unweighted MSE of mu-tilde).",
+        choices=list(LOSS_TYPES),
     )
     variance_type: str = _arg(
         "fixed_small",
@@ -357,6 +365,10 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
     message = flag_ranges.first_range_error(args, FLOAT_RANGES)
     if message is not None:
         raise ArgumentError(message)
+    try:
+        check_objective(args.prediction_type, args.loss_type)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
     return args
 
 
