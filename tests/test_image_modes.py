@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -228,3 +229,37 @@ def test_a_grayscale_folder_trains_a_1_channel_model_whose_stock_pipeline_sample
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0)).images
     assert [image.mode for image in images] == ["L", "L"] and images[0].size == (8, 8)
+
+
+def test_the_decoder_bins_follow_the_bit_depth():
+    from schedulers import DDPMPaperScheduler
+    from schedulers.scheduling_ddpm_paper import discretized_gaussian_log_likelihood
+
+    levels = torch.tensor([1, 2, 30000, 65533], dtype=torch.float64)  # 16-bit values, away from the open end bins
+    x = (levels / 32767.5 - 1).float().view(1, 1, 2, 2)
+    log_scales = torch.full_like(x, math.log(0.01))
+    normal = torch.distributions.Normal(x.double(), 0.01)
+    for bits, half_bin in ((8, 1 / 255), (16, 1 / 65535)):
+        expected = torch.log(normal.cdf(x.double() + half_bin) - normal.cdf(x.double() - half_bin))
+        got = discretized_gaussian_log_likelihood(x, means=x, log_scales=log_scales, bits=bits)
+        assert got.dtype == torch.float32
+        inner = x.abs() < (0.999 if bits == 8 else 1)  # 8 bits: 1, 2 and 65533 fall in the open end bins
+        torch.testing.assert_close(got.double()[inner], expected[inner], rtol=1e-4, atol=1e-5)
+    # x = -1 + 2/65535 is an inner bin for 16 bits; 8 bits treats it (as any x < -0.999) as the open first bin.
+    edge = discretized_gaussian_log_likelihood(
+        x[..., :1, :1], means=x[..., :1, :1], log_scales=log_scales[..., :1, :1]
+    )
+    assert edge.item() > math.log(0.5)
+
+    scheduler = DDPMPaperScheduler(num_train_timesteps=10)
+    x0 = x[..., 1:, :1]  # 30000: an inner bin for both depths
+    t = torch.tensor([0])
+    xt = scheduler.add_noise(x0, torch.randn(x0.shape, generator=torch.manual_seed(0)), t)
+    eps = torch.zeros_like(x0)
+    p = scheduler.p_mean_variance(eps, xt, t)
+    bpd8 = scheduler.vlb_terms(eps, x0, xt, t).bpd
+    bpd16 = scheduler.vlb_terms(eps, x0, xt, t, bits=16).bpd
+    for bits, bpd in ((8, bpd8), (16, bpd16)):
+        nll = -discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance, bits=bits)
+        torch.testing.assert_close(bpd, nll.flatten(1).mean(1) / math.log(2))
+    assert bpd16 - bpd8 > 7  # about log2(65535 / 255) = 8 bits more per dimension: 256 times narrower bins
