@@ -204,17 +204,39 @@ SMALL_UNET = {
 }
 
 
+def rgba_icon(alpha: int) -> Image.Image:
+    array = np.zeros((6, 6, 4), dtype=np.uint8)
+    array[..., 1], array[..., 3] = 180, alpha
+    return Image.fromarray(array, mode="RGBA")
+
+
+RUNS = {
+    # name: images of the folder, extra flags, channels of the model, mode of the stock pipeline's samples
+    "grayscale": ({f"{i}.png": gray(20 * i) for i in range(4)}, [], 1, "L"),
+    "rgba-kept": ({f"{i}.png": rgba_icon(60 * i) for i in range(4)}, ["--num_channels", "4"], 4, "RGBA"),
+    "mixed": ({"a.png": gray(3), "b.png": gray(9), "c.png": rgb((1, 2, 3))}, [], 1, "L"),
+    "16-bit": (
+        {f"{i}.png": Image.fromarray(gradient16(100 * i)) for i in range(4)},
+        ["--preserve_input_precision"],
+        1,
+        "L",
+    ),
+}
+
+
 @pytest.mark.slow
-def test_a_grayscale_folder_trains_a_1_channel_model_whose_stock_pipeline_samples_mode_l(tmp_path):
+@pytest.mark.parametrize("kind", list(RUNS))
+def test_a_folder_trains_a_model_whose_stock_pipeline_samples_its_mode(tmp_path, kind):
     from diffusers import DDPMPipeline
 
-    folder = save_all(tmp_path / "scans", {f"{i}.png": gray(20 * i) for i in range(4)})
+    images, flags, channels, mode = RUNS[kind]
+    folder = save_all(tmp_path / "data", images)
     (tmp_path / "unet.json").write_text(json.dumps(SMALL_UNET))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     args = ["--cpu", "--train_data_dir", str(folder), "--resolution", "8", "--model_config_name_or_path", "unet.json"]
     args += ["--max_train_steps", "2", "--train_batch_size", "2", "--ddpm_num_steps", "50"]
-    args += ["--ddpm_num_inference_steps", "2", "--eval_batch_size", "2", "--output_dir", "out"]
+    args += ["--ddpm_num_inference_steps", "2", "--eval_batch_size", "2", "--output_dir", "out", *flags]
     result = subprocess.run(
         [sys.executable, str(REPO / "train_ddpm.py"), *args],
         cwd=tmp_path,
@@ -225,10 +247,21 @@ def test_a_grayscale_folder_trains_a_1_channel_model_whose_stock_pipeline_sample
     )
     assert result.returncode == 0, result.stderr[-4000:]
     pipeline = DDPMPipeline.from_pretrained(tmp_path / "out")
-    assert pipeline.unet.config.in_channels == 1
+    assert pipeline.unet.config.in_channels == channels
     pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0)).images
-    assert [image.mode for image in images] == ["L", "L"] and images[0].size == (8, 8)
+    samples = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0)).images
+    assert [image.mode for image in samples] == [mode, mode] and samples[0].size == (8, 8)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f'(PIL mode "{mode}" samples) from {16 if "16" in kind else 8}-bit data' in card
+    if kind == "mixed":
+        assert "Mixed image modes" in result.stderr + result.stdout
+
+
+def test_the_feature_networks_compare_the_colour_of_rgba_images():
+    from evaluation.features import _to_float_grayscale
+
+    rgba = torch.randint(0, 256, (2, 4, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(_to_float_grayscale(rgba, 8), _to_float_grayscale(rgba[:, :3], 8))
 
 
 def test_the_decoder_bins_follow_the_bit_depth():
