@@ -353,11 +353,6 @@ def load_data(
         "num_proc": args.preprocessing_num_workers,
         "preserve_input_precision": args.preserve_input_precision,
     }
-    if args.preserve_input_precision and args.eval_steps:
-        raise ArgumentError(
-            "--eval_steps does not take --preserve_input_precision yet (the evaluation reads 8-bit images): "
-            "leave one of them out."
-        )
     with accelerator.main_process_first():
         dataset, image_column = load_pixels(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, streaming=args.streaming, **data_flags

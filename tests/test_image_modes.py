@@ -216,8 +216,9 @@ RUNS = {
     "rgba-kept": ({f"{i}.png": rgba_icon(60 * i) for i in range(4)}, ["--num_channels", "4"], 4, "RGBA"),
     "mixed": ({"a.png": gray(3), "b.png": gray(9), "c.png": rgb((1, 2, 3))}, [], 1, "L"),
     "16-bit": (
-        {f"{i}.png": Image.fromarray(gradient16(100 * i)) for i in range(4)},
-        ["--preserve_input_precision"],
+        {f"{i}.png": Image.fromarray(gradient16(100 * i)) for i in range(10)},
+        ["--preserve_input_precision", "--eval_steps", "2", "--eval_holdout_images", "5", "--eval_num_images", "5"]
+        + ["--eval_bpd_timesteps", "2", "--eval_num_samples", "5", "--eval_feature_extractor", "digits"],
         1,
         "L",
     ),
@@ -253,6 +254,8 @@ def test_a_folder_trains_a_model_whose_stock_pipeline_samples_its_mode(tmp_path,
     assert [image.mode for image in samples] == [mode, mode] and samples[0].size == (8, 8)
     card = (tmp_path / "out" / "README.md").read_text()
     assert f'(PIL mode "{mode}" samples) from {16 if "16" in kind else 8}-bit data' in card
+    if kind == "16-bit":  # the held-out uint16 images are evaluated (bits/dim over 65,536 levels)
+        assert "Evaluation at step 2: bits_per_dim" in result.stderr + result.stdout
     if kind == "mixed":
         assert "Mixed image modes" in result.stderr + result.stdout
 
@@ -296,3 +299,30 @@ def test_the_decoder_bins_follow_the_bit_depth():
         nll = -discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance, bits=bits)
         torch.testing.assert_close(bpd, nll.flatten(1).mean(1) / math.log(2))
     assert bpd16 - bpd8 > 7  # about log2(65535 / 255) = 8 bits more per dimension: 256 times narrower bins
+
+
+def test_the_evaluation_counts_16_bit_images_over_65536_levels():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from evaluation.pipeline_metrics import as_pixels, evaluate
+    from pipelines import DDPMPaperPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    pipeline = DDPMPaperPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=5))
+    sixteen = torch.from_numpy(np.stack([np.resize(gradient16(offset, 8), (1, 8, 8)) for offset in (0, 500)]))
+    eight = torch.from_numpy(scaled_to_8_bits(sixteen.numpy()))
+    assert as_pixels(sixteen, None).dtype == torch.uint16  # not wrapped around into uint8
+    kwargs = {"num_images": 2, "bpd_timesteps": 0, "num_samples": 0, "seed": 0}
+    bpd16 = evaluate(pipeline, sixteen, **kwargs)["bits_per_dim"]
+    bpd8 = evaluate(pipeline, eight, **kwargs)["bits_per_dim"]
+    assert bpd16 - bpd8 > 4  # narrower bins: up to log2(257) = 8 more bits a value, through L_0 alone
