@@ -326,3 +326,10 @@ def test_the_evaluation_counts_16_bit_images_over_65536_levels():
     bpd16 = evaluate(pipeline, sixteen, **kwargs)["bits_per_dim"]
     bpd8 = evaluate(pipeline, eight, **kwargs)["bits_per_dim"]
     assert bpd16 - bpd8 > 4  # narrower bins: up to log2(257) = 8 more bits a value, through L_0 alone
+
+
+def test_a_streamed_grayscale_folder_decides_one_channel(tmp_path):
+    folder = save_all(tmp_path / "gray", {f"{i}.png": gray(7 * i) for i in range(3)})
+    pixels, _ = load_pixels(None, None, str(folder), resolution=6, channels=None, streaming=True)
+    assert pixels.features["pixels"].shape == (1, 6, 6)
+    assert sorted(example["pixels"][0, 0, 0].item() for example in pixels) == [0, 7, 14]
