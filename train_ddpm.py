@@ -14,6 +14,8 @@ optimizer -> resume -> the loop of Algorithm 1 -> sample grids, evaluations, che
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -51,6 +53,7 @@ from training.checkpointing import (
 )
 from training.data import DatasetUnavailableError, ImageDataError, split_held_out
 from training.ema import EMA
+from training.image_modes import channels_of_data
 from training.launch import LaunchError, ensure_one_job
 from training.losses import diffusion_loss  # the loop calls it by this name (tests wrap it)
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
@@ -319,6 +322,7 @@ def load_data(
         "center_crop": args.center_crop,
         "seed": args.seed,
         "num_proc": args.preprocessing_num_workers,
+        "preserve_input_precision": args.preserve_input_precision,
     }
     with accelerator.main_process_first():
         dataset, image_column = load_pixels(
@@ -350,7 +354,11 @@ def load_data(
         dataset if args.streaming else PixelBatches(dataset),
         batch_size=args.train_batch_size,
         shuffle=not args.streaming,
-        collate_fn=collate_pixels if args.streaming else collate_pixel_batch,
+        collate_fn=(
+            functools.partial(collate_pixels, dtype=torch.uint16 if args.preserve_input_precision else torch.uint8)
+            if args.streaming
+            else collate_pixel_batch
+        ),
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
@@ -450,6 +458,17 @@ def train(args: TrainingArguments) -> TrainingOutcome:
 
     # 2. The model eps_theta and the diffusion q(x_t | x_0) ------------------------------------------------------------
     set_seed(args.seed)  # the same initial weights on every process
+    if image_channels(args) is None:  # a dataset without --num_channels: the channels follow its images
+        with accelerator.main_process_first():
+            channels = channels_of_data(
+                args.dataset_name,
+                args.dataset_config_name,
+                args.train_data_dir,
+                image_column=args.image_column,
+                cache_dir=args.cache_dir,
+                streaming=args.streaming,
+            )
+        args = dataclasses.replace(args, num_channels=channels)
     unet, noise_scheduler = build_model(args)
 
     # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------

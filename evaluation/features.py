@@ -65,7 +65,7 @@ def weights_digest(module: torch.nn.Module, length: int = 12) -> str:
 
 def _to_float_grayscale(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 (B, 1, size, size) in [0, 1]: ITU-R 601 luma (PIL's "L"), antialiased resize."""
-    x = images.float() / 255.0
+    x = images[:, :3].float() / 255.0  # RGBA (--num_channels 4): the colour, without alpha
     if x.shape[1] == 3:
         x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
     elif x.shape[1] != 1:
@@ -181,6 +181,7 @@ class InceptionFeatures(torch.nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images[:, :3]  # RGBA (--num_channels 4): the colour, without alpha
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         return self.inception(images).reshape(images.shape[0], -1)

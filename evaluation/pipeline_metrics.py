@@ -32,12 +32,29 @@ def stream_generators(seed: int, stream: int, indices: range) -> list[torch.Gene
 
 
 def as_pixels(images, count: int | None) -> torch.Tensor:
-    """The first `count` images (all if None) as uint8 (N, C, H, W), from a tensor or a `preprocess_images` dataset."""
+    """
+    The first `count` images (all if None) as uint8 (N, C, H, W), from a tensor or a `preprocess_images` dataset;
+    uint16 images (a cache built with `preserve_input_precision`) stay uint16.
+    """
     count = len(images) if count is None else min(count, len(images))
     pixels = images[:count] if isinstance(images, torch.Tensor) else images[:count]["pixels"]
     if isinstance(pixels, list):
         pixels = torch.stack([torch.as_tensor(p) for p in pixels])
-    return pixels.to(torch.uint8)
+    return pixels if pixels.dtype == torch.uint16 else pixels.to(torch.uint8)
+
+
+def _model_range_and_bits(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """uint8 or uint16 images in [-1, 1], and their bit depth (the decoder's bins: 2/255 or 2/65535)."""
+    if pixels.dtype == torch.uint16:
+        return pixels.to(torch.float32) / 32767.5 - 1.0, 16
+    return pixels_to_model_range(pixels), 8
+
+
+def _as_8_bit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint16 images as uint8, round(value * 255 / 65535) (what the feature networks and samples are compared in)."""
+    if pixels.dtype != torch.uint16:
+        return pixels
+    return ((pixels.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
 
 
 def _shard(count: int, accelerator) -> tuple[range, list[int]]:
@@ -117,6 +134,8 @@ def evaluate(
             The model, on its device (EMA weights if those are evaluated); its UNet is in eval mode during the call.
         images (`torch.Tensor` or `datasets.Dataset`):
             Real images, uint8 (N, C, H, W), or the (non-streaming) output of `training.pixels.preprocess_images`.
+            uint16 images (`preserve_input_precision`) get bits/dim over 65,536 levels a value (decoder bins of
+            2/65535) and are compared with the samples, for FID and the like, as 8-bit images.
         num_images (`int`, defaults to 256):
             How many of them (the first ones) get their bits/dim computed; 0 skips bits/dim.
         bpd_timesteps (`int`, *optional*):
@@ -155,10 +174,12 @@ def evaluate(
         if num_images > 0:
             data = as_pixels(images, num_images)
             indices, sizes = _shard(data.shape[0], accelerator)
+            x0, bits = _model_range_and_bits(data[indices.start : indices.stop])
             output = bits_per_dim(
                 unet,
                 pipeline.scheduler,
-                pixels_to_model_range(data[indices.start : indices.stop]),
+                x0,
+                bits=bits,
                 num_timesteps=bpd_timesteps or None,
                 generator=stream_generators(seed, BPD_STREAM, indices),
                 batch_size=batch_size,
@@ -191,7 +212,7 @@ def evaluate(
                 show_progress=show_progress,
             )
             fake = _gather(extract_features(extractor, samples, batch_size), accelerator, sizes)
-            real_images = as_pixels(images, num_reference_images)
+            real_images = _as_8_bit(as_pixels(images, num_reference_images))
             # With several processes the main one fills the reference cache first and the others read it.
             first = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
             with first:

@@ -44,7 +44,9 @@ CARD_TEMPLATE = """---
 
 A denoising diffusion probabilistic model ([Ho et al. 2020](https://arxiv.org/abs/2006.11239)) for unconditional
 image generation{% if dataset_name %}, trained on [{{ dataset_name }}]({{ dataset_link }}){% endif %}:
-{{ resolution }}x{{ resolution }} images with {{ channels }} channel{{ "s" if channels > 1 else "" }},
+{{ resolution }}x{{ resolution }} images with {{ channels }} channel{{ "s" if channels > 1 else "" }}
+(PIL mode "{{ pil_mode }}" samples) from {{ data_bits }}-bit data{% if data_bits == 16 %} (`--preserve_input_precision`:
+bits/dim count 65,536 levels a value){% endif %},
 a `UNet2DModel` of {{ num_parameters }} parameters and {{ num_train_timesteps }} diffusion steps
 ({{ beta_schedule }} betas, `{{ variance_type }}` variance, `{{ prediction_type }}` prediction).
 
@@ -231,6 +233,8 @@ def write_model_card(pipeline: DDPMPaperPipeline, save_directory: Path, card: Mo
         dataset_link=f"https://huggingface.co/datasets/{card.dataset_name}" if is_hub_dataset else card.dataset_name,
         resolution=unet.config.sample_size,
         channels=unet.config.in_channels,
+        pil_mode={1: "L", 3: "RGB", 4: "RGBA"}.get(unet.config.in_channels, "?"),
+        data_bits=16 if (card.training_args or {}).get("preserve_input_precision") else 8,
         num_parameters=f"{sum(p.numel() for p in unet.parameters()):,}",
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule if config.trained_betas is None else "custom",

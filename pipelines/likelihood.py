@@ -109,6 +109,7 @@ def bits_per_dim(
     generator: Generator = None,
     batch_size: int | None = None,
     clip_denoised: bool = True,
+    bits: int = 8,
 ) -> BitsPerDimOutput:
     r"""
     The negative log-likelihood bound of Eq. 5 in bits/dim, L_T + sum_{t>1} L_{t-1} + L_0 (Sec. 3.3, Table 2).
@@ -136,6 +137,8 @@ def bits_per_dim(
             Clip the predicted x_0 as the scheduler's sampler does (`clip_sample` / `thresholding` of its config), so
             the bound is that of the model `step` samples from; the paper's reported bits/dim are computed this way.
             `False` gives `scheduler.vlb_terms` exactly (Eq. 11 unclipped).
+        bits (`int`, defaults to 8):
+            The data's bit depth: the decoder L_0 integrates over bins of width 2/(2^bits - 1) (16: 65,536 levels).
 
     Returns:
         [`BitsPerDimOutput`]: per-image `total`, `prior`, `terms`, `pred_original_sample_mse` and `timesteps`.
@@ -167,7 +170,7 @@ def bits_per_dim(
             )
             xt = scheduler.add_noise(x0[batch], noise, t)  # x_t ~ q(x_t|x_0), Eq. 4
             model_output = unet(xt.to(dtype), t).sample.float()
-            vlb = scheduler.vlb_terms(model_output, x0[batch], xt, t, clip_denoised=clip_denoised)
+            vlb = scheduler.vlb_terms(model_output, x0[batch], xt, t, clip_denoised=clip_denoised, bits=bits)
             drawn_terms[batch, k] = vlb.bpd.cpu()
             drawn_mse[batch, k] = _mean_over_dims((vlb.pred_original_sample - x0[batch]) ** 2).cpu()
 

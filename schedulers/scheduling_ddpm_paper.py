@@ -178,24 +178,31 @@ def _standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor
+    x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor, bits: int = 8
 ) -> torch.Tensor:
     """
     log p(x) per element, in nats, of 8-bit data in [-1, 1] under N(means, exp(log_scales)^2) integrated over bins of
-    width 2/255, with the first and last bins open-ended (the paper's decoder L_0, Sec. 3.3).
+    width 2/255, with the first and last bins open-ended (the paper's decoder L_0, Sec. 3.3). `bits=16`: 16-bit data,
+    bins of width 2/65535 (65,536 levels), computed in float64 (a float32 difference of two CDFs 2/65535 apart keeps
+    few digits) and returned in the dtype of `x`.
     """
+    half_bin = 1.0 / (2**bits - 1)
+    edge = 0.999 if bits == 8 else 1.0 - half_bin  # 0.999: the paper's code, for 8 bits
+    dtype = x.dtype
+    if bits > 8 and x.device.type != "mps":  # mps has no float64
+        x, means, log_scales = x.double(), means.double(), log_scales.double()
     centered = x - means
     inv_std = torch.exp(-log_scales)
-    cdf_plus = _standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = _standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    cdf_plus = _standard_normal_cdf(inv_std * (centered + half_bin))
+    cdf_min = _standard_normal_cdf(inv_std * (centered - half_bin))
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_probs = torch.where(
-        x < -0.999,
+        x < -edge,
         log_cdf_plus,
-        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))),
+        torch.where(x > edge, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))),
     )
-    return log_probs
+    return log_probs.to(dtype)
 
 
 def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
@@ -568,19 +575,21 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         xt: torch.Tensor,
         t: int | torch.Tensor,
         clip_denoised: bool = False,
+        bits: int = 8,
     ) -> DDPMPaperVLBOutput:
         """
         L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for t > 0 and L_0 = -log p_theta(x_0|x_1) for t = 0,
         per example in bits/dim (Eq. 5; the decoder is the discretized Gaussian of Sec. 3.3). t is 0-based: t = 0 is
         the paper's x_1 -> x_0 step. `clip_denoised` clips the predicted x_0 as `step` does, giving the terms of the
-        model the sampler draws from (the paper code's `calc_bpd_loop` default).
+        model the sampler draws from (the paper code's `calc_bpd_loop` default). `bits` is the data's bit depth: the
+        decoder's bins are 2/(2^bits - 1) wide (8: the paper's 2/255; 16: `--preserve_input_precision` data).
         """
         if not torch.is_tensor(t) or t.ndim == 0:
             t = torch.full((x0.shape[0],), int(t), device=x0.device, dtype=torch.long)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
         p = self.p_mean_variance(model_output, xt, t, clip_denoised=clip_denoised)
         kl = _mean_over_dims(normal_kl(true_mean, true_log_variance, p.mean, p.log_variance)) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance)
+        nll = -discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance, bits=bits)
         decoder_nll = _mean_over_dims(nll) / math.log(2.0)
         bpd = torch.where(t.to(x0.device) == 0, decoder_nll, kl)
         return DDPMPaperVLBOutput(bpd=bpd, pred_original_sample=p.pred_original_sample)

@@ -104,6 +104,18 @@ class TrainingArguments:
     preprocessing_num_workers: int | None = _arg(
         help="(new) Processes that decode and resize the images once, before training."
     )
+    num_channels: int | None = _arg(
+        help="(new) Channels of the model: 1 (grayscale), 3 (RGB) or 4 (RGBA, the only way to keep alpha). By default "
+        "they follow the data: the modes of the first 64 images are read (headers only) and the majority decides "
+        "between 1 and 3 (ties: 3); transparency is composited on white. Digits: 1.",
+        choices=[1, 3, 4],
+    )
+    preserve_input_precision: bool = _arg(
+        False,
+        help="Preserve 16-bit image precision by avoiding the 8-bit conversion: the cache holds uint16 and the "
+        "bits/dim count 65,536 levels. Without it 16-bit images are scaled to 8 bits (value*255/65535, rounded). "
+        "Float (mode F) images are refused.",
+    )
 
     # Model and diffusion ---------------------------------------------------------------------------------------------
     model_preset: str | None = _arg(
@@ -277,9 +289,11 @@ def uses_embedded_dataset(args: TrainingArguments) -> bool:
     return args.dataset_name is None and args.train_data_dir is None
 
 
-def image_channels(args: TrainingArguments) -> int:
-    """1 for the embedded (grayscale) digits; 3 (RGB) for every other dataset, as train_unconditional.py."""
-    return 1 if uses_embedded_dataset(args) else 3
+def image_channels(args: TrainingArguments) -> int | None:
+    """`--num_channels`; else 1 for the embedded (grayscale) digits, None (decided from the data) for a dataset."""
+    if args.num_channels is not None:
+        return args.num_channels
+    return 1 if uses_embedded_dataset(args) else None
 
 
 def default_feature_extractor(dataset_name: str | None, train_data_dir: str | None) -> str:

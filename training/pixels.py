@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipelines import pixels_to_model_range
 from training.data import ImageDataError, find_image_column, load_image_dataset
+from training.image_modes import CHANNEL_CHOICES, MAX_16_BIT, decide_channels, to_cache_array, to_cache_mode
 
 
 def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -26,12 +27,13 @@ def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return int(resolution * width / height), resolution
 
 
-def _decode_image(value: dict[str, Any], row: int, mode: str) -> Image.Image:
+def _decode_image(value: dict[str, Any], row: int, channels: int, preserve_input_precision: bool) -> Image.Image:
     path, data = value.get("path"), value.get("bytes")
     where = f"'{path}' (row {row})" if path else f"at row {row}"
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            return image.convert(mode)
+            image.load()
+            return to_cache_mode(image, channels, preserve_input_precision, where)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDataError(
             f"Cannot decode the image {where}: {error}. Remove or fix that file, then run again."
@@ -43,7 +45,8 @@ def _to_pixels(
     indices: list[int],
     image_column: str,
     resolution: int,
-    mode: str,
+    channels: int,
+    preserve_input_precision: bool,
     center_crop: bool,
     seed: int,
 ) -> dict[str, list[np.ndarray]]:
@@ -51,7 +54,7 @@ def _to_pixels(
     for value, index in zip(batch[image_column], indices, strict=True):
         if value is None:
             raise ImageDataError(f"Row {index} has no image. Remove that row or fill it, then run again.")
-        image = _decode_image(value, index, mode)
+        image = _decode_image(value, index, channels, preserve_input_precision)
         size = _resized_size(*image.size, resolution)
         if size != image.size:
             image = image.resize(size, resample=Image.BILINEAR)
@@ -64,8 +67,7 @@ def _to_pixels(
             top = int(rng.integers(0, height - resolution + 1))
             left = int(rng.integers(0, width - resolution + 1))
         image = image.crop((left, top, left + resolution, top + resolution))
-        array = np.asarray(image, dtype=np.uint8)
-        pixels.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        pixels.append(to_cache_array(image, channels, preserve_input_precision))
     return {"pixels": pixels}
 
 
@@ -77,9 +79,11 @@ def preprocess_images(
     center_crop: bool = True,
     seed: int = 0,
     num_proc: int | None = None,
+    preserve_input_precision: bool = False,
 ) -> Dataset | IterableDataset:
     r"""
-    Decode, resize and crop every image once, into a uint8 `pixels` column of shape (channels, resolution, resolution).
+    Decode, resize and crop every image once, into a uint8 `pixels` column of shape (channels, resolution, resolution)
+    (uint16 with `preserve_input_precision`).
 
     This is what diffusers' `train_unconditional.py` does per sample and per step with torchvision's `Resize`
     (bilinear, short side to `resolution`) and `CenterCrop` / `RandomCrop`, done once with PIL and cached by `datasets`.
@@ -98,13 +102,17 @@ def preprocess_images(
         resolution (`int`):
             Side of the square output images.
         channels (`int`):
-            1 converts the images to grayscale ("L"), 3 to "RGB".
+            1 converts the images to grayscale ("L"), 3 to "RGB" (transparency composited on white), 4 to "RGBA";
+            see `training.image_modes` for each PIL mode, 16-bit and float images.
         center_crop (`bool`, defaults to `True`):
             Crop the center of the resized image; otherwise a random crop chosen once per image.
         seed (`int`, defaults to 0):
             Seed of the random crops.
         num_proc (`int`, *optional*):
             Worker processes for the conversion (not used when streaming).
+        preserve_input_precision (`bool`, defaults to `False`):
+            Cache uint16 values: 16-bit images as they are, 8-bit ones times 257. Otherwise 16-bit images are scaled
+            to 8 bits (`round(value * 255 / 65535)`).
 
     Returns:
         The dataset with the single column `pixels`, in torch format: a `torch.Tensor` of shape (channels, resolution,
@@ -114,18 +122,20 @@ def preprocess_images(
     Raises:
         `ImageDataError`: a missing image column, or an image that cannot be decoded (the message names its file or
         row).
-        `ValueError`: `channels` is not 1 or 3, or `resolution` is not positive.
+        `ValueError`: `channels` is not 1, 3 or 4, or `resolution` is not positive.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+    if channels not in CHANNEL_CHOICES:
+        raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or 4 (RGBA), got {channels}.")
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}.")
     find_image_column(dataset, image_column)
-    features = datasets.Features({"pixels": datasets.Array3D(shape=(channels, resolution, resolution), dtype="uint8")})
+    dtype = "uint16" if preserve_input_precision else "uint8"
+    features = datasets.Features({"pixels": datasets.Array3D(shape=(channels, resolution, resolution), dtype=dtype)})
     fn_kwargs = {
         "image_column": image_column,
         "resolution": resolution,
-        "mode": "L" if channels == 1 else "RGB",
+        "channels": channels,
+        "preserve_input_precision": preserve_input_precision,
         "center_crop": center_crop,
         "seed": seed,
     }
@@ -141,7 +151,7 @@ def preprocess_images(
         **map_kwargs,
     )
     if isinstance(dataset, Dataset):
-        return dataset.with_format("torch", dtype=torch.uint8)
+        return dataset.with_format("torch", dtype=getattr(torch, dtype))
     # IterableDataset.with_format takes no tensor options: its torch tensors come out as int64 (`collate_pixels`
     # turns them back into uint8).
     return dataset.with_format("torch")
@@ -153,7 +163,7 @@ def load_pixels(
     train_data_dir: str | None,
     *,
     resolution: int,
-    channels: int,
+    channels: int | None,
     image_column: str | None = None,
     cache_dir: str | None = None,
     split: str = "train",
@@ -162,10 +172,13 @@ def load_pixels(
     seed: int = 0,
     num_proc: int | None = None,
     limit: int | None = None,
+    preserve_input_precision: bool = False,
 ) -> tuple[Dataset | IterableDataset, str]:
     r"""
     The uint8 `pixels` of a dataset split, as the training and evaluation scripts read it: `load_image_dataset`, then
-    `find_image_column`, then (after keeping the first `limit` images, if given) `preprocess_images`.
+    `find_image_column`, then (after keeping the first `limit` images, if given) `preprocess_images`. `channels=None`
+    takes the channel count from the data (`training.image_modes.decide_channels`); the result's
+    `features["pixels"].shape[0]` says which.
 
     Returns:
         The preprocessed dataset and the name of the image column it was read from.
@@ -176,20 +189,30 @@ def load_pixels(
     column = find_image_column(dataset, image_column)
     if limit is not None:
         dataset = dataset.take(limit) if streaming else dataset.select(range(min(limit, len(dataset))))
+    if channels is None:
+        channels, _ = decide_channels(dataset, column)
     pixels = preprocess_images(
-        dataset, column, resolution, channels, center_crop=center_crop, seed=seed, num_proc=num_proc
+        dataset,
+        column,
+        resolution,
+        channels,
+        center_crop=center_crop,
+        seed=seed,
+        num_proc=num_proc,
+        preserve_input_precision=preserve_input_precision,
     )
     return pixels, column
 
 
-def collate_pixels(examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def collate_pixels(examples: list[dict[str, torch.Tensor]], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     r"""
-    `collate_fn` for a `torch.utils.data.DataLoader` over `preprocess_images`' output: a uint8 batch (B, C, H, W).
+    `collate_fn` for a `torch.utils.data.DataLoader` over `preprocess_images`' output: a uint8 batch (B, C, H, W)
+    (`dtype=torch.uint16` for a cache built with `preserve_input_precision`: `functools.partial`).
 
-    Streaming datasets give int64 tensors (see `preprocess_images`); the values are 0..255, so the cast is exact and
-    the batch moves to the training device at one byte a value.
+    Streaming datasets give int64 tensors (see `preprocess_images`); the values fit `dtype`, so the cast is exact and
+    the batch moves to the training device at one (two) byte(s) a value.
     """
-    return torch.stack([example["pixels"] for example in examples]).to(torch.uint8)
+    return torch.stack([example["pixels"] for example in examples]).to(dtype)
 
 
 class PixelBatches(torch.utils.data.Dataset):
@@ -207,6 +230,7 @@ class PixelBatches(torch.utils.data.Dataset):
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
         self.shape = tuple(dataset.features["pixels"].shape)
+        self.dtype = np.dtype(dataset.features["pixels"].dtype)
         self._views = None
 
     def __len__(self) -> int:
@@ -242,7 +266,7 @@ class PixelBatches(torch.utils.data.Dataset):
         if mapping is not None:  # a shuffled or selected view: map to the rows of the table
             rows = mapping[rows]
         chunk_of_row = np.searchsorted(starts, rows, side="right") - 1
-        batch = np.empty((len(rows), *self.shape), dtype=np.uint8)
+        batch = np.empty((len(rows), *self.shape), dtype=self.dtype)
         for chunk in np.unique(chunk_of_row):
             selected = chunk_of_row == chunk
             batch[selected] = views[chunk][rows[selected] - starts[chunk]]
@@ -265,7 +289,8 @@ def images_to_model_input(
 
     Args:
         pixels_uint8 (`torch.Tensor`):
-            uint8 images of shape (batch, channels, height, width), on the training device.
+            uint8 images of shape (batch, channels, height, width), on the training device; or uint16 ones (a cache
+            built with `preserve_input_precision`), scaled by 65535 instead of 255.
         random_flip (`bool`):
             Flip each image horizontally with probability 1/2 (the paper's only augmentation).
         generator (`torch.Generator`, *optional*):
@@ -273,9 +298,12 @@ def images_to_model_input(
             device and moved to the images' device.
 
     Returns:
-        `torch.Tensor`: float32, `pixels / 127.5 - 1`, same shape and device.
+        `torch.Tensor`: float32, `pixels / 127.5 - 1` (uint16: `pixels / 32767.5 - 1`), same shape and device.
     """
-    images = pixels_to_model_range(pixels_uint8)
+    if pixels_uint8.dtype == torch.uint16:
+        images = pixels_uint8.to(torch.float32) / (MAX_16_BIT / 2) - 1.0
+    else:
+        images = pixels_to_model_range(pixels_uint8)
     if not random_flip:
         return images
     device = generator.device if generator is not None else images.device

@@ -1,0 +1,335 @@
+"""Every image mode a user brings (issue 14): the channel count follows the data, 16-bit images are scaled (or kept
+with --preserve_input_precision), float images are refused, alpha/palette/1-bit/CMYK are converted as PIL shows them.
+Real PNG/TIFF files in temporary folders, read with `load_pixels` / `preprocess_images`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, Features
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from training.data import ImageDataError
+from training.image_modes import decide_channels
+from training.pixels import PixelBatches, collate_pixels, images_to_model_input, load_pixels, preprocess_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gradient16(offset: int = 0, size: int = 6) -> np.ndarray:
+    """A (size, size) uint16 gradient spanning 784..65386, shifted by `offset` (kept in range)."""
+    values = np.linspace(784, 65386, size * size).round().astype(np.int64) - offset
+    return values.reshape(size, size).astype(np.uint16)
+
+
+def scaled_to_8_bits(values: np.ndarray) -> np.ndarray:
+    return np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def cached(folder: Path, tmp_path: Path, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("channels", None)
+    pixels, _ = load_pixels(None, None, str(folder), resolution=6, cache_dir=str(tmp_path / "cache"), **kwargs)
+    return PixelBatches(pixels).__getitems__(list(range(len(pixels))))
+
+
+@pytest.fixture
+def folder16(tmp_path) -> tuple[Path, list[np.ndarray]]:
+    """16-bit gradients as PNG ("I;16"), big-endian TIFF ("I;16B") and 32-bit "I" TIFF, sorted by file name."""
+    folder = tmp_path / "sixteen"
+    folder.mkdir()
+    arrays = [gradient16(offset) for offset in (0, 300, 700)]
+    Image.fromarray(arrays[0]).save(folder / "a.png")
+    Image.frombytes("I;16B", (6, 6), arrays[1].astype(">u2").tobytes()).save(folder / "b.tiff")
+    Image.fromarray(arrays[2].astype(np.int32), mode="I").save(folder / "c.tiff")
+    assert [Image.open(folder / name).mode for name in ("a.png", "b.tiff", "c.tiff")] == ["I;16", "I;16B", "I"]
+    return folder, arrays
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(folder16, tmp_path):
+    folder, arrays = folder16
+    pixels = cached(folder, tmp_path)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 1, 6, 6)  # grayscale: one channel, without a flag
+    for image, values in zip(pixels, arrays, strict=True):
+        np.testing.assert_array_equal(image[0].numpy(), scaled_to_8_bits(values))
+    assert pixels[0].min() == 3 and pixels[0].max() == 254  # 784 and 65386, not 255 everywhere
+
+
+def test_16_bit_images_as_rgb_keep_their_scaled_values(folder16, tmp_path):
+    folder, arrays = folder16
+    pixels = cached(folder, tmp_path, channels=3)
+    assert pixels.shape == (3, 3, 6, 6)
+    for image, values in zip(pixels, arrays, strict=True):
+        for channel in image:
+            np.testing.assert_array_equal(channel.numpy(), scaled_to_8_bits(values))
+
+
+def test_preserve_input_precision_caches_the_uint16_values(folder16, tmp_path):
+    folder, arrays = folder16
+    pixels = cached(folder, tmp_path, preserve_input_precision=True)
+    assert pixels.dtype == torch.uint16 and pixels.shape == (3, 1, 6, 6)
+    for image, values in zip(pixels, arrays, strict=True):
+        np.testing.assert_array_equal(image[0].numpy(), values)
+    x0 = images_to_model_input(pixels, random_flip=False)
+    expected = torch.from_numpy(np.stack(arrays).astype(np.float64) / 32767.5 - 1).float()
+    torch.testing.assert_close(x0[:, 0], expected)
+
+
+def test_preserve_input_precision_maps_8_bit_images_onto_the_16_bit_scale(tmp_path):
+    dataset = Dataset.from_dict(
+        {"image": [Image.fromarray(np.array([[0, 1], [128, 255]], dtype=np.uint8), mode="L")]},
+        Features({"image": ImageFeature()}),
+    )
+    pixels = preprocess_images(dataset, "image", 2, 1, preserve_input_precision=True)[0]["pixels"]
+    assert pixels.dtype == torch.uint16
+    np.testing.assert_array_equal(pixels[0].numpy(), [[0, 257], [128 * 257, 65535]])
+    x0 = images_to_model_input(pixels[None], random_flip=False)
+    assert x0[0, 0, 0, 0] == -1.0 and x0[0, 0, 1, 1] == 1.0
+
+
+def test_streamed_16_bit_batches_keep_uint16(folder16, tmp_path):
+    folder, arrays = folder16
+    pixels, _ = load_pixels(
+        None, None, str(folder), resolution=6, channels=1, preserve_input_precision=True, streaming=True
+    )
+    batch = collate_pixels(list(pixels), dtype=torch.uint16)
+    assert batch.dtype == torch.uint16
+    assert sorted(batch.flatten(1).sum(1).tolist()) == sorted(int(values.sum()) for values in arrays)
+
+
+def test_float_images_are_refused_naming_the_file_and_mode(tmp_path):
+    folder = tmp_path / "float"
+    folder.mkdir()
+    Image.fromarray(np.full((6, 6), 0.5, dtype=np.float32), mode="F").save(folder / "depth.tiff")
+    with pytest.raises(ImageDataError, match=r"depth\.tiff.*mode 'F'"):
+        cached(folder, tmp_path, channels=1)
+
+
+def save_all(folder: Path, images: dict[str, Image.Image]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        image.save(folder / name)
+    return folder
+
+
+def gray(value: int) -> Image.Image:
+    return Image.fromarray(np.full((6, 6), value, dtype=np.uint8), mode="L")
+
+
+def rgb(color: tuple[int, int, int]) -> Image.Image:
+    return Image.fromarray(np.tile(np.array(color, dtype=np.uint8), (6, 6, 1)), mode="RGB")
+
+
+def test_the_channel_count_follows_the_data(tmp_path):
+    grays = save_all(tmp_path / "gray", {f"{i}.png": gray(10 * i) for i in range(3)})
+    colors = save_all(tmp_path / "rgb", {f"{i}.png": rgb((10 * i, 20, 30)) for i in range(3)})
+    pixels = cached(grays, tmp_path)
+    assert pixels.shape == (3, 1, 6, 6) and sorted(pixels[:, 0, 0, 0].tolist()) == [0, 10, 20]
+    assert cached(colors, tmp_path).shape == (3, 3, 6, 6)
+    assert cached(grays, tmp_path, channels=3).shape == (3, 3, 6, 6)  # --num_channels overrides
+
+
+def test_a_mixed_folder_takes_the_majority_mode_and_says_so(tmp_path, caplog):
+    images = {f"g{i}.png": gray(50) for i in range(3)} | {f"c{i}.png": rgb((200, 0, 0)) for i in range(2)}
+    folder = save_all(tmp_path / "mixed", images)
+    with caplog.at_level(logging.WARNING, logger="training.image_modes"):
+        pixels = cached(folder, tmp_path)
+    assert pixels.shape == (5, 1, 6, 6)
+    assert "Mixed image modes" in caplog.text and "3 L" in caplog.text and "2 RGB" in caplog.text
+    red_as_gray = round(200 * 299 / 1000)  # PIL's L = R * 299/1000 + G * 587/1000 + B * 114/1000
+    assert sorted(pixels[:, 0, 0, 0].tolist()) == [50, 50, 50, red_as_gray, red_as_gray]
+
+
+def test_the_channel_decision_reads_a_bounded_sample(tmp_path):
+    images = {f"{i:02d}.png": gray(1) for i in range(3)} | {f"{i + 3:02d}.png": rgb((1, 2, 3)) for i in range(5)}
+    folder = save_all(tmp_path / "many", images)
+    from training.data import find_image_column, load_image_dataset
+
+    dataset = load_image_dataset(None, None, str(folder), cache_dir=str(tmp_path / "cache"))
+    column = find_image_column(dataset)
+    assert decide_channels(dataset, column, sample_size=3)[0] == 1  # the first three are grayscale
+    channels, modes = decide_channels(dataset, column)
+    assert channels == 3 and modes == {"L": 3, "RGB": 5}
+
+
+def test_transparency_is_composited_on_white_unless_4_channels(tmp_path):
+    rgba = np.zeros((6, 6, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :3, 3] = 0  # left half transparent
+    rgba[:, 3:, 3] = 255
+    folder = save_all(tmp_path / "rgba", {"icon.png": Image.fromarray(rgba, mode="RGBA")})
+    pixels = cached(folder, tmp_path)
+    assert pixels.shape == (1, 3, 6, 6)  # RGBA counts as RGB
+    assert (pixels[0, :, :, :3] == 255).all()  # transparent: white
+    assert pixels[0, :, :, 3:].tolist() == np.broadcast_to([[200], [0], [0]], (3, 6 * 3)).reshape(3, 6, 3).tolist()
+    kept = cached(folder, tmp_path, channels=4)
+    np.testing.assert_array_equal(kept[0].numpy(), rgba.transpose(2, 0, 1))
+
+
+def test_palette_1_bit_la_and_cmyk_images_are_converted_by_pil(tmp_path):
+    palette = Image.new("P", (6, 6), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.paste(1, (3, 0, 6, 6))
+    palette.info["transparency"] = 0  # index 0 (red) transparent: white once composited
+    bits = Image.fromarray(np.tile([True, False, True, False, True, False], (6, 1)))  # mode "1"
+    assert bits.mode == "1"
+    la = Image.merge("LA", [gray(40), Image.fromarray(np.full((6, 6), 0, dtype=np.uint8))])
+    cmyk = Image.new("CMYK", (6, 6), (0, 255, 255, 0))  # red in CMYK
+    folder = save_all(tmp_path / "kinds", {"a.png": palette, "b.png": bits, "c.png": la, "d.tiff": cmyk})
+    assert [Image.open(folder / n).mode for n in ("a.png", "b.png", "c.png", "d.tiff")] == ["P", "1", "LA", "CMYK"]
+    pixels = cached(folder, tmp_path, channels=3)
+    assert (pixels[0, :, :, :3] == 255).all() and pixels[0, :, 0, 3:].tolist() == [[0] * 3, [0] * 3, [255] * 3]
+    assert pixels[1, :, 0, :].tolist() == [[255, 0, 255, 0, 255, 0]] * 3
+    assert (pixels[2] == 255).all()  # fully transparent gray: white
+    np.testing.assert_array_equal(pixels[3].numpy(), np.asarray(cmyk.convert("RGB")).transpose(2, 0, 1))
+
+
+SMALL_UNET = {
+    "_class_name": "UNet2DModel",
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": None,
+}
+
+
+def rgba_icon(alpha: int) -> Image.Image:
+    array = np.zeros((6, 6, 4), dtype=np.uint8)
+    array[..., 1], array[..., 3] = 180, alpha
+    return Image.fromarray(array, mode="RGBA")
+
+
+RUNS = {
+    # name: images of the folder, extra flags, channels of the model, mode of the stock pipeline's samples
+    "grayscale": ({f"{i}.png": gray(20 * i) for i in range(4)}, [], 1, "L"),
+    "rgba-kept": ({f"{i}.png": rgba_icon(60 * i) for i in range(4)}, ["--num_channels", "4"], 4, "RGBA"),
+    "mixed": ({"a.png": gray(3), "b.png": gray(9), "c.png": rgb((1, 2, 3))}, [], 1, "L"),
+    "16-bit": (
+        {f"{i}.png": Image.fromarray(gradient16(100 * i)) for i in range(10)},
+        ["--preserve_input_precision", "--eval_steps", "2", "--eval_holdout_images", "5", "--eval_num_images", "5"]
+        + ["--eval_bpd_timesteps", "2", "--eval_num_samples", "5", "--eval_feature_extractor", "digits"],
+        1,
+        "L",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(RUNS))
+def test_a_folder_trains_a_model_whose_stock_pipeline_samples_its_mode(tmp_path, kind):
+    from diffusers import DDPMPipeline
+
+    images, flags, channels, mode = RUNS[kind]
+    folder = save_all(tmp_path / "data", images)
+    (tmp_path / "unet.json").write_text(json.dumps(SMALL_UNET))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    args = ["--cpu", "--train_data_dir", str(folder), "--resolution", "8", "--model_config_name_or_path", "unet.json"]
+    args += ["--max_train_steps", "2", "--train_batch_size", "2", "--ddpm_num_steps", "50"]
+    args += ["--ddpm_num_inference_steps", "2", "--eval_batch_size", "2", "--output_dir", "out", *flags]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_ddpm.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    pipeline = DDPMPipeline.from_pretrained(tmp_path / "out")
+    assert pipeline.unet.config.in_channels == channels
+    pipeline.set_progress_bar_config(disable=True)
+    samples = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0)).images
+    assert [image.mode for image in samples] == [mode, mode] and samples[0].size == (8, 8)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f'(PIL mode "{mode}" samples) from {16 if "16" in kind else 8}-bit data' in card
+    if kind == "16-bit":  # the held-out uint16 images are evaluated (bits/dim over 65,536 levels)
+        assert "Evaluation at step 2: bits_per_dim" in result.stderr + result.stdout
+    if kind == "mixed":
+        assert "Mixed image modes" in result.stderr + result.stdout
+
+
+def test_the_feature_networks_compare_the_colour_of_rgba_images():
+    from evaluation.features import _to_float_grayscale
+
+    rgba = torch.randint(0, 256, (2, 4, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(_to_float_grayscale(rgba, 8), _to_float_grayscale(rgba[:, :3], 8))
+
+
+def test_the_decoder_bins_follow_the_bit_depth():
+    from schedulers import DDPMPaperScheduler
+    from schedulers.scheduling_ddpm_paper import discretized_gaussian_log_likelihood
+
+    levels = torch.tensor([1, 2, 30000, 65533], dtype=torch.float64)  # 16-bit values, away from the open end bins
+    x = (levels / 32767.5 - 1).float().view(1, 1, 2, 2)
+    log_scales = torch.full_like(x, math.log(0.01))
+    normal = torch.distributions.Normal(x.double(), 0.01)
+    for bits, half_bin in ((8, 1 / 255), (16, 1 / 65535)):
+        expected = torch.log(normal.cdf(x.double() + half_bin) - normal.cdf(x.double() - half_bin))
+        got = discretized_gaussian_log_likelihood(x, means=x, log_scales=log_scales, bits=bits)
+        assert got.dtype == torch.float32
+        inner = x.abs() < (0.999 if bits == 8 else 1)  # 8 bits: 1, 2 and 65533 fall in the open end bins
+        torch.testing.assert_close(got.double()[inner], expected[inner], rtol=1e-4, atol=1e-5)
+    # x = -1 + 2/65535 is an inner bin for 16 bits; 8 bits treats it (as any x < -0.999) as the open first bin.
+    edge = discretized_gaussian_log_likelihood(
+        x[..., :1, :1], means=x[..., :1, :1], log_scales=log_scales[..., :1, :1]
+    )
+    assert edge.item() > math.log(0.5)
+
+    scheduler = DDPMPaperScheduler(num_train_timesteps=10)
+    x0 = x[..., 1:, :1]  # 30000: an inner bin for both depths
+    t = torch.tensor([0])
+    xt = scheduler.add_noise(x0, torch.randn(x0.shape, generator=torch.manual_seed(0)), t)
+    eps = torch.zeros_like(x0)
+    p = scheduler.p_mean_variance(eps, xt, t)
+    bpd8 = scheduler.vlb_terms(eps, x0, xt, t).bpd
+    bpd16 = scheduler.vlb_terms(eps, x0, xt, t, bits=16).bpd
+    for bits, bpd in ((8, bpd8), (16, bpd16)):
+        nll = -discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance, bits=bits)
+        torch.testing.assert_close(bpd, nll.flatten(1).mean(1) / math.log(2))
+    assert bpd16 - bpd8 > 7  # about log2(65535 / 255) = 8 bits more per dimension: 256 times narrower bins
+
+
+def test_the_evaluation_counts_16_bit_images_over_65536_levels():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from evaluation.pipeline_metrics import as_pixels, evaluate
+    from pipelines import DDPMPaperPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    pipeline = DDPMPaperPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=5))
+    sixteen = torch.from_numpy(np.stack([np.resize(gradient16(offset, 8), (1, 8, 8)) for offset in (0, 500)]))
+    eight = torch.from_numpy(scaled_to_8_bits(sixteen.numpy()))
+    assert as_pixels(sixteen, None).dtype == torch.uint16  # not wrapped around into uint8
+    kwargs = {"num_images": 2, "bpd_timesteps": 0, "num_samples": 0, "seed": 0}
+    bpd16 = evaluate(pipeline, sixteen, **kwargs)["bits_per_dim"]
+    bpd8 = evaluate(pipeline, eight, **kwargs)["bits_per_dim"]
+    assert bpd16 - bpd8 > 4  # narrower bins: up to log2(257) = 8 more bits a value, through L_0 alone
+
+
+def test_a_streamed_grayscale_folder_decides_one_channel(tmp_path):
+    folder = save_all(tmp_path / "gray", {f"{i}.png": gray(7 * i) for i in range(3)})
+    pixels, _ = load_pixels(None, None, str(folder), resolution=6, channels=None, streaming=True)
+    assert pixels.features["pixels"].shape == (1, 6, 6)
+    assert sorted(example["pixels"][0, 0, 0].item() for example in pixels) == [0, 7, 14]

@@ -1,0 +1,193 @@
+"""What every PIL image mode becomes in the pixel cache: its channels and its bit depth.
+
+Channels. The channel count of a run follows the data (`decide_channels`, from a bounded sample of the images) unless
+`--num_channels` is given. Each image is then converted to that count (`to_cache_mode`):
+
+- grayscale ("L", "1", "LA", 16-bit "I;16"/"I;16B"/"I") counts as 1 channel; everything else ("RGB", "RGBA", "P",
+  "PA", "CMYK", "YCbCr", ...) as 3. RGBA counts as 3: alpha is kept only with an explicit `--num_channels 4`.
+- An image with transparency ("RGBA", "LA", "PA", a palette or "L"/"RGB" image with a transparency key) is converted to
+  RGBA and composited on white, as image viewers show it, unless the run has 4 channels (RGBA kept as it is).
+- Palette images go through their palette (PIL's `convert`), "1" becomes 0 / 255, CMYK goes through PIL's CMYK to RGB
+  conversion.
+
+Bit depth. 16-bit images ("I;16", "I;16L", "I;16B", "I;16N", and "I" with values in 0..65535) are scaled to 8 bits as
+`round(value * 255 / 65535)` (PIL's own `convert` clips them to 255: a white image). With `preserve_input_precision`
+the cache keeps 16 bits: 16-bit images as they are, 8-bit ones times 257 (255 -> 65535). Float images ("F") have no
+agreed range and are refused, with an error that names the file and the mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from training.data import ImageDataError
+
+logger = logging.getLogger(__name__)
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+GRAYSCALE_MODES = ("L", "1", "LA", "La", *SIXTEEN_BIT_MODES)
+FLOAT_MODES = ("F",)
+CHANNEL_CHOICES = (1, 3, 4)
+# How many images `decide_channels` looks at: the first ones, read lazily (only their headers are decoded).
+CHANNEL_SAMPLE_SIZE = 64
+MAX_16_BIT = 65535
+
+
+def natural_channels(mode: str) -> int:
+    """1 for grayscale modes (with or without alpha, any bit depth), 3 for every other mode (RGBA included)."""
+    return 1 if mode in GRAYSCALE_MODES else 3
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether the image has an alpha channel or a transparency key (a palette's or a tRNS colour)."""
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
+def sixteen_bit_values(image: Image.Image, where: str) -> np.ndarray:
+    """The values of a 16-bit grayscale image as a uint16 (H, W) array; "I" images must hold values in 0..65535."""
+    values = np.asarray(image)
+    if values.dtype != np.uint16:
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > MAX_16_BIT:
+            raise ImageDataError(
+                f"The image {where} has mode '{image.mode}' with values {low}..{high}, outside 16 bits (0..65535): "
+                "convert it to 8- or 16-bit, then run again."
+            )
+        values = values.astype(np.uint16)
+    return values.astype(np.uint16, copy=False)
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def to_cache_mode(image: Image.Image, channels: int, preserve_input_precision: bool, where: str) -> Image.Image:
+    r"""
+    Convert a decoded image to what the cache is built from, before resizing and cropping.
+
+    Returns:
+        A PIL image of mode "L" (`channels` 1), "RGB" (3) or "RGBA" (4), 8 bits; or, for a 16-bit image with
+        `preserve_input_precision`, a single-channel "F" image holding the 16-bit values (0..65535), which
+        `to_cache_array` replicates to `channels`.
+
+    Raises:
+        `ImageDataError`: a float ("F") image, or an "I" image with values outside 0..65535 (the message names `where`
+        and the mode).
+    """
+    if channels not in CHANNEL_CHOICES:
+        raise ValueError(f"channels must be one of {CHANNEL_CHOICES}, got {channels}.")
+    mode = image.mode
+    if mode in FLOAT_MODES:
+        raise ImageDataError(
+            f"The image {where} has mode '{mode}' (32-bit float), which has no agreed range of values to scale: "
+            "convert it to an 8- or 16-bit image (e.g. PNG or TIFF), then run again."
+        )
+    if mode in SIXTEEN_BIT_MODES:
+        values = sixteen_bit_values(image, where)
+        if preserve_input_precision:
+            return Image.fromarray(values.astype(np.float32), mode="F")
+        # value * 255 / 65535 rounded; exact in integers (no value lies half-way: 65535 = 255 * 257 and 257 is odd).
+        eight_bit = (values.astype(np.uint32) * 255 + MAX_16_BIT // 2) // MAX_16_BIT
+        image = Image.fromarray(eight_bit.astype(np.uint8), mode="L")
+        mode = "L"
+    if channels == 4:
+        return image.convert("RGBA")
+    if has_transparency(image):
+        image = _composite_on_white(image)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def to_cache_array(image: Image.Image, channels: int, preserve_input_precision: bool) -> np.ndarray:
+    r"""
+    A resized and cropped image from `to_cache_mode` as the cache stores it: (channels, H, W), uint8, or uint16 with
+    `preserve_input_precision` (16-bit images as they are, 8-bit ones times 257).
+    """
+    if image.mode == "F":
+        values = np.clip(np.rint(np.asarray(image, dtype=np.float32)), 0, MAX_16_BIT).astype(np.uint16)[None]
+        if channels == 1:
+            return values
+        planes = [values] * 3 + ([np.full_like(values, MAX_16_BIT)] if channels == 4 else [])
+        return np.concatenate(planes)
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    if preserve_input_precision:
+        return array.astype(np.uint16) * 257
+    return array
+
+
+def _image_mode(value: Any, row: int) -> str | None:
+    """The mode of an undecoded `datasets.Image` value (or a PIL image), from its header only; None if unreadable."""
+    if isinstance(value, Image.Image):
+        return value.mode
+    if not isinstance(value, dict):
+        return None
+    import io
+
+    path, data = value.get("path"), value.get("bytes")
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            return image.mode
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return None  # the decoding step names the broken file
+
+
+def decide_channels(dataset, image_column: str, sample_size: int = CHANNEL_SAMPLE_SIZE) -> tuple[int, Counter]:
+    r"""
+    The channel count of a dataset's model: 1 when most of the first `sample_size` images are grayscale, else 3.
+
+    Only the images' headers are read. Ties go to 3 (RGB keeps what a grayscale conversion would lose). A mixed
+    sample is logged with its modes.
+
+    Returns:
+        The channel count (1 or 3) and the `Counter` of the sampled images' modes.
+    """
+    import datasets
+
+    sample = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if isinstance(sample, datasets.Dataset):
+        rows = sample.select(range(min(sample_size, len(sample))))[image_column]
+    else:
+        rows = [example[image_column] for example in sample.take(sample_size)]
+    modes = Counter(mode for row, value in enumerate(rows) if (mode := _image_mode(value, row)) is not None)
+    gray = sum(count for mode, count in modes.items() if natural_channels(mode) == 1)
+    color = sum(modes.values()) - gray
+    channels = 1 if gray > color else 3
+    summary = ", ".join(f"{count} {mode}" for mode, count in modes.most_common())
+    if gray and color:
+        logger.warning(
+            "Mixed image modes in the first %d images (%s): training a %d-channel model (the majority; ties go to "
+            "RGB). Pass --num_channels to choose.",
+            sum(modes.values()),
+            summary,
+            channels,
+        )
+    else:
+        logger.info("Image modes of the first %d images: %s: %d channel(s)", sum(modes.values()), summary, channels)
+    return channels, modes
+
+
+def channels_of_data(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_data_dir: str | None,
+    *,
+    image_column: str | None = None,
+    cache_dir: str | None = None,
+    streaming: bool = False,
+    sample_size: int = CHANNEL_SAMPLE_SIZE,
+) -> int:
+    """`decide_channels` of a dataset given as the training flags give it (loaded as `load_pixels` loads it)."""
+    from training.data import find_image_column, load_image_dataset
+
+    dataset = load_image_dataset(
+        dataset_name, dataset_config_name, train_data_dir, cache_dir=cache_dir, streaming=streaming
+    )
+    channels, _ = decide_channels(dataset, find_image_column(dataset, image_column), sample_size)
+    return channels
