@@ -147,7 +147,8 @@ def test_a_stop_under_the_launcher_with_a_step_slower_than_its_grace_ends_in_a_c
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     name = "SIGINT" if how == "ctrl-c" else "SIGTERM"
-    assert process.returncode == (130 if how == "ctrl-c" else 143), stderr[-3000:]  # the launcher's own status
+    # The launcher's own status: 143 after SIGTERM; after SIGINT 130, or 0 when its child ended before it handled it.
+    assert process.returncode in ((0, 130) if how == "ctrl-c" else (143,)), stderr[-3000:]
     assert f"Stop asked ({name}) during a step: it is abandoned" in stderr, stderr[-3000:]
     assert f"Stopped by {name} at step 1" in stderr
     assert complete_checkpoints(output) == [1]
@@ -204,7 +205,10 @@ def test_a_step_abandoned_by_a_signal_resumes_bit_for_bit(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from stopped/checkpoint-3: step 3, epoch 0, batch 3" in resumed.stderr
     whole, after = tmp_path / "whole" / "checkpoint-6", tmp_path / "stopped" / "checkpoint-6"
-    for name in sorted(path.name for path in whole.iterdir() if path.name != TRAINER_STATE_NAME):
+    # Every file but the two that name the output folder (trainer_state.json, and manifest.json with its hash).
+    for name in sorted(
+        path.name for path in whole.iterdir() if path.name not in (TRAINER_STATE_NAME, "manifest.json")
+    ):
         assert (whole / name).read_bytes() == (after / name).read_bytes(), name
 
 
