@@ -22,14 +22,16 @@ STAGING_NAME = ".export.tmp"
 INDEX_NAME = "model_index.json"
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush every file under `path` to disk."""
     for root, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as file:
                 os.fsync(file.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (renames into it) to disk, where the platform can."""
     with contextlib.suppress(OSError):  # some platforms cannot open or sync folders
         descriptor = os.open(path, os.O_RDONLY)
         try:
@@ -43,7 +45,7 @@ def _move_in(staged: Path, target: Path) -> None:
     if staged.is_dir() and target.is_dir():
         for child in sorted(staged.iterdir()):
             _move_in(child, target / child.name)
-        _fsync_dir(target)
+        fsync_dir(target)
     elif staged.is_dir() and target.exists():  # a file where a folder goes: only a hand-made folder holds one
         target.unlink()
         os.rename(staged, target)
@@ -69,10 +71,10 @@ def atomic_folder(directory: str | os.PathLike) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        _fsync_tree(staging)
+        fsync_tree(staging)
         entries = sorted(staging.iterdir(), key=lambda entry: entry.name == INDEX_NAME)  # the index last
         for entry in entries:
             _move_in(entry, directory / entry.name)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -42,6 +42,7 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipelines.atomic_folder import fsync_dir, fsync_tree
 from training.data import held_out_images
 from training.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
 
@@ -443,26 +444,6 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(flags.all())
 
 
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as file:
-                os.fsync(file.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str,
@@ -505,7 +486,7 @@ def save_checkpoint(
             save_object_state(temporary, name, obj)
         state.save(os.path.join(temporary, TRAINER_STATE_NAME))
         write_manifest(temporary)  # last: it lists every file above
-        _fsync_tree(temporary)
+        fsync_tree(temporary)
         if os.path.exists(final):  # a checkpoint of the same step from an earlier run: replace it
             previous = final + ".old"
             shutil.rmtree(previous, ignore_errors=True)
@@ -514,7 +495,7 @@ def save_checkpoint(
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.rename(temporary, final)
-        _fsync_dir(output_dir)
+        fsync_dir(output_dir)
         if total_limit is not None:
             for _, path in find_checkpoints(output_dir)[:-total_limit]:
                 logger.info("Removing %s (--checkpoints_total_limit %d).", path, total_limit)
