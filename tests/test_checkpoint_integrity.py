@@ -80,6 +80,7 @@ def plant(path: Path, marker: Path) -> None:
     torch.save(Payload(marker), path)  # the format accelerate's files have: a torch zip holding the pickle
 
 
+@pytest.mark.slow
 # What a checkpoint holds ---------------------------------------------------------------------------------------------
 def test_a_checkpoint_holds_no_pickle_of_ours_and_a_manifest_of_every_file(base_run):
     checkpoint = base_run / "checkpoint-4"
@@ -98,6 +99,7 @@ def test_a_checkpoint_holds_no_pickle_of_ours_and_a_manifest_of_every_file(base_
     verify_checkpoint(str(checkpoint))
 
 
+@pytest.mark.slow
 # Damage ------------------------------------------------------------------------------------------------------------
 def test_truncated_random_states_latest_skips_it_and_ends_bitwise_equal(workdir, base_run):
     """The issue's case: truncating random_states_0.pkl of the newest checkpoint gave a silent resume with other
@@ -115,6 +117,7 @@ def test_truncated_random_states_latest_skips_it_and_ends_bitwise_equal(workdir,
     verify_checkpoint(str(output / "checkpoint-4"))  # rewritten whole
 
 
+@pytest.mark.slow
 def test_a_named_damaged_checkpoint_is_refused_with_one_line_naming_the_file(workdir, base_run):
     output = copy_run(base_run, workdir, "truncated-optimizer")
     damaged = output / "checkpoint-4" / "optimizer.bin"
@@ -138,6 +141,7 @@ def test_latest_refuses_when_no_checkpoint_verifies(workdir, base_run):
         resolve_resume_checkpoint(str(output), "latest")
 
 
+@pytest.mark.slow
 # Hostile files -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("manifest", ["replaced", "regenerated"])
 def test_a_payload_in_every_file_runs_nothing_and_is_refused(workdir, base_run, manifest):
@@ -172,6 +176,7 @@ def test_each_planted_file_is_refused_under_a_regenerated_manifest(workdir, base
         shutil.rmtree(output)
 
 
+@pytest.mark.slow
 def test_the_old_format_exploit_a_crafted_custom_checkpoint_runs_nothing(workdir, base_run):
     """The issue's exploit, on a checkpoint of the pickled format (no manifest, the LR schedule in
     custom_checkpoint_1.pkl): accelerate would unpickle it with weights_only=False. Refused; nothing runs."""
@@ -194,6 +199,7 @@ def legacy_checkpoint(checkpoint: Path) -> Path:
     return checkpoint
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_manifest_resumes_with_a_warning_and_ends_bitwise_equal(workdir, base_run):
     output = copy_run(base_run, workdir, "old-format")
     shutil.rmtree(output / "checkpoint-4")
@@ -206,6 +212,7 @@ def test_a_checkpoint_without_manifest_resumes_with_a_warning_and_ends_bitwise_e
     verify_checkpoint(str(output / "checkpoint-4"))
 
 
+@pytest.mark.slow
 def test_random_states_accelerate_cannot_restore_are_a_warning_and_an_error(workdir, base_run):
     """A random_states_0.pkl that loads safely but is not what accelerate expects (manifest regenerated): accelerate
     only logs "Could not load random states" at INFO and goes on; that message now reaches the user, and the resume
@@ -268,6 +275,7 @@ def kill_in_export(workdir: Path, args: list[str], marker: Path) -> None:
         process.stderr.close()
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_exporting_leaves_the_previous_export_loadable(workdir, base_run):
     output = copy_run(base_run, workdir, "killed-export")
     before = {path: (base_run / path).read_bytes() for path in EXPORT}
@@ -281,6 +289,7 @@ def test_a_run_killed_while_exporting_leaves_the_previous_export_loadable(workdi
     assert images[0].size == (8, 8)
 
 
+@pytest.mark.slow
 def test_a_first_export_killed_midway_leaves_no_partial_pipeline(workdir):
     output = workdir / "killed-first-export"
     kill_in_export(workdir, [*RUN, "--max_train_steps", "2", "--output_dir", str(output)], workdir / "in-first")

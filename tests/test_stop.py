@@ -262,6 +262,7 @@ print("abandoned cleanly")
 """
 
 
+@pytest.mark.slow
 def test_an_abandoned_step_puts_the_random_states_back(tmp_path):
     """`StepMonitor.interruptible` with a real signal in the middle of a real U-Net's forward pass (own process)."""
     script = tmp_path / "abandoned_step.py"

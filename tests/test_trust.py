@@ -87,6 +87,7 @@ train_ddpm.main()
 """
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_held_folder_fails_at_once_on_every_process_and_a_killed_run_leaves_no_lock(workdir):
     output = workdir / "held"
     marker = workdir / "holding"
@@ -141,6 +142,7 @@ def test_a_run_into_a_folder_another_process_holds_names_it_and_leaves_it_alone(
     assert not output.exists()  # the holder created the folder and removed it, empty, on release
 
 
+@pytest.mark.slow
 # 4. Credentials and local paths ----------------------------------------------------------------------------------
 def test_abbreviated_token_flag_is_refused_without_showing_the_token(workdir):
     for argv in (["--hub_tok", TOKEN], [f"--hub_tok={TOKEN}"], ["--hub_to", TOKEN]):
@@ -191,6 +193,7 @@ def token_runs(workdir, images_elsewhere) -> dict[str, tuple[Path, dict]]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("carrier", ["flag", "equals", "env"])
 def test_no_token_and_no_absolute_path_in_any_file_written_or_published(
     token_runs, workdir, images_elsewhere, carrier
@@ -270,6 +273,7 @@ def test_numeric_flags_out_of_range_are_refused_with_flag_value_and_range(argv, 
     assert f"train_ddpm.py: error: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_negative_learning_rate_stops_before_any_work(workdir):
     result = run_training(
         workdir, [*SHORT_RUN, "--learning_rate", "-1", "--output_dir", "negative"], processes=0, check=False
