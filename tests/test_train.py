@@ -690,12 +690,12 @@ def test_defaults_keep_the_peer_script_meanings_and_the_digits_run_has_its_own()
     assert (peer.save_images_epochs, peer.save_model_epochs, peer.checkpointing_steps) == (10, 10, 500)
     assert (peer.output_dir, peer.mixed_precision, peer.center_crop, peer.random_flip) == (
         "ddpm-model-64",
-        None,
+        "no",
         False,
         False,
     )
     assert (peer.ema_max_decay, peer.ema_power, peer.ema_inv_gamma) == (0.9999, 0.75, 1.0)
-    assert (peer.seed, peer.max_grad_norm, peer.model_preset, peer.use_ema) == (0, 1.0, "ddpm-256", True)
+    assert (peer.seed, peer.max_grad_norm, peer.model_preset, peer.use_ema) == (0, 1.0, "ddpm-256", False)
     digits = parse_args([])
     assert (digits.model_preset, digits.resolution, digits.output_dir, digits.use_ema) == (
         "tiny",
@@ -705,9 +705,10 @@ def test_defaults_keep_the_peer_script_meanings_and_the_digits_run_has_its_own()
     )
     assert digits.learning_rate == DIGITS_DEFAULTS["learning_rate"]
     assert parse_args(["--learning_rate", "3e-4"]).learning_rate == 3e-4  # a given flag always wins
-    # The peer's --use_ema is a switch, off by default for a model given by config.
-    assert parse_args(["--model_config_name_or_path", "c.json"]).use_ema is False
-    assert parse_args(["--model_config_name_or_path", "c.json", "--use_ema"]).use_ema is True
+    # The peer's --use_ema is a switch, off by default with a dataset (tests/test_peer_flags.py); on for the digits.
+    assert parse_args(["--train_data_dir", "d", "--model_config_name_or_path", "c.json"]).use_ema is False
+    assert parse_args(["--train_data_dir", "d", "--use_ema"]).use_ema is True
+    assert parse_args(["--model_config_name_or_path", "c.json"]).use_ema is True
     assert parse_args(["--use_ema", "false"]).use_ema is False
     # Evaluation during training is off by default; its feature network follows the dataset.
     assert (digits.eval_steps, digits.eval_feature_extractor, peer.eval_feature_extractor) == (

@@ -1,11 +1,11 @@
 """The command line of train_ddpm.py: one typed dataclass, parsed by `transformers.HfArgumentParser`.
 
 Every flag of diffusers' `examples/unconditional_image_generation/train_unconditional.py` keeps its name, default and
-meaning (where the paper used another value, `--help` gives it); the flags it lacks are marked "(new)" in `--help`
-and default to the paper's values where the paper has one (`--max_grad_norm 1.0`, `--variance_type fixed_small`).
-A flag whose default depends on the run defaults to `None` here and is filled in by `resolve_args`, which says in its
-docstring what each `None` becomes: with no dataset given (the embedded digits) a set of small-run defaults, and
-`--use_ema` on with a `--model_preset` (the paper's EMA) but off with `--model_config_name_or_path` (the peer's).
+meaning whenever a dataset is given (where the paper used another value, `--help` gives it); the flags it lacks are
+marked "(new)" in `--help` and default to the paper's values where the paper has one (`--max_grad_norm 1.0`,
+`--variance_type fixed_small`). The run with no dataset (the embedded digits, which needs no flags) has its own
+defaults for the flags in `RUN_DEFAULTS`, the one table of run-dependent defaults: those flags default to `None` here,
+`resolve_args` fills them in from it, and `--help` prints both of its columns.
 
 The same keys work in one JSON or YAML file: `train_ddpm.py config.yaml`.
 """
@@ -32,41 +32,37 @@ from training.secrets import known_tokens, parse_strictly, public_path, redact_v
 # (tests/test_evaluate_cli.py keeps the two equal).
 FEATURE_EXTRACTOR_NAMES = ("digits", "inception")
 
-# Settings of the run with no dataset given (the embedded 8x8 digits, see README): the `tiny` net (0.7M parameters) at
-# the digits' native 8x8 resolution, 100 epochs of batch 64 (2,900 steps, ~0.09 s each on one CPU core: about 5
-# minutes with the sample grids). Only flags left unset take these values.
-DIGITS_DEFAULTS: dict[str, Any] = {
-    "model_preset": "tiny",
-    "resolution": 8,
-    "output_dir": "ddpm-output",
-    "train_batch_size": 64,
-    "learning_rate": 1e-3,
-    "lr_warmup_steps": 200,
-    "save_images_epochs": 0,
-    "save_images_steps": 1000,
-    "save_model_epochs": 0,
+# The one place where a flag's default depends on the run. With --dataset_name or --train_data_dir every flag of
+# train_unconditional.py takes that script's default (the first value; for a flag it lacks, ours: `ddpm-256` has the
+# layout of its built-in UNet2DModel). With no dataset, the embedded 8x8 digits run, which must need no flags, takes the
+# second: the `tiny` net (0.7M parameters) at the digits' native 8x8 resolution, 100 epochs of batch 64 (2,900 steps,
+# ~0.09 s each on one CPU core: about 5 minutes with the sample grids) and the paper's EMA. Only flags left unset take
+# these values; `--help` shows both columns; every other flag has one default for every run.
+RUN_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    # flag: (with a dataset, with no dataset)
+    "model_preset": ("ddpm-256", "tiny"),
+    "resolution": (64, 8),
+    "output_dir": ("ddpm-model-64", "ddpm-output"),
+    "train_batch_size": (16, 64),
+    "learning_rate": (1e-4, 1e-3),
+    "lr_warmup_steps": (500, 200),
+    "use_ema": (False, True),
+    "save_images_epochs": (10, 0),
+    "save_images_steps": (None, 1000),
+    "save_model_epochs": (10, 0),
 }
-# Where the peer script's defaults differ from `DIGITS_DEFAULTS`, for every other run.
-PEER_DEFAULTS: dict[str, Any] = {
-    "model_preset": "ddpm-256",  # the layout of the peer's built-in UNet2DModel
-    "resolution": 64,
-    "output_dir": "ddpm-model-64",
-    "train_batch_size": 16,
-    "learning_rate": 1e-4,
-    "lr_warmup_steps": 500,
-    "save_images_epochs": 10,
-    "save_images_steps": None,
-    "save_model_epochs": 10,
-}
+PEER_DEFAULTS: dict[str, Any] = {name: values[0] for name, values in RUN_DEFAULTS.items()}
+DIGITS_DEFAULTS: dict[str, Any] = {name: values[1] for name, values in RUN_DEFAULTS.items()}
 
 PAPER_CIFAR10_COMMAND = """accelerate launch --multi_gpu --num_processes 8 train_ddpm.py \\
       --dataset_name uoft-cs/cifar10 --resolution 32 --model_preset ddpm-cifar10 --random_flip \\
       --train_batch_size 16 --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 5000 \\
-      --adam_beta1 0.9 --adam_weight_decay 0 --max_train_steps 800000 --ema_power 1 --ema_max_decay 0.9999"""
+      --adam_beta1 0.9 --adam_weight_decay 0 --max_train_steps 800000 --use_ema --ema_power 1 --ema_max_decay 0.9999"""
 
 _EPILOG = f"""
-With no dataset (neither --dataset_name nor --train_data_dir) the run trains on the embedded 8x8 digits and the
-defaults marked "digits" apply. The paper's CIFAR-10 run (Ho et al. 2020, Appendix B: batch 128, Adam 2e-4, 5000
+With a dataset (--dataset_name or --train_data_dir) every flag of diffusers' train_unconditional.py has that
+script's default. With no dataset the run trains on the embedded 8x8 digits, and the flags whose help says "with no
+dataset" take that value instead. The paper's CIFAR-10 run (Ho et al. 2020, Appendix B: batch 128, Adam 2e-4, 5000
 warm-up steps, dropout 0.1, random flips, EMA 0.9999, 800k steps) on 8 GPUs:
 
   {PAPER_CIFAR10_COMMAND}
@@ -95,9 +91,7 @@ class TrainingArguments:
     streaming: bool = _arg(
         False, help="(new) Read the dataset lazily, for data larger than memory or disk; needs --max_train_steps."
     )
-    resolution: int | None = _arg(
-        help="Images are resized (short side) and cropped to this size. Default 64; digits: 8 (their native size)."
-    )
+    resolution: int | None = _arg(help="Images are resized (short side) and cropped to this size.")
     center_crop: bool = _arg(False, help="Crop the center; otherwise a random crop, chosen once per image.")
     random_flip: bool = _arg(False, help="Flip images left-right at random (the paper does, on CIFAR-10 and LSUN).")
     dataloader_num_workers: int = _arg(0, help="Worker processes of the DataLoader (0: the main process).")
@@ -120,8 +114,8 @@ class TrainingArguments:
     # Model and diffusion ---------------------------------------------------------------------------------------------
     model_preset: str | None = _arg(
         help="(new) A UNet2DModel preset: ddpm-cifar10 (the paper's 35.7M CIFAR-10 net), ddpm-256 (the paper's "
-        "256x256 net, also the layout of train_unconditional.py's built-in model, the default), tiny (0.7M, for "
-        "CPUs; the digits default).",
+        "256x256 net, also the layout of train_unconditional.py's built-in model), tiny (0.7M, for CPUs). None with "
+        "--model_config_name_or_path.",
         choices=list(MODEL_PRESETS),
     )
     model_config_name_or_path: str | None = _arg(
@@ -161,18 +155,18 @@ class TrainingArguments:
 
     # Optimisation ----------------------------------------------------------------------------------------------------
     seed: int = _arg(0, help="(new) Seed of the initialisation, the data order, the noise and the sample grids.")
-    train_batch_size: int | None = _arg(help="Batch size per process. Default 16; digits: 64.")
+    train_batch_size: int | None = _arg(help="Batch size per process.")
     eval_batch_size: int = _arg(16, help="Images in each sample grid.")
     num_epochs: int = _arg(100, help="Passes over the data (unless --max_train_steps is given).")
     max_train_steps: int | None = _arg(help="(new) Optimizer steps to train for; overrides --num_epochs.")
     gradient_accumulation_steps: int = _arg(1, help="Batches accumulated per optimizer step.")
-    learning_rate: float | None = _arg(help="Peak learning rate. Default 1e-4 (the paper: 2e-4); digits: 1e-3.")
+    learning_rate: float | None = _arg(help="Peak learning rate (the paper: 2e-4).")
     lr_scheduler: str = _arg(
         "cosine",
         help="The learning rate schedule (the paper: constant_with_warmup).",
         choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
     )
-    lr_warmup_steps: int | None = _arg(help="Warm-up optimizer steps. Default 500 (the paper: 5000); digits: 200.")
+    lr_warmup_steps: int | None = _arg(help="Warm-up optimizer steps (the paper: 5000).")
     adam_beta1: float = _arg(0.95, help="AdamW beta1 (the paper: 0.9).")
     adam_beta2: float = _arg(0.999, help="AdamW beta2.")
     adam_weight_decay: float = _arg(1e-6, help="AdamW weight decay (the paper: 0).")
@@ -182,16 +176,18 @@ class TrainingArguments:
         100, help="(new) Stop with an error after this many optimizer steps in a row with a non-finite gradient."
     )
     use_ema: bool | None = _arg(
-        help="Keep an exponential moving average of the weights and export it. Default: on with a --model_preset "
-        "(or none given), off with --model_config_name_or_path. `--use_ema false` turns it off.",
+        help="Keep an exponential moving average of the weights (the paper's, decay 0.9999) and export it. "
+        "`--use_ema false` turns it off.",
         nargs="?",
         const=True,
     )
     ema_inv_gamma: float = _arg(1.0, help="EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
     ema_power: float = _arg(3 / 4, help="EMA warm-up power.")
     ema_max_decay: float = _arg(0.9999, help="Largest EMA decay (the paper: 0.9999).")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _arg(
-        help="Mixed precision; by default the value of the accelerate config."
+    mixed_precision: Literal["no", "fp16", "bf16"] = _arg(
+        "no",
+        help="Mixed precision. As in train_unconditional.py the value given to Accelerator wins over the accelerate "
+        "config's mixed_precision (and `accelerate launch --mixed_precision`): pass it here.",
     )
     allow_tf32: bool = _arg(True, help="(new) TF32 matmuls and convolutions on Ampere or newer GPUs.")
     cpu: bool = _arg(
@@ -201,9 +197,7 @@ class TrainingArguments:
     )
 
     # Outputs ---------------------------------------------------------------------------------------------------------
-    output_dir: str | None = _arg(
-        help="Where checkpoints, samples and the exported pipeline go. Default ddpm-model-64; digits: ddpm-output."
-    )
+    output_dir: str | None = _arg(help="Where checkpoints, samples and the exported pipeline go.")
     overwrite_output_dir: bool = _arg(
         False,
         help="Start over in an --output_dir that holds checkpoints of an earlier run: its checkpoint-* folders are "
@@ -219,13 +213,9 @@ class TrainingArguments:
     resume_from_checkpoint: str | None = _arg(
         help="`latest` (the newest complete checkpoint in --output_dir, if any) or a checkpoint path / name."
     )
-    save_images_epochs: int | None = _arg(
-        help="Save a sample grid every this many epochs (0: never). Default 10; digits: 0."
-    )
-    save_images_steps: int | None = _arg(help="(new) Save a sample grid every this many steps. Digits: 1000.")
-    save_model_epochs: int | None = _arg(
-        help="Export the pipeline every this many epochs (0: never). Default 10; digits: 0."
-    )
+    save_images_epochs: int | None = _arg(help="Save a sample grid every this many epochs (0: never).")
+    save_images_steps: int | None = _arg(help="(new) Save a sample grid every this many steps.")
+    save_model_epochs: int | None = _arg(help="Export the pipeline every this many epochs (0: never).")
     save_model_steps: int | None = _arg(help="(new) Export the pipeline every this many steps.")
     push_to_hub: bool = _arg(False, help="Push each export to the Hub.")
     hub_token: str | None = _arg(
@@ -305,10 +295,10 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
     r"""
     Fill in the defaults that depend on the run, and check the flags.
 
-    - No dataset given: unset flags take `DIGITS_DEFAULTS` (the `tiny` net at 8x8, batch 64, lr 1e-3, 200 warm-up
-      steps, a sample grid every 1000 steps, output in `ddpm-output/`). Otherwise `PEER_DEFAULTS`, the values of
-      train_unconditional.py (the `ddpm-256` preset has the layout of its built-in model).
-    - `--use_ema`: on with a preset (the paper's EMA), off with `--model_config_name_or_path` (the peer's default).
+    - The flags of `RUN_DEFAULTS` left unset: with a dataset, its first column (the values of train_unconditional.py;
+      the `ddpm-256` preset has the layout of its built-in model); with no dataset, its second (the `tiny` net at
+      8x8, batch 64, lr 1e-3, 200 warm-up steps, EMA, a sample grid every 1000 steps, output in `ddpm-output/`).
+      `--model_preset` stays unset with `--model_config_name_or_path`.
     - `--eval_feature_extractor`: `digits` for the embedded digits, `inception` otherwise.
     - `--eval_num_inference_steps`: `--ddpm_num_inference_steps`. `--eval_steps 0` becomes `None` (no evaluation).
 
@@ -320,13 +310,11 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
     if args.model_preset is not None and args.model_config_name_or_path is not None:
         raise ArgumentError("Pass either --model_preset or --model_config_name_or_path, not both.")
     updates = {}
-    defaults = DIGITS_DEFAULTS if uses_embedded_dataset(args) else PEER_DEFAULTS
-    for name, value in defaults.items():
+    column = 1 if uses_embedded_dataset(args) else 0
+    for name, values in RUN_DEFAULTS.items():
         if getattr(args, name) is None and not (name == "model_preset" and args.model_config_name_or_path):
-            updates[name] = value
+            updates[name] = values[column]
     args = dataclasses.replace(args, **updates)
-    if args.use_ema is None:
-        args = dataclasses.replace(args, use_ema=args.model_preset is not None)
     args = dataclasses.replace(
         args,
         eval_steps=args.eval_steps or None,
@@ -387,7 +375,13 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
 
 
 class _HelpFormatter(ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter):
-    """Shows defaults, and keeps the line breaks of the epilog."""
+    """Shows defaults (both of a flag in `RUN_DEFAULTS`), and keeps the line breaks of the epilog."""
+
+    def _get_help_string(self, action) -> str:
+        if action.dest in RUN_DEFAULTS:
+            with_dataset, without = RUN_DEFAULTS[action.dest]
+            return f"{action.help} (default: {with_dataset}; with no dataset, the embedded digits: {without})"
+        return super()._get_help_string(action)
 
 
 def make_parser() -> HfArgumentParser:

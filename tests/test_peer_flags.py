@@ -1,0 +1,149 @@
+"""train_ddpm.py is a drop-in for diffusers' train_unconditional.py: every flag of that script keeps its name, type,
+default, choices and action whenever a dataset is given. The peer's argument table is held here as data, read from
+its source; the run with no dataset (the embedded digits) may differ only in `training.args.RUN_DEFAULTS`."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.args import RUN_DEFAULTS, make_parser, parse_args
+
+# The argument table of diffusers' examples/unconditional_image_generation/train_unconditional.py, `parse_args()`, at
+# huggingface/diffusers main 58eb52c0803ea9af3abec60841c2a093bdf1f951 (2026-08-23, version 0.40.0.dev0; the file last
+# changed in c56add8081be60b7e8794e011f1790d0e37aeced, "post release v0.39.0"). Read from the source with `ast`, in
+# its order: (flag, type, default, choices, action). A store_true flag defaults to False.
+PEER_FLAGS = [
+    ("--dataset_name", str, None, None, None),
+    ("--dataset_config_name", str, None, None, None),
+    ("--model_config_name_or_path", str, None, None, None),
+    ("--train_data_dir", str, None, None, None),
+    ("--output_dir", str, "ddpm-model-64", None, None),
+    ("--overwrite_output_dir", None, False, None, "store_true"),
+    ("--cache_dir", str, None, None, None),
+    ("--resolution", int, 64, None, None),
+    ("--center_crop", None, False, None, "store_true"),
+    ("--random_flip", None, False, None, "store_true"),
+    ("--train_batch_size", int, 16, None, None),
+    ("--eval_batch_size", int, 16, None, None),
+    ("--dataloader_num_workers", int, 0, None, None),
+    ("--num_epochs", int, 100, None, None),
+    ("--save_images_epochs", int, 10, None, None),
+    ("--save_model_epochs", int, 10, None, None),
+    ("--gradient_accumulation_steps", int, 1, None, None),
+    ("--learning_rate", float, 1e-4, None, None),
+    ("--lr_scheduler", str, "cosine", None, None),
+    ("--lr_warmup_steps", int, 500, None, None),
+    ("--adam_beta1", float, 0.95, None, None),
+    ("--adam_beta2", float, 0.999, None, None),
+    ("--adam_weight_decay", float, 1e-6, None, None),
+    ("--adam_epsilon", float, 1e-8, None, None),
+    ("--use_ema", None, False, None, "store_true"),
+    ("--ema_inv_gamma", float, 1.0, None, None),
+    ("--ema_power", float, 0.75, None, None),
+    ("--ema_max_decay", float, 0.9999, None, None),
+    ("--push_to_hub", None, False, None, "store_true"),
+    ("--hub_token", str, None, None, None),
+    ("--hub_model_id", str, None, None, None),
+    ("--hub_private_repo", None, False, None, "store_true"),
+    ("--logger", str, "tensorboard", ("tensorboard", "wandb"), None),
+    ("--logging_dir", str, "logs", None, None),
+    ("--local_rank", int, -1, None, None),
+    ("--mixed_precision", str, "no", ("no", "fp16", "bf16"), None),
+    ("--prediction_type", str, "epsilon", ("epsilon", "sample"), None),
+    ("--ddpm_num_steps", int, 1000, None, None),
+    ("--ddpm_num_inference_steps", int, 1000, None, None),
+    ("--ddpm_beta_schedule", str, "linear", None, None),
+    ("--checkpointing_steps", int, 500, None, None),
+    ("--checkpoints_total_limit", int, None, None, None),
+    ("--resume_from_checkpoint", str, None, None, None),
+    ("--enable_xformers_memory_efficient_attention", None, False, None, "store_true"),
+    ("--preserve_input_precision", None, False, None, "store_true"),
+]
+
+# A value the peer takes for each flag without choices (its free-form strings: values its code accepts).
+SAMPLE_VALUES = {
+    "--dataset_name": "user/other-images",
+    "--dataset_config_name": "default",
+    "--model_config_name_or_path": "unet.json",
+    "--train_data_dir": "other-images",
+    "--output_dir": "out",
+    "--cache_dir": "cache",
+    "--resolution": "32",
+    "--train_batch_size": "8",
+    "--eval_batch_size": "4",
+    "--dataloader_num_workers": "2",
+    "--num_epochs": "3",
+    "--save_images_epochs": "2",
+    "--save_model_epochs": "2",
+    "--gradient_accumulation_steps": "2",
+    "--learning_rate": "2e-4",
+    "--lr_scheduler": "constant_with_warmup",
+    "--lr_warmup_steps": "5000",
+    "--adam_beta1": "0.9",
+    "--adam_beta2": "0.99",
+    "--adam_weight_decay": "0",
+    "--adam_epsilon": "1e-6",
+    "--ema_inv_gamma": "2.0",
+    "--ema_power": "0.5",
+    "--ema_max_decay": "0.999",
+    "--hub_token": "hf_notarealtoken",
+    "--hub_model_id": "me/ddpm",
+    "--logging_dir": "tb",
+    "--local_rank": "0",
+    "--ddpm_num_steps": "4000",
+    "--ddpm_num_inference_steps": "250",
+    "--ddpm_beta_schedule": "squaredcos_cap_v2",
+    "--checkpointing_steps": "100",
+    "--checkpoints_total_limit": "3",
+    "--resume_from_checkpoint": "latest",
+}
+
+DATASETS = [["--dataset_name", "user/images"], ["--train_data_dir", "images"]]
+
+
+def _dest(flag: str) -> str:
+    return flag[2:]
+
+
+@pytest.mark.parametrize("dataset", DATASETS, ids=["dataset_name", "train_data_dir"])
+def test_every_peer_flag_has_the_peer_default_when_a_dataset_is_given(dataset):
+    args = parse_args(dataset)
+    ours = {flag: getattr(args, _dest(flag)) for flag, *_ in PEER_FLAGS if flag != dataset[0]}
+    differ = [
+        (flag, ours[flag], default)
+        for flag, _, default, _, _ in PEER_FLAGS
+        if flag in ours and (ours[flag] != default or type(ours[flag]) is not type(default))
+    ]
+    assert differ == []
+
+
+def test_every_peer_flag_exists_with_the_peer_action_type_and_choices():
+    parser = make_parser()
+    actions = parser._option_string_actions
+    missing = [flag for flag, *_ in PEER_FLAGS if flag not in actions]
+    assert missing == []
+    for flag, type_, _, choices, action in PEER_FLAGS:
+        if action == "store_true":
+            # The bare switch turns it on, as the peer's store_true does.
+            assert getattr(parse_args([*DATASETS[0], flag]), _dest(flag)) is True, flag
+            continue
+        values = choices or (SAMPLE_VALUES[flag],)
+        if choices:  # ours may take more (marked "(new)" in --help), never fewer
+            assert set(choices) <= set(actions[flag].choices), flag
+        for value in values:
+            given = [flag, value] if flag in ("--dataset_name", "--train_data_dir") else [*DATASETS[0], flag, value]
+            parsed = getattr(parse_args(given), _dest(flag))
+            assert type(parsed) is type_ and parsed == type_(value), (flag, value, parsed)
+
+
+def test_only_the_run_with_no_dataset_has_other_defaults_and_help_says_which():
+    # With no dataset (the embedded digits) exactly the flags of RUN_DEFAULTS take their second value, and among the
+    # peer's flags nothing else changes.
+    digits, peer = parse_args([]), parse_args(DATASETS[0])
+    peer_dests = {_dest(flag) for flag, *_ in PEER_FLAGS} - {"dataset_name"}
+    changed = {name for name in peer_dests if getattr(digits, name) != getattr(peer, name)}
+    assert changed == peer_dests & set(RUN_DEFAULTS)
+    assert (digits.use_ema, peer.use_ema, digits.mixed_precision) == (True, False, "no")
+    help_text = " ".join(make_parser().format_help().split())
+    for name, (with_dataset, without) in RUN_DEFAULTS.items():
+        assert f"(default: {with_dataset}; with no dataset, the embedded digits: {without})" in help_text, name
