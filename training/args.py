@@ -34,10 +34,10 @@ FEATURE_EXTRACTOR_NAMES = ("digits", "inception")
 
 # The one place where a flag's default depends on the run. With --dataset_name or --train_data_dir every flag of
 # train_unconditional.py takes that script's default (the first value; for a flag it lacks, ours: `ddpm-256` has the
-# layout of its built-in UNet2DModel). With no dataset, the embedded 8x8 digits run, which must need no flags, takes the
-# second: the `tiny` net (0.7M parameters) at the digits' native 8x8 resolution, 100 epochs of batch 64 (2,900 steps,
-# ~0.09 s each on one CPU core: about 5 minutes with the sample grids) and the paper's EMA. Only flags left unset take
-# these values; `--help` shows both columns; every other flag has one default for every run.
+# layout of its built-in UNet2DModel). With no dataset, the embedded 8x8 digits run, which must need no flags, takes
+# the second: the `tiny` net (0.7M parameters) at the digits' native 8x8 resolution, 100 epochs of batch 64 (2,900
+# steps, ~0.09 s each on one CPU core: about 5 minutes with the sample grids) and the paper's EMA. Flags left unset
+# take these values; `--help` shows both columns; every other flag has one default for every run.
 RUN_DEFAULTS: dict[str, tuple[Any, Any]] = {
     # flag: (with a dataset, with no dataset)
     "model_preset": ("ddpm-256", "tiny"),
@@ -92,7 +92,13 @@ class TrainingArguments:
         False, help="(new) Read the dataset lazily, for data larger than memory or disk; needs --max_train_steps."
     )
     resolution: int | None = _arg(help="Images are resized (short side) and cropped to this size.")
-    center_crop: bool = _arg(False, help="Crop the center; otherwise a random crop, chosen once per image.")
+    center_crop: bool = _arg(
+        False,
+        help="Crop the center of the resized image. Without it a random crop, with one difference from "
+        "train_unconditional.py's RandomCrop, which draws a new crop every epoch: here it is drawn once per image "
+        "(from --seed and the image's row) when the cache is built, and kept for the whole run. Square images have "
+        "a single crop either way; a non-square one shows one of its windows (README: Training on your data).",
+    )
     random_flip: bool = _arg(False, help="Flip images left-right at random (the paper does, on CIFAR-10 and LSUN).")
     dataloader_num_workers: int = _arg(0, help="Worker processes of the DataLoader (0: the main process).")
     preprocessing_num_workers: int | None = _arg(
