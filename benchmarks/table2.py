@@ -85,15 +85,17 @@ def run_logged(command: list[str], log: Path) -> tuple[int, float]:
         process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             status = process.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it write its checkpoint (subprocess.run kills it)
-            process.wait()
+        except KeyboardInterrupt:
+            process.wait()  # Ctrl-C reached the child too: let it write its checkpoint (subprocess.run would kill it)
             raise
     return status, time.perf_counter() - start
 
 
 def newest_trainer_state(folder: Path) -> dict:
     """The trainer state of the row's newest checkpoint (its step and non-finite counts), or {}."""
-    checkpoints = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    checkpoints = sorted(
+        folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1])
+    )
     return json.loads(checkpoints[-1].read_text()) if checkpoints else {}
 
 
@@ -192,7 +194,7 @@ def markdown_table(rows: list[Row], records: dict[str, dict], args: argparse.Nam
         f"Digits: the embedded 8x8 digits, the `tiny` net, {steps} per row; NLL on the first {args.num_images} digits "
         f"(all 1,000 terms), FID and IS of {args.num_samples} samples in the digits classifier's features (IS at most "
         f"10, its number of classes). CIFAR-10: the paper's Table 2 (35.7M net, 800K steps, Inception features; "
-        f"\"–\": unstable to train). Different data and networks: compare the rows, not the columns. Learned Sigma is "
+        f'"–": unstable to train). Different data and networks: compare the rows, not the columns. Learned Sigma is '
         f"`learned_range` here, the log-variance itself in the paper. "
         f"`python benchmarks/table2.py`: {total / 60:.0f} min on this machine for the rows above.",
     ]
