@@ -116,7 +116,8 @@ def train_row(row: Row, folder: Path, args: argparse.Namespace) -> dict:
     finished = state.get("global_step", -1) >= args.max_train_steps
     if status == 0 and not (finished and (folder / "model_index.json").exists()):
         raise SystemExit(f"{row.key} stopped at step {state.get('global_step')}: run the command again to resume it.")
-    errors = [line for line in re.split(r"[\r\n]+", log.read_text(errors="replace")) if "Error" in line]
+    lines = re.split(r"[\r\n]+", log.read_text(errors="replace"))
+    errors = [line for line in lines if "Error" in line or "error:" in line]  # a traceback's, or our one-line exit
     record = {
         "train_status": status,
         "train_seconds": seconds + record.get("train_seconds", 0.0),
