@@ -72,6 +72,16 @@ from pipelines import DDPMPaperPipeline
 pipeline = DDPMPaperPipeline.from_pretrained("{{ repo_id }}")
 images = pipeline(batch_size=16).images
 ```
+
+or, through diffusers' loader, with the project's pipeline file (the project still importable):
+
+```python
+from diffusers import DiffusionPipeline
+
+pipeline = DiffusionPipeline.from_pretrained(
+    "{{ repo_id }}", custom_pipeline="pipelines/pipeline_ddpm_paper.py", trust_remote_code=True
+)
+```
 {% endif %}{% if metrics %}
 ## Evaluation
 

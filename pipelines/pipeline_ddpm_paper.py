@@ -13,11 +13,11 @@ from diffusers import DDPMPipeline, DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+# Absolute, unlike the other modules here: diffusers' `custom_pipeline=<this file>` copies this one file and imports it.
+from pipelines import export, interpolation, likelihood
+from pipelines.export import ModelCardInfo
+from pipelines.utils import as_paper_scheduler, model_range_to_unit
 from schedulers import DDPMPaperScheduler
-
-from . import export, interpolation, likelihood
-from .export import ModelCardInfo
-from .utils import as_paper_scheduler, model_range_to_unit
 
 
 @dataclass

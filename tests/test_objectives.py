@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 
 import train_ddpm
 from pipelines import DDPMPaperPipeline
@@ -249,6 +250,14 @@ def test_short_vlb_mean_training_run_exports_a_loadable_paper_pipeline(tmp_path)
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(batch_size=2, num_inference_steps=5, generator=torch.manual_seed(0), output_type="pt").images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
-    assert "DDPMPaperPipeline.from_pretrained" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "DDPMPaperPipeline.from_pretrained" in card and "custom_pipeline=" in card
+    # diffusers' own loader with our pipeline file gives the same samples from the same generator.
+    custom = DiffusionPipeline.from_pretrained(
+        tmp_path / "out", custom_pipeline=str(REPO / "pipelines" / "pipeline_ddpm_paper.py"), trust_remote_code=True
+    )
+    custom.set_progress_bar_config(disable=True)
+    again = custom(batch_size=2, num_inference_steps=5, generator=torch.manual_seed(0), output_type="pt").images
+    assert type(custom).__name__ == "DDPMPaperPipeline" and torch.equal(again, images)
     bpd = pipeline.bits_per_dim(torch.zeros(2, 1, 8, 8), num_timesteps=5, generator=torch.manual_seed(0))
     assert torch.isfinite(bpd.total).all()
