@@ -1,6 +1,6 @@
 """Every image mode a user brings (issue 14): the channel count follows the data, 16-bit images are scaled (or kept
-with --preserve_input_precision), float images are refused, alpha/palette/1-bit/CMYK are converted as PIL shows them.
-Real PNG/TIFF files in temporary folders, read with `load_pixels` / `preprocess_images`."""
+with --preserve_input_precision), float images are refused, alpha/palette/1-bit/CMYK are converted as PIL shows them,
+an embedded ICC profile is applied. Real PNG/TIFF files in temporary folders, read with `load_pixels`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,59 @@ def test_palette_1_bit_la_and_cmyk_images_are_converted_by_pil(tmp_path):
     assert pixels[1, :, 0, :].tolist() == [[255, 0, 255, 0, 255, 0]] * 3
     assert (pixels[2] == 255).all()  # fully transparent gray: white
     np.testing.assert_array_equal(pixels[3].numpy(), np.asarray(cmyk.convert("RGB")).transpose(2, 0, 1))
+
+
+# sRGB's primaries adapted to D50 (the ICC connection space), X, Y, Z each.
+SRGB_PRIMARIES = {"r": (0.4361, 0.2225, 0.0139), "g": (0.3851, 0.7169, 0.0971), "b": (0.1431, 0.0606, 0.7141)}
+
+
+def rgb_matrix_profile(primaries: dict[str, tuple[float, float, float]], gamma: float = 2.2) -> bytes:
+    """A minimal ICC v2 RGB display profile (matrix/TRC): the given D50 primaries, one gamma curve per channel."""
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(values) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(s15(v) for v in values)
+
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    text = b"test profile\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 8 + b"\0\0\0" + b"\0" * 67
+    white = [sum(primaries[c][i] for c in "rgb") for i in range(3)]
+    tags = [(b"desc", desc), (b"wtpt", xyz(white))]
+    tags += [(f"{c}XYZ".encode(), xyz(primaries[c])) for c in "rgb"] + [(f"{c}TRC".encode(), curve) for c in "rgb"]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = struct.pack(">I4sI4s4s4s", size, b"\0" * 4, 0x02100000, b"mntr", b"RGB ", b"XYZ ") + b"\0" * 12
+    header += b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249)
+    header += b"\0" * (128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_an_embedded_icc_profile_is_applied_to_srgb(tmp_path, caplog):
+    # A profile whose red, green and blue are sRGB's green, blue and red: stored (R, G, B) shows as sRGB (B, R, G).
+    rotated = rgb_matrix_profile({"r": SRGB_PRIMARIES["g"], "g": SRGB_PRIMARIES["b"], "b": SRGB_PRIMARIES["r"]})
+    stored = np.zeros((6, 6, 3), dtype=np.uint8)
+    stored[...] = (200, 60, 120)
+    rgba = np.dstack([stored, np.full((6, 6), 90, dtype=np.uint8)])
+    folder = tmp_path / "icc"
+    folder.mkdir()
+    Image.fromarray(stored).save(folder / "a.png", icc_profile=rotated)
+    Image.fromarray(stored).save(folder / "b.png", icc_profile=rgb_matrix_profile(SRGB_PRIMARIES))
+    Image.fromarray(stored).save(folder / "c.png", icc_profile=b"not a profile")
+    Image.fromarray(rgba, mode="RGBA").save(folder / "d.png", icc_profile=rotated)
+    with caplog.at_level(logging.WARNING):
+        pixels = cached(folder, tmp_path, channels=4).numpy().astype(int)
+    # Gamma 2.2 against sRGB's curve: within 3 levels of the exact channel rotation.
+    assert np.abs(pixels[0, :3] - np.array([120, 200, 60])[:, None, None]).max() <= 3
+    assert np.abs(pixels[1, :3] - np.array([200, 60, 120])[:, None, None]).max() <= 3  # sRGB primaries: unchanged
+    assert (pixels[2, :3] == np.array([200, 60, 120])[:, None, None]).all()  # unreadable profile: ignored, said
+    assert any("c.png" in r.getMessage() and "ICC profile" in r.getMessage() for r in caplog.records)
+    assert np.abs(pixels[3, :3] - np.array([120, 200, 60])[:, None, None]).max() <= 3 and (pixels[3, 3] == 90).all()
 
 
 SMALL_UNET = {

@@ -9,6 +9,10 @@ Channels. The channel count of a run follows the data (`decide_channels`, from a
   RGBA and composited on white, as image viewers show it, unless the run has 4 channels (RGBA kept as it is).
 - Palette images go through their palette (PIL's `convert`), "1" becomes 0 / 255, CMYK goes through PIL's CMYK to RGB
   conversion.
+- A colour image ("RGB", "RGBA", "CMYK") that embeds an ICC profile is first converted through it to sRGB
+  (LittleCMS through PIL's `ImageCms`, relative colorimetric), as colour-managed viewers show it: an Adobe RGB photo
+  or a CMYK print keeps its colours instead of being read as sRGB numbers. A profile LittleCMS cannot read is
+  ignored with a warning naming the file. Grayscale images keep their values.
 
 Bit depth. 16-bit images ("I;16", "I;16L", "I;16B", "I;16N", and "I" with values in 0..65535) are scaled to 8 bits as
 `round(value * 255 / 65535)` (PIL's own `convert` clips them to 255: a white image). With `preserve_input_precision`
@@ -18,12 +22,13 @@ agreed range and are refused, with an error that names the file and the mode.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 
 from training.data import ImageDataError
 
@@ -68,6 +73,32 @@ def _composite_on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
+# Part of the pixel cache's fingerprint: bump it whenever what an image becomes changes, so no cache built by an
+# older conversion is reused (datasets fingerprints `_to_pixels` by its own code, not by the functions it calls).
+CONVERSION_VERSION = 2  # 2: embedded ICC profiles applied
+ICC_MODES = ("RGB", "RGBA", "CMYK")  # the colour modes whose embedded profile is applied
+SRGB = ImageCms.createProfile("sRGB")
+
+
+def to_srgb(image: Image.Image, where: str) -> Image.Image:
+    """An RGB / RGBA / CMYK `image` with an embedded ICC profile, converted through it to sRGB (alpha kept)."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ICC_MODES:
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        colour = image.convert("RGB") if image.mode == "RGBA" else image
+        converted = ImageCms.profileToProfile(
+            colour, source, SRGB, renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode="RGB"
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError) as error:
+        logger.warning("Ignoring the ICC profile of the image %s, which LittleCMS cannot use: %s", where, error)
+        return image
+    if image.mode == "RGBA":
+        converted.putalpha(image.getchannel("A"))
+    return converted
+
+
 def to_cache_mode(image: Image.Image, channels: int, preserve_input_precision: bool, where: str) -> Image.Image:
     r"""
     Convert a decoded image to what the cache is built from, before resizing and cropping.
@@ -97,6 +128,7 @@ def to_cache_mode(image: Image.Image, channels: int, preserve_input_precision: b
         eight_bit = (values.astype(np.uint32) * 255 + MAX_16_BIT // 2) // MAX_16_BIT
         image = Image.fromarray(eight_bit.astype(np.uint8), mode="L")
         mode = "L"
+    image = to_srgb(image, where)
     if channels == 4:
         return image.convert("RGBA")
     if has_transparency(image):

@@ -17,7 +17,14 @@ from PIL import Image
 
 from pipelines import pixels_to_model_range
 from training.data import ImageDataError, find_image_column, load_image_dataset
-from training.image_modes import CHANNEL_CHOICES, MAX_16_BIT, decide_channels, to_cache_array, to_cache_mode
+from training.image_modes import (
+    CHANNEL_CHOICES,
+    CONVERSION_VERSION,
+    MAX_16_BIT,
+    decide_channels,
+    to_cache_array,
+    to_cache_mode,
+)
 
 
 def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -49,6 +56,7 @@ def _to_pixels(
     preserve_input_precision: bool,
     center_crop: bool,
     seed: int,
+    conversion_version: int,  # unused here: it only keys the cache (see image_modes.CONVERSION_VERSION)
 ) -> dict[str, list[np.ndarray]]:
     pixels = []
     for value, index in zip(batch[image_column], indices, strict=True):
@@ -138,6 +146,7 @@ def preprocess_images(
         "preserve_input_precision": preserve_input_precision,
         "center_crop": center_crop,
         "seed": seed,
+        "conversion_version": CONVERSION_VERSION,
     }
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     map_kwargs = {"num_proc": num_proc, "desc": "Decoding and resizing images"} if isinstance(dataset, Dataset) else {}
