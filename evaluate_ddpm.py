@@ -155,27 +155,33 @@ def check_pipeline_folder(pipeline: str) -> None:
     if (path / INDEX_NAME).is_file():
         return
     if not path.exists():
-        if _HUB_ID.fullmatch(pipeline) and not pipeline.startswith((".", "~")):
+        local = pipeline.startswith((".", "~", os.sep)) or Path(path.parts[0]).exists()  # e.g. ddpm-output/typo
+        if _HUB_ID.fullmatch(pipeline) and not local:
             return
         raise EvaluationInputError(f"--pipeline {pipeline}: no such folder (a Hub model id has the form user/name).")
     if not path.is_dir():
         raise EvaluationInputError(f"--pipeline {pipeline} is a file, not an exported pipeline folder.")
-    if _is_checkpoint(path):
-        run, what = path.parent, f"--pipeline {pipeline} is a training checkpoint, not an exported pipeline"
-    elif any(_is_checkpoint(child) for child in path.iterdir()):
-        run, what = path, f"--pipeline {pipeline} holds training checkpoints but no exported pipeline ({INDEX_NAME})"
-    else:
+    if not _is_checkpoint(path) and not any(_is_checkpoint(child) for child in path.iterdir()):
         raise EvaluationInputError(
             f"--pipeline {pipeline} has no {INDEX_NAME}: it is not an exported pipeline (train_ddpm.py exports one "
             "into its --output_dir)."
         )
-    run_name = os.path.relpath(run) if not Path(pipeline).is_absolute() else str(run)
+    run = path.parent if _is_checkpoint(path) else path
+    run_name = str(run) if path.is_absolute() else os.path.normpath(os.path.relpath(run))
+    finish = (
+        f"let train_ddpm.py finish (its flags with --output_dir {run_name} --resume_from_checkpoint latest), which "
+        f"exports into {run_name}"
+    )
+    if run == path:
+        raise EvaluationInputError(
+            f"--pipeline {pipeline} holds training checkpoints but no export yet (no {INDEX_NAME}): {finish}, then "
+            "pass it again."
+        )
+    what = f"--pipeline {pipeline} is a training checkpoint, not an exported pipeline"
     if (run / INDEX_NAME).is_file():
         raise EvaluationInputError(f"{what}: pass --pipeline {run_name}, the export of its run.")
     raise EvaluationInputError(
-        f"{what}, and its run ({run_name}) has no export yet: let train_ddpm.py finish (resume it with "
-        f"--output_dir {run_name} --resume_from_checkpoint latest), which exports into {run_name}, and pass "
-        f"--pipeline {run_name}."
+        f"{what}, and its run's folder {run_name} has no export yet: {finish}, then pass --pipeline {run_name}."
     )
 
 
@@ -446,7 +452,13 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
             "--dataset_name or --train_data_dir says otherwise.", args.pipeline, TRAINING_DATA_FILE,
         )  # fmt: skip
     args, from_export = fill_data_flags(args, record)
-    unet_config = UNet2DModel.load_config(args.pipeline, subfolder="unet")
+    try:
+        unet_config = UNet2DModel.load_config(args.pipeline, subfolder="unet")
+    except OSError as error:  # a Hub id that is not there, or not reachable
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EvaluationInputError(
+            f"--pipeline {args.pipeline}: cannot load its unet config ({first_line})"
+        ) from error
     sample_size, in_channels = unet_config["sample_size"], unet_config["in_channels"]
     args = replace(args, resolution=args.resolution or sample_size)
     embedded = args.dataset_name is None and args.train_data_dir is None

@@ -55,7 +55,8 @@ def export(folder: Path, channels: int = 1, training_data: dict | None = None) -
     )
     pipeline = DDPMPaperPipeline(unet=unet, scheduler=DDPMPaperScheduler(num_train_timesteps=T))
     samples = [Image.new("RGB" if channels == 3 else "L", (8, 8))]
-    pipeline.save_pretrained(folder, card=ModelCardInfo(sample_images=samples, training_data=training_data))
+    record = {} if training_data is None else {"training_data": training_data}  # as an export from before the record
+    pipeline.save_pretrained(folder, card=ModelCardInfo(sample_images=samples, **record))
     return folder
 
 
@@ -206,7 +207,9 @@ def test_a_resolution_other_than_the_models_is_an_error_naming_both(tmp_path):
     pipeline = export(tmp_path / "export", channels=1)
     message = r"the model samples 8x8 images with 1 channel, but --resolution 16 asks for 16x16 evaluation images"
     with pytest.raises(SystemExit, match=message):
-        evaluate_ddpm.main(["--pipeline", str(pipeline), "--resolution", "16", *SMALL_EVAL])
+        evaluate_ddpm.main(
+            ["--pipeline", str(pipeline), "--resolution", "16", "--output_dir", str(tmp_path), *SMALL_EVAL]
+        )
 
 
 @pytest.mark.fresh_process
@@ -248,7 +251,10 @@ def test_a_run_with_checkpoints_but_no_export_says_to_finish_training_first(tmp_
     run = tmp_path / "unfinished"
     (run / "checkpoint-2").mkdir(parents=True)
     for pipeline in (run, run / "checkpoint-2"):
-        with pytest.raises(SystemExit, match=rf"has no export yet: let train_ddpm.py finish .*--pipeline {run}\."):
+        message = (
+            rf"no export yet.*let train_ddpm.py finish \(its flags with --output_dir {run} --resume_from_checkpoint"
+        )
+        with pytest.raises(SystemExit, match=message):
             evaluate_ddpm.main(["--pipeline", str(pipeline)])
 
 
