@@ -28,23 +28,31 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from accelerate import Accelerator
+from diffusers import UNet2DModel
 from diffusers.utils import make_image_grid, numpy_to_pil
 from transformers import HfArgumentParser
 
 from evaluation import evaluate, load_feature_extractor, reference_id
-from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, stream_generators
-from pipelines import DDPMPaperPipeline, image_grid, model_range_to_unit, pixels_to_model_range
+from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, model_range_and_bits, stream_generators
+from pipelines import DDPMPaperPipeline, model_range_to_unit
+from pipelines.atomic_folder import INDEX_NAME
+from pipelines.export import TRAINING_DATA_FILE, read_training_data
 from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
+from pipelines.utils import upscale
 from training import flag_ranges
 from training.args import default_feature_extractor, parse_flags_or_file
+from training.checkpointing import CHECKPOINT_PREFIX
+from training.image_modes import channels_of_data
 from training.launch import ensure_one_job
 from training.pixels import load_pixels
 from training.secrets import mask_logs_and_errors, register
@@ -59,14 +67,35 @@ class EvaluationArguments:
     pipeline: str = field(metadata={"help": "A pipeline folder (as train_ddpm.py exports it) or a Hub model id."})
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset id or local Hub-layout folder (as for training). None: the embedded digits."},
+        metadata={
+            "help": "Hub dataset id or local Hub-layout folder (as for training). Default: the training data the "
+            "export records (training_data.json), else the embedded digits."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
     train_data_dir: str | None = field(default=None, metadata={"help": "A plain folder of images (imagefolder)."})
     image_column: str | None = field(default=None, metadata={"help": "The image column (auto-detected)."})
-    split: str = field(default="train", metadata={"help": "The split to evaluate on and to compare samples with."})
-    resolution: int | None = field(default=None, metadata={"help": "Image side; defaults to the model's."})
-    center_crop: bool = field(default=False, metadata={"help": "Center crop (else one random crop per image)."})
+    split: str | None = field(
+        default=None, metadata={"help": "The split to evaluate on and to compare samples with (default: train)."}
+    )
+    resolution: int | None = field(
+        default=None, metadata={"help": "Image side; must be the model's (its sample_size), the default."}
+    )
+    num_channels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Convert the images to 1, 3 or 4 channels, as train_ddpm.py's flag; default: the training "
+            "record's, else decided from the data. Must be the model's.",
+            "choices": [1, 3, 4],
+        },
+    )
+    center_crop: bool | None = field(
+        default=None, metadata={"help": "Center crop (else one random crop per image); default: as in training."}
+    )
+    preserve_input_precision: bool | None = field(
+        default=None,
+        metadata={"help": "Keep 16-bit images 16-bit (bits/dim over 65,536 levels); default: as in training."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "The `datasets` cache folder."})
     num_images: int = field(default=256, metadata={"help": "Dataset images whose bits/dim is computed."})
     bpd_timesteps: int = field(
@@ -100,6 +129,138 @@ class EvaluationArguments:
     device: str | None = field(
         default=None, metadata={"help": "cpu, cuda, ...; defaults to CUDA when available (or accelerate's)."}
     )
+
+
+# Which model, and which data --------------------------------------------------------------------------------------
+class EvaluationInputError(ValueError):
+    """The pipeline or the data flags cannot give a meaningful evaluation; the message says what to pass instead."""
+
+
+SOURCE_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "num_channels")
+"""Data flags that describe where the images come from: taken from the record only when no dataset is given."""
+PREPROCESSING_FLAGS = ("resolution", "center_crop", "preserve_input_precision")
+"""Data flags that describe what the model saw of each image: taken from the record unless given."""
+DATA_FLAG_DEFAULTS = {"split": "train", "center_crop": False, "preserve_input_precision": False}
+"""The defaults of the data flags that are not None, for an export without a record (before training_data.json)."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_pipeline_folder(pipeline: str) -> None:
+    """
+    Fails with a message that says what to pass when `--pipeline` names no exported pipeline: a missing folder, a
+    training checkpoint (`checkpoint-N`), or a training output folder that holds checkpoints but no export yet.
+    A name of the form `user/name` that is not a local folder is left to the Hub.
+    """
+    path = Path(pipeline).expanduser()
+    if (path / INDEX_NAME).is_file():
+        return
+    if not path.exists():
+        local = pipeline.startswith((".", "~", os.sep)) or Path(path.parts[0]).exists()  # e.g. ddpm-output/typo
+        if _HUB_ID.fullmatch(pipeline) and not local:
+            return
+        raise EvaluationInputError(f"--pipeline {pipeline}: no such folder (a Hub model id has the form user/name).")
+    if not path.is_dir():
+        raise EvaluationInputError(f"--pipeline {pipeline} is a file, not an exported pipeline folder.")
+    if not _is_checkpoint(path) and not any(_is_checkpoint(child) for child in path.iterdir()):
+        raise EvaluationInputError(
+            f"--pipeline {pipeline} has no {INDEX_NAME}: it is not an exported pipeline (train_ddpm.py exports one "
+            "into its --output_dir)."
+        )
+    run = path.parent if _is_checkpoint(path) else path
+    run_name = str(run) if path.is_absolute() else os.path.normpath(os.path.relpath(run))
+    finish = (
+        f"let train_ddpm.py finish (its flags with --output_dir {run_name} --resume_from_checkpoint latest), which "
+        f"exports into {run_name}"
+    )
+    if run == path:
+        raise EvaluationInputError(
+            f"--pipeline {pipeline} holds training checkpoints but no export yet (no {INDEX_NAME}): {finish}, then "
+            "pass it again."
+        )
+    what = f"--pipeline {pipeline} is a training checkpoint, not an exported pipeline"
+    if (run / INDEX_NAME).is_file():
+        raise EvaluationInputError(f"{what}: pass --pipeline {run_name}, the export of its run.")
+    raise EvaluationInputError(
+        f"{what}, and its run's folder {run_name} has no export yet: {finish}, then pass --pipeline {run_name}."
+    )
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", path.name) is not None
+
+
+def fill_data_flags(args: EvaluationArguments, record: dict | None) -> tuple[EvaluationArguments, list[str]]:
+    """
+    The data flags the user left unset, filled from the export's training record (`training_data.json`): where the
+    images come from when no dataset is given, and how they were cropped, sized and stored unless given. Without a
+    record, the previous defaults (the embedded digits, split train). Returns the arguments and the names of the
+    flags that came from the record.
+
+    Raises:
+        `EvaluationInputError`: the record names a local folder (by its base name) that is not in the working folder.
+    """
+    values = {}
+    if record is not None:
+        recorded = {name: record.get(name) for name in SOURCE_FLAGS + PREPROCESSING_FLAGS}
+        recorded["num_channels"] = record.get("channels")
+        recorded["preserve_input_precision"] = record.get("bit_depth") == 16
+        dataset_given = args.dataset_name is not None or args.train_data_dir is not None
+        names = PREPROCESSING_FLAGS + (() if dataset_given else SOURCE_FLAGS)
+        values = {name: recorded[name] for name in names if getattr(args, name) is None}
+    from_export = sorted(values)
+    for name, default in DATA_FLAG_DEFAULTS.items():
+        if values.get(name, getattr(args, name)) is None:
+            values[name] = default
+    args = replace(args, **values)
+    for flag in ("train_data_dir", "dataset_name"):
+        if flag in from_export and record.get("source") in ("image-folder", "local-dataset"):
+            folder = getattr(args, flag)
+            if folder is not None and not os.path.isdir(folder):
+                raise EvaluationInputError(
+                    f"The model was trained on the folder {folder!r} ({TRAINING_DATA_FILE} of --pipeline {args.pipeline} "
+                    f"names it by its base name), which is not in the working folder {os.getcwd()}: pass "
+                    f"--{flag} with its path."
+                )
+    return args, from_export
+
+
+def describe_data(args: EvaluationArguments) -> str:
+    """The evaluation data as a message names it."""
+    if args.dataset_name is not None:
+        return f"--dataset_name {args.dataset_name}"
+    if args.train_data_dir is not None:
+        return f"--train_data_dir {args.train_data_dir}"
+    return "the embedded digits (no --dataset_name or --train_data_dir)"
+
+
+def check_model_fits_data(
+    args: EvaluationArguments, from_export: list[str], sample_size: int, in_channels: int, data_channels: int | None
+) -> None:
+    """
+    Fails when the evaluation images would not be what the model samples: another resolution, or other channels
+    (`data_channels`, None when not known yet). Bits/dim and FID of such images measure nothing.
+    """
+    plural = "" if in_channels == 1 else "s"
+    model = f"the model samples {sample_size}x{sample_size} images with {in_channels} channel{plural}"
+    if args.resolution != sample_size:
+        given = f"{TRAINING_DATA_FILE} records" if "resolution" in from_export else "--resolution"
+        raise EvaluationInputError(
+            f"{model}, but {given} {args.resolution} asks for {args.resolution}x{args.resolution} evaluation images: "
+            f"its bits/dim and FID would score images it never saw. Leave --resolution out (the model's "
+            f"{sample_size})."
+        )
+    if data_channels is not None and data_channels != in_channels:
+        data_plural = "" if data_channels == 1 else "s"
+        if "num_channels" in from_export:
+            given = f"the training record ({TRAINING_DATA_FILE}) says {data_channels}"
+        elif args.num_channels is not None:
+            given = f"--num_channels {args.num_channels} asks for {data_channels}"
+        else:
+            given = f"the evaluation data, {describe_data(args)}, has {data_channels} channel{data_plural}"
+        raise EvaluationInputError(
+            f"{model}, but {given}: pass the data it was trained on (--dataset_name or --train_data_dir), or "
+            f"--num_channels {in_channels} to convert these images as train_ddpm.py would."
+        )
 
 
 # Plots ----------------------------------------------------------------------------------------------------------------
@@ -155,11 +316,10 @@ def plot_bpd_terms(bpd: BitsPerDimOutput, path: Path) -> None:
 
 
 def _grid(rows: torch.Tensor) -> PIL.Image.Image:
-    """(R, C, channels, H, W) in [0, 1] -> a PIL grid of R rows and C columns, upscaled as the pipeline's samples."""
+    """(R, C, channels, H, W) in [0, 1] -> a PIL grid of R rows and C columns, upscaled (nearest) to >= 256 px a side."""
     num_rows, num_cols = rows.shape[:2]
     tiles = numpy_to_pil(rows.flatten(0, 1).clamp(0, 1).permute(0, 2, 3, 1).cpu().float().numpy())
-    # `image_grid` of a single picture is that picture upscaled by the shared rule (nearest, to 256 px across).
-    return image_grid([make_image_grid(tiles, rows=num_rows, cols=num_cols)])
+    return upscale(make_image_grid(tiles, rows=num_rows, cols=num_cols))
 
 
 def write_plots(
@@ -174,16 +334,16 @@ def write_plots(
     seed: int = 0,
 ) -> dict:
     """
-    Writes the four plots for uint8 `images` and returns the curves behind them (`rate_distortion`, `bpd_terms`).
+    Writes the four plots for uint8 (or uint16) `images` and returns the curves behind them (`rate_distortion`,
+    `bpd_terms`).
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
     T = scheduler.config.num_train_timesteps
-    data = pixels_to_model_range(images[:rate_distortion_images])
+    data, bits = model_range_and_bits(images[:rate_distortion_images])
 
     # 1. Rate-distortion and per-term bits/dim: one exact pass over all T terms.
-    bpd = bits_per_dim(
-        unet, scheduler, data, generator=stream_generators(seed, BPD_STREAM, range(len(data))), batch_size=batch_size
-    )
+    generator = stream_generators(seed, BPD_STREAM, range(len(data)))
+    bpd = bits_per_dim(unet, scheduler, data, generator=generator, batch_size=batch_size, bits=bits)
     curve = rate_distortion_curve(bpd)
     plot_rate_distortion(curve, T, output_dir / "rate_distortion.png")
     plot_bpd_terms(bpd, output_dir / "bpd_terms.png")
@@ -202,7 +362,7 @@ def write_plots(
     #    Fig. 9; t = 500 of 1000 is Fig. 8), the two sources at both ends.
     if interpolation_timesteps is None:
         interpolation_timesteps = sorted({max(T // d - 1, 0) for d in (20, 4, 2)})
-    pair = pixels_to_model_range(images[:2])
+    pair, _ = model_range_and_bits(images[:2])
     rows = []
     for t in interpolation_timesteps:
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -260,6 +420,9 @@ def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
     """
     parser = HfArgumentParser(EvaluationArguments, description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
     parser.prog = "evaluate_ddpm.py"
+    for name in ("center_crop", "preserve_input_precision"):  # a switch as in train_ddpm.py; left out it stays None
+        action = parser._option_string_actions[f"--{name}"]
+        action.nargs, action.const = "?", True
     (args,) = parse_flags_or_file(parser, argv)
     message = flag_ranges.first_range_error(args, EVALUATION_RANGES)
     if message is not None:
@@ -272,6 +435,34 @@ def main(argv: list[str] | None = None) -> dict:
     register()  # tokens of the environment and the login are masked in every log line, by value
     mask_logs_and_errors()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        return evaluate_pipeline(args)
+    except EvaluationInputError as error:
+        raise SystemExit(f"evaluate_ddpm.py: error: {error}") from error
+
+
+def evaluate_pipeline(args: EvaluationArguments) -> dict:
+    """Every metric and plot of `args.pipeline` (the work of `main` once the flags are parsed)."""
+    # 1. The model, and the data it was trained on (training_data.json): checked before any long work.
+    check_pipeline_folder(args.pipeline)
+    record = read_training_data(args.pipeline)
+    if record is None and args.dataset_name is None and args.train_data_dir is None:
+        logger.warning(
+            "%s has no %s (an export older than the record): evaluating on the embedded digits unless "
+            "--dataset_name or --train_data_dir says otherwise.", args.pipeline, TRAINING_DATA_FILE,
+        )  # fmt: skip
+    args, from_export = fill_data_flags(args, record)
+    try:
+        unet_config = UNet2DModel.load_config(args.pipeline, subfolder="unet")
+    except OSError as error:  # a Hub id that is not there, or not reachable
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EvaluationInputError(
+            f"--pipeline {args.pipeline}: cannot load its unet config ({first_line})"
+        ) from error
+    sample_size, in_channels = unet_config["sample_size"], unet_config["in_channels"]
+    args = replace(args, resolution=args.resolution or sample_size)
+    embedded = args.dataset_name is None and args.train_data_dir is None
+    check_model_fits_data(args, from_export, sample_size, in_channels, args.num_channels or (1 if embedded else None))
 
     # One process, or one of `accelerate launch --num_processes N`: the Accelerator's state says which.
     accelerator = Accelerator(cpu=args.device == "cpu")
@@ -286,23 +477,33 @@ def main(argv: list[str] | None = None) -> dict:
         # The feature network first: a missing one fails in seconds, not after the bound.
         extractor_name = args.feature_extractor or default_feature_extractor(args.dataset_name, args.train_data_dir)
         extractor = load_feature_extractor(extractor_name) if args.num_samples > 0 else None
+        channels = args.num_channels
+        if channels is None:  # a dataset given without --num_channels: its images decide, as in training
+            channels = channels_of_data(
+                args.dataset_name,
+                args.dataset_config_name,
+                args.train_data_dir,
+                image_column=args.image_column,
+                cache_dir=args.cache_dir,
+            )
+            check_model_fits_data(args, from_export, sample_size, in_channels, channels)
 
         pipeline = DDPMPaperPipeline.from_pretrained(args.pipeline).to(device)
         pipeline.unet.eval()
-        unet_config = pipeline.unet.config
-        resolution = args.resolution or unet_config.sample_size
+        resolution = args.resolution
 
         pixels, _ = load_pixels(
             args.dataset_name,
             args.dataset_config_name,
             args.train_data_dir,
             resolution=resolution,
-            channels=unet_config.in_channels,
+            channels=channels,
             image_column=args.image_column,
             cache_dir=args.cache_dir,
             split=args.split,
             center_crop=args.center_crop,
             seed=args.seed,
+            preserve_input_precision=args.preserve_input_precision,
         )
 
     metrics = evaluate(
@@ -342,6 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_train_timesteps": pipeline.scheduler.config.num_train_timesteps,
         "variance_type": pipeline.scheduler.config.variance_type,
         "num_processes": accelerator.num_processes,
+        "data_flags_from_export": from_export,
     }
     report = {**metrics, "settings": settings, **curves}
     (output_dir / METRICS_FILE).write_text(json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")

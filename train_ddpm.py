@@ -51,7 +51,13 @@ from training.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from training.data import DatasetUnavailableError, ImageDataError, split_held_out
+from training.data import (
+    DatasetUnavailableError,
+    ImageDataError,
+    held_out_images,
+    split_held_out,
+    training_data_record,
+)
 from training.ema import EMA
 from training.image_modes import channels_of_data
 from training.launch import LaunchError, ensure_one_job
@@ -106,6 +112,7 @@ class Trained:
     model: UNet2DModel
     ema: EMA | None
     noise_scheduler: DDPMPaperScheduler
+    training_data: dict | None = None  # what it was trained on, recorded with each export (`training_data.json`)
 
     def pipeline(self) -> DDPMPaperPipeline:
         """A pipeline on a copy of the model holding the EMA weights (the model's own without EMA), in eval mode."""
@@ -197,6 +204,7 @@ def export_pipeline(
         command=command_line(),
         num_samples=args.eval_batch_size,
         num_inference_steps=args.ddpm_num_inference_steps,
+        training_data=trained.training_data,
     )
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     pipeline.save_pretrained(args.output_dir, card=card, repo_id=repo_id)
@@ -309,10 +317,10 @@ def build_model(args: TrainingArguments) -> tuple[UNet2DModel, DDPMPaperSchedule
 
 def load_data(
     args: TrainingArguments, accelerator: Accelerator
-) -> tuple[torch.utils.data.DataLoader, torch.Tensor | None]:
+) -> tuple[torch.utils.data.DataLoader, torch.Tensor | None, dict]:
     """
-    The training batches of uint8 images (decoded and resized once into a cache, the main process first) and the
-    held-out uint8 images of the evaluation (`--eval_steps`), or None.
+    The training batches of uint8 images (decoded and resized once into a cache, the main process first), the
+    held-out uint8 images of the evaluation (`--eval_steps`) or None, and the record of the data for the exports.
     """
     data_flags = {
         "resolution": args.resolution,
@@ -365,7 +373,19 @@ def load_data(
         # Its own generator, so that starting an epoch does not draw from the global RNG (exact resume).
         generator=None if args.streaming else torch.Generator().manual_seed(args.seed),
     )
-    return loader, held_out
+    record = training_data_record(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir,
+        image_column=image_column,
+        resolution=args.resolution,
+        channels=data_flags["channels"],
+        preserve_input_precision=args.preserve_input_precision,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        held_out_images=held_out_images(public_config(args)),
+    )
+    return loader, held_out, record
 
 
 def resume(accelerator: Accelerator, args: TrainingArguments, path: str | None) -> TrainerState:
@@ -472,7 +492,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     unet, noise_scheduler = build_model(args)
 
     # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------
-    train_dataloader, held_out = load_data(args, accelerator)
+    train_dataloader, held_out, training_data = load_data(args, accelerator)
 
     # 4. Optimizer, EMA, learning-rate schedule ----------------------------------------------------------------------
     unet.to(accelerator.device)
@@ -531,7 +551,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
     last_checkpoint_step = state.global_step if resume_path is not None else -1
     images, metrics = None, None  # the last sample grid and evaluation, for the model card
-    trained = Trained(model, ema, noise_scheduler)
+    trained = Trained(model, ema, noise_scheduler, training_data)
     monitor = StepMonitor(accelerator, state, max_train_steps, args.logging_steps, args.max_nonfinite_steps)
     if accelerator.num_processes == 1 and args.gradient_accumulation_steps == 1 and not args.compile:
         monitor.interrupt_steps_of(model)  # a stop signal abandons the step at once (the launcher waits only 5 s)

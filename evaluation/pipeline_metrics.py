@@ -43,7 +43,7 @@ def as_pixels(images, count: int | None) -> torch.Tensor:
     return pixels if pixels.dtype == torch.uint16 else pixels.to(torch.uint8)
 
 
-def _model_range_and_bits(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def model_range_and_bits(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """uint8 or uint16 images in [-1, 1], and their bit depth (the decoder's bins: 2/255 or 2/65535)."""
     if pixels.dtype == torch.uint16:
         return pixels.to(torch.float32) / 32767.5 - 1.0, 16
@@ -174,7 +174,7 @@ def evaluate(
         if num_images > 0:
             data = as_pixels(images, num_images)
             indices, sizes = _shard(data.shape[0], accelerator)
-            x0, bits = _model_range_and_bits(data[indices.start : indices.stop])
+            x0, bits = model_range_and_bits(data[indices.start : indices.stop])
             output = bits_per_dim(
                 unet,
                 pipeline.scheduler,

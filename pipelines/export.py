@@ -11,6 +11,7 @@ prediction) is exported as a folder of this project's classes instead, and says 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from .pipeline_ddpm_paper import DDPMPaperPipeline
 
 SAMPLE_GRID_FILE = "samples.png"
+TRAINING_DATA_FILE = "training_data.json"
+"""What the model was trained on (data source, resolution, channels, bit depth, crop and flip), beside
+`model_index.json`; `evaluate_ddpm.py` takes its data flags from it."""
 logger = logging.getLogger(__name__)
 CARD_TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm", "ddpm-paper"]
 
@@ -120,6 +124,8 @@ class ModelCardInfo:
         num_samples (`int`, defaults to 16): How many samples to draw when `sample_images` is absent.
         num_inference_steps (`int`, *optional*): Steps for those samples (defaults to the full chain).
         extra_tags (`list[str]`, defaults to `[]`): Tags added to the card's metadata.
+        training_data (`dict`, *optional*): What the model was trained on, written as `training_data.json` and
+            under `training_data:` in the card's metadata: public names only (a local folder by its base name).
     """
 
     dataset_name: str | None = None
@@ -131,6 +137,7 @@ class ModelCardInfo:
     num_samples: int = 16
     num_inference_steps: int | None = None
     extra_tags: list[str] = field(default_factory=list)
+    training_data: dict[str, Any] | None = None
 
 
 def is_stock_exportable(pipeline: DDPMPaperPipeline) -> bool:
@@ -190,7 +197,31 @@ def save_stock_pipeline(
                 save_directory,
             )
             DiffusionPipeline.save_pretrained(pipeline, folder, safe_serialization=True, **kwargs)
-        write_model_card(pipeline, folder, card or ModelCardInfo(), repo_id or save_directory.name)
+        card = card or ModelCardInfo()
+        write_model_card(pipeline, folder, card, repo_id or save_directory.name)
+        if card.training_data is not None:
+            (folder / TRAINING_DATA_FILE).write_text(json.dumps(card.training_data, indent=2) + "\n")
+    if card.training_data is None:  # a record left by an earlier export would describe other data
+        (save_directory / TRAINING_DATA_FILE).unlink(missing_ok=True)
+
+
+def read_training_data(pipeline: str | os.PathLike) -> dict[str, Any] | None:
+    """
+    The `training_data.json` record of an export: a local folder's, or a Hub model's (None when the Hub cannot be
+    reached). None for an export written without one (before the record existed, or not by train_ddpm.py).
+    """
+    path = Path(pipeline) / TRAINING_DATA_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(pipeline).exists():
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(str(pipeline), TRAINING_DATA_FILE)).read_text())
+    except Exception as error:  # no such file, repo or network: evaluate with the flags' own defaults
+        logger.info("No %s for %s (%s: %s)", TRAINING_DATA_FILE, pipeline, type(error).__name__, error)
+        return None
 
 
 def write_model_card(pipeline: DDPMPaperPipeline, save_directory: Path, card: ModelCardInfo, repo_id: str) -> None:
@@ -231,6 +262,7 @@ def write_model_card(pipeline: DDPMPaperPipeline, save_directory: Path, card: Mo
         pipeline_tag="unconditional-image-generation",
         model_name=repo_id,
         eval_results=eval_results,
+        training_data=card.training_data,
     )
     config = pipeline.scheduler.config
     unet = pipeline.unet

@@ -72,3 +72,14 @@ def image_grid(images: list[PIL.Image.Image], min_width: int = 256) -> PIL.Image
         scale = int(np.ceil(min_width / grid.width))
         grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
     return grid
+
+
+def upscale(image: PIL.Image.Image, min_size: int = 256) -> PIL.Image.Image:
+    """
+    `image` enlarged by the smallest integer factor (nearest neighbour, so pixels stay sharp squares) that makes both
+    its sides at least `min_size` pixels: a figure of a few rows of 8x8 images is readable, not a strip 32 px high.
+    """
+    scale = int(np.ceil(min_size / min(image.size)))
+    if scale <= 1:
+        return image
+    return image.resize((image.width * scale, image.height * scale), PIL.Image.NEAREST)

@@ -69,12 +69,12 @@ def test_cli_writes_metrics_and_plots(tmp_path, pipeline_folder, digits_cache):
         with PIL.Image.open(path) as image:
             assert min(image.size) >= 64, name
     # progressive.png: 4 chains (rows) of 11 snapshots; interpolation.png: t = 0, 4, 9 (rows) of source, 11 lambdas,
-    # source. Both are upscaled (nearest, integer factor) to at least 256 px across, as the pipeline's sample grid.
+    # source. Both are upscaled (nearest, integer factor) to at least 256 px a side.
     with PIL.Image.open(output_dir / "progressive.png") as image:
-        scale = math.ceil(256 / (11 * 8))
+        scale = math.ceil(256 / (4 * 8))
         assert image.size == (11 * 8 * scale, 4 * 8 * scale)
     with PIL.Image.open(output_dir / "interpolation.png") as image:
-        scale = math.ceil(256 / (13 * 8))
+        scale = math.ceil(256 / (3 * 8))
         assert image.size == (13 * 8 * scale, 3 * 8 * scale)
     assert metrics["interpolation_timesteps"] == [0, 4, 9]
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from hub_access import forced_offline_mode, offline_mode_requested, work_offline
 from training.image_folder import plain_image_folder
+from training.secrets import is_local_path
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -277,3 +278,53 @@ def split_held_out(dataset: Dataset, count: int) -> tuple[Dataset, Dataset]:
         )
     boundary = len(dataset) - count
     return dataset.select(range(boundary)), dataset.select(range(boundary, len(dataset)))
+
+
+def training_data_record(
+    *,
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_data_dir: str | None,
+    image_column: str,
+    resolution: int,
+    channels: int,
+    preserve_input_precision: bool,
+    center_crop: bool,
+    random_flip: bool,
+    held_out_images: int = 0,
+) -> dict[str, Any]:
+    r"""
+    What a run trained on, as the export records it (`training_data.json`, the card's `training_data:`) and
+    `evaluate_ddpm.py` reads it back: the data flags by their names, and `channels` / `bit_depth` of the cached images.
+
+    Local folders are named by their base name only (no path of this machine is published); a Hub dataset id is kept.
+    `source` says which of the three kinds it is (`embedded-digits`, `hub-dataset`, `local-dataset`, `image-folder`).
+    """
+    if dataset_name is not None and is_local_path(dataset_name):
+        source, dataset_name = "local-dataset", _base_name(dataset_name)
+    elif dataset_name is not None:
+        source = "hub-dataset"
+    elif train_data_dir is not None:
+        source, train_data_dir = "image-folder", _base_name(train_data_dir)
+    else:
+        source = "embedded-digits"
+    record = {
+        "source": source,
+        "dataset_name": dataset_name,
+        "dataset_config_name": dataset_config_name,
+        "train_data_dir": train_data_dir,
+        "image_column": image_column,
+        "split": "train",
+        "resolution": resolution,
+        "channels": channels,
+        "bit_depth": 16 if preserve_input_precision else 8,
+        "center_crop": center_crop,
+        "random_flip": random_flip,
+    }
+    if held_out_images:
+        record["held_out_images"] = held_out_images  # the last ones of the split, kept out of training
+    return record
+
+
+def _base_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(path))))
