@@ -42,6 +42,7 @@ from diffusers.utils import make_image_grid, numpy_to_pil
 from transformers import HfArgumentParser
 
 from evaluation import evaluate, load_feature_extractor, reference_id
+from evaluation.features import FeatureExtractorUnavailableError
 from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, model_range_and_bits, stream_generators
 from pipelines import DDPMPaperPipeline, model_range_to_unit
 from pipelines.atomic_folder import INDEX_NAME
@@ -52,10 +53,11 @@ from pipelines.utils import upscale
 from training import flag_ranges
 from training.args import default_feature_extractor, parse_flags_or_file
 from training.checkpointing import CHECKPOINT_PREFIX
+from training.data import DatasetUnavailableError, ImageDataError
 from training.image_modes import channels_of_data
 from training.launch import ensure_one_job
 from training.pixels import load_pixels
-from training.secrets import mask_logs_and_errors, register
+from training.secrets import mask_logs_and_errors, redact, register
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +91,22 @@ class EvaluationArguments:
             "choices": [1, 3, 4],
         },
     )
+    # `nargs="?", const=True`: a switch as in train_ddpm.py (HfArgumentParser gives a None default no switch form).
     center_crop: bool | None = field(
-        default=None, metadata={"help": "Center crop (else one random crop per image); default: as in training."}
+        default=None,
+        metadata={
+            "help": "Center crop (else one random crop per image); default: as in training.",
+            "nargs": "?",
+            "const": True,
+        },
     )
     preserve_input_precision: bool | None = field(
         default=None,
-        metadata={"help": "Keep 16-bit images 16-bit (bits/dim over 65,536 levels); default: as in training."},
+        metadata={
+            "help": "Keep 16-bit images 16-bit (bits/dim over 65,536 levels); default: as in training.",
+            "nargs": "?",
+            "const": True,
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "The `datasets` cache folder."})
     num_images: int = field(default=256, metadata={"help": "Dataset images whose bits/dim is computed."})
@@ -420,9 +432,6 @@ def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
     """
     parser = HfArgumentParser(EvaluationArguments, description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
     parser.prog = "evaluate_ddpm.py"
-    for name in ("center_crop", "preserve_input_precision"):  # a switch as in train_ddpm.py; left out it stays None
-        action = parser._option_string_actions[f"--{name}"]
-        action.nargs, action.const = "?", True
     (args,) = parse_flags_or_file(parser, argv)
     message = flag_ranges.first_range_error(args, EVALUATION_RANGES)
     if message is not None:
@@ -437,8 +446,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         return evaluate_pipeline(args)
-    except EvaluationInputError as error:
-        raise SystemExit(f"evaluate_ddpm.py: error: {error}") from error
+    except (
+        DatasetUnavailableError,
+        EvaluationInputError,
+        FeatureExtractorUnavailableError,
+        ImageDataError,
+    ) as error:  # expected failures: one line, as train_ddpm.py ends them
+        raise SystemExit(f"evaluate_ddpm.py: error: {redact(str(error))}") from error
 
 
 def evaluate_pipeline(args: EvaluationArguments) -> dict:

@@ -94,8 +94,11 @@ def test_inception_features_offline_fail_before_any_work(tmp_path, pipeline_fold
     images = tmp_path / "images"
     images.mkdir()
     PIL.Image.new("L", (8, 8)).save(images / "0.png")
-    with pytest.raises(FeatureExtractorUnavailableError, match="--feature_extractor digits"):
+    with pytest.raises(
+        SystemExit, match=r"^evaluate_ddpm.py: error: The Inception .*--feature_extractor digits"
+    ) as exit:
         evaluate_ddpm.main(["--pipeline", str(pipeline_folder), "--train_data_dir", str(images)])
+    assert isinstance(exit.value.__cause__, FeatureExtractorUnavailableError)  # one line, not its traceback
     assert connections == []  # fast: no download tried
 
 
