@@ -499,6 +499,7 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
                 args.train_data_dir,
                 image_column=args.image_column,
                 cache_dir=args.cache_dir,
+                split=args.split,
             )
             check_model_fits_data(args, from_export, sample_size, in_channels, channels)
 

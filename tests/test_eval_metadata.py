@@ -235,6 +235,19 @@ def test_an_rgb_folder_given_to_a_grayscale_model_is_an_error_unless_converted(t
     assert report["settings"]["num_channels"] == 1
 
 
+@pytest.mark.fresh_process
+def test_the_channels_of_the_data_are_read_from_the_split_evaluated(tmp_path):
+    data = tmp_path / "data"
+    rgb_folder(data / "test")
+    (data / "train").mkdir()
+    for index in range(4):
+        Image.new("L", (10, 10), 40 * index).save(data / "train" / f"{index}.png")
+    pipeline = export(tmp_path / "export", channels=3)
+    argv = ["--pipeline", str(pipeline), "--train_data_dir", str(data), "--split", "test", *SMALL_EVAL]
+    report = evaluate_ddpm.main([*argv, "--output_dir", str(tmp_path / "evaluation")])
+    assert report["settings"]["split"] == "test" and math.isfinite(report["bits_per_dim"])
+
+
 # 4. Checkpoints and missing folders (issue 13) -------------------------------------------------------------------------
 def test_a_checkpoint_folder_names_the_export_to_pass(tmp_path):
     run = export(tmp_path / "run")

@@ -212,6 +212,7 @@ def channels_of_data(
     *,
     image_column: str | None = None,
     cache_dir: str | None = None,
+    split: str = "train",
     streaming: bool = False,
     sample_size: int = CHANNEL_SAMPLE_SIZE,
 ) -> int:
@@ -219,7 +220,7 @@ def channels_of_data(
     from training.data import find_image_column, load_image_dataset
 
     dataset = load_image_dataset(
-        dataset_name, dataset_config_name, train_data_dir, cache_dir=cache_dir, streaming=streaming
+        dataset_name, dataset_config_name, train_data_dir, cache_dir=cache_dir, split=split, streaming=streaming
     )
     channels, _ = decide_channels(dataset, find_image_column(dataset, image_column), sample_size)
     return channels
