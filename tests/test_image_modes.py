@@ -264,8 +264,24 @@ def rgba_icon(alpha: int) -> Image.Image:
     return Image.fromarray(array, mode="RGBA")
 
 
+def other_kinds() -> dict[str, Image.Image]:
+    """A CMYK print, a palette image, an RGB photo with an ICC profile and a 1-bit scan: a 3-channel majority."""
+    palette = Image.new("P", (6, 6), 1)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    photo = rgb((200, 60, 120))
+    photo.info["icc_profile"] = rgb_matrix_profile(SRGB_PRIMARIES)  # PNG writes the profile of `info`
+    bits = Image.fromarray(np.tile([True, False, True, False, True, False], (6, 1)))
+    return {"a.tiff": Image.new("CMYK", (6, 6), (0, 255, 255, 0)), "b.png": palette, "c.png": photo, "d.png": bits}
+
+
+def one_bit(shift: int) -> Image.Image:
+    return Image.fromarray(np.roll(np.tile([True, False, True, False, True, False], (6, 1)), shift, axis=1))
+
+
 RUNS = {
     # name: images of the folder, extra flags, channels of the model, mode of the stock pipeline's samples
+    "cmyk-palette-icc-1-bit": (other_kinds(), [], 3, "RGB"),
+    "1-bit": ({f"{i}.png": one_bit(i) for i in range(4)}, [], 1, "L"),
     "grayscale": ({f"{i}.png": gray(20 * i) for i in range(4)}, [], 1, "L"),
     "rgba-kept": ({f"{i}.png": rgba_icon(60 * i) for i in range(4)}, ["--num_channels", "4"], 4, "RGBA"),
     "mixed": ({"a.png": gray(3), "b.png": gray(9), "c.png": rgb((1, 2, 3))}, [], 1, "L"),
@@ -310,7 +326,7 @@ def test_a_folder_trains_a_model_whose_stock_pipeline_samples_its_mode(tmp_path,
     assert f'(PIL mode "{mode}" samples) from {16 if "16" in kind else 8}-bit data' in card
     if kind == "16-bit":  # the held-out uint16 images are evaluated (bits/dim over 65,536 levels)
         assert "Evaluation at step 2: bits_per_dim" in result.stderr + result.stdout
-    if kind == "mixed":
+    if kind in ("mixed", "cmyk-palette-icc-1-bit"):
         assert "Mixed image modes" in result.stderr + result.stdout
 
 
