@@ -2,14 +2,20 @@
 a checkpoint of another model, a flag out of range), and each test pins down how the run ends: the exit status, the
 one-line message that names the problem and what to do, and what is left on disk."""
 
+import errno
 import io
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from test_train import FAST, SMALL_UNET, _random_images, run_training
 
+from pipelines.atomic_folder import STAGING_NAME
+from pipelines.disk_space import is_disk_full
+from training.checkpointing import verify_checkpoint
 from training.data import ImageDataError, load_image_dataset
 from training.pixels import load_pixels
 
@@ -103,3 +109,86 @@ def test_training_on_a_folder_with_a_non_utf8_name_exits_1_with_one_line(workdir
                           processes=0, check=False)  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert last_line(result).startswith(r"train_ddpm.py: error: The image b'bad\xff.png' in --train_data_dir")
+
+
+# 1. A full disk ------------------------------------------------------------------------------------------------
+CHECKPOINTED_RUN = [*TINY_RUN, "--checkpointing_steps", "2"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of the size asked, mounted under tmp_path and unmounted at the end (skipped where not allowed)."""
+    mounted = []
+
+    def mount(kilobytes: int) -> Path:
+        folder = tmp_path / f"disk-{kilobytes}k"
+        folder.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(folder)], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def remains(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if ".tmp" in path.name)
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_names_the_disk_the_need_and_the_intact_checkpoint(workdir, small_disk):
+    output = small_disk(1400) / "run"  # room for checkpoint-2 (about 880 KB), not for checkpoint-4 beside it
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "6", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith(f"train_ddpm.py: error: The disk holding '{output}' is full: writing checkpoint-4 failed")
+    assert re.search(r"a checkpoint needs about \d+ KB \(the size of checkpoint-2\)", line)
+    assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line
+    assert remains(output) == [] and sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    verify_checkpoint(str(output / "checkpoint-2"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_first_checkpoint_estimates_the_need_and_says_none_is_intact(workdir, small_disk):
+    output = small_disk(500) / "run"
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert "is full: writing checkpoint-2 failed" in line
+    assert re.search(r"needs about \d+ KB \(the model, optimizer and EMA states it holds\)", line)
+    assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
+    assert remains(output) == [] and list(output.glob("checkpoint-*")) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_export_keeps_the_checkpoint_and_leaves_no_partial_export(workdir, small_disk):
+    output = small_disk(1100) / "run"  # room for checkpoint-2, not for the export after it
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith(f"train_ddpm.py: error: The disk holding '{output}' is full: exporting the pipeline failed")
+    assert "an export needs about" in line and "There was no export there before." in line
+    assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line
+    assert not (output / STAGING_NAME).exists() and not (output / "model_index.json").exists()
+    verify_checkpoint(str(output / "checkpoint-2"))
+
+
+def test_torchs_short_write_counts_as_a_full_disk_only_when_the_disk_lacks_room(tmp_path):
+    short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 319104 vs 318996")
+    assert not is_disk_full(short_write, tmp_path, needed=1)
+    assert is_disk_full(short_write, tmp_path, needed=10**18)
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(
+        RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+    )
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path, needed=10**18)
