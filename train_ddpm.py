@@ -380,7 +380,7 @@ def resume(accelerator: Accelerator, args: TrainingArguments, path: str | None) 
     """The state to start from: a new one, or the checkpoint at `path` restored (weights, optimizer, EMA, ...)."""
     state = TrainerState()
     if path is not None:
-        state = load_checkpoint(accelerator, path)
+        state = load_checkpoint(accelerator, path, public_config(args))
         logger.info(
             "Resumed from %s: step %d, epoch %d, batch %d",
             path,

@@ -11,10 +11,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from diffusers import UNet2DModel
+from safetensors.torch import save_file
 from test_train import FAST, SMALL_UNET, _random_images, run_training
 
 from pipelines.atomic_folder import STAGING_NAME
 from pipelines.disk_space import is_disk_full
+from training.checkpoint_fit import model_mismatch
 from training.checkpointing import verify_checkpoint
 from training.data import ImageDataError, load_image_dataset
 from training.pixels import load_pixels
@@ -192,3 +195,64 @@ def test_torchs_short_write_counts_as_a_full_disk_only_when_the_disk_lacks_room(
         )
     )
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path, needed=10**18)
+
+
+# 4. Resuming a checkpoint of another model -------------------------------------------------------------------------
+def small_unet(channels: int, widths=(8, 16)) -> UNet2DModel:
+    config = {key: value for key, value in SMALL_UNET.items() if key != "_class_name"}
+    return UNet2DModel(**{**config, "block_out_channels": list(widths)}, sample_size=8, in_channels=channels,
+                       out_channels=channels)  # fmt: skip
+
+
+def test_a_model_of_other_shapes_is_named_by_the_flag_that_differs_from_the_header_alone(tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    save_file(small_unet(1).state_dict(), str(checkpoint / "model.safetensors"))
+    saved_args = {"num_channels": None, "model_preset": None, "model_config_name_or_path": "unet.json"}
+    assert model_mismatch(str(checkpoint), small_unet(1).state_dict(), saved_args, saved_args) is None
+    message = model_mismatch(
+        str(checkpoint), small_unet(3).state_dict(), saved_args, {**saved_args, "num_channels": 3}
+    )
+    assert message == (
+        f"{checkpoint} holds a model of another shape than this run's: it was written with --num_channels 1 (this "
+        "run: --num_channels 3). Resume with the flags of the run that wrote it, or train this model in a new "
+        "--output_dir (or start over with --overwrite_output_dir)."
+    )
+    # The same flags, another model: the config file changed in place; the parameters are named instead.
+    message = model_mismatch(str(checkpoint), small_unet(1, (8, 24)).state_dict(), saved_args, saved_args)
+    assert "its parameters differ: " in message and " is [16] there, [24] here" in message
+    assert "(has unet.json changed since?)" in message
+
+
+@pytest.fixture(scope="module")
+def one_channel_run(workdir) -> Path:
+    """Checkpoint-2 of a 1-channel run on the embedded digits."""
+    run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", "one-channel"], processes=0)
+    return workdir / "one-channel"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--num_channels", "3"], "--num_channels 1 (this run: --num_channels 3)"),
+        (["--variance_type", "learned_range"], "--variance_type fixed_small (this run: --variance_type learned_range)"),
+        (["--model_config_name_or_path", "wide.json"], "--model_config_name_or_path unet.json (this run: "
+         "--model_config_name_or_path wide.json)"),
+    ],
+)  # fmt: skip
+def test_resuming_a_checkpoint_of_another_model_names_the_flag_and_loads_nothing(
+    workdir, one_channel_run, flags, named
+):
+    (workdir / "wide.json").write_text(json.dumps({**SMALL_UNET, "block_out_channels": [8, 24]}))
+    before = {path: path.read_bytes() for path in (one_channel_run / "checkpoint-2").iterdir()}
+    args = [*CHECKPOINTED_RUN, "--max_train_steps", "4", "--output_dir", str(one_channel_run)]
+    result = run_training(workdir, [*args, "--resume_from_checkpoint", "latest", *flags], processes=0, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_line(result) == (
+        f"train_ddpm.py: error: {one_channel_run / 'checkpoint-2'} holds a model of another shape than this run's: it "
+        f"was written with {named}. Resume with the flags of the run that wrote it, or train this model in a new "
+        "--output_dir (or start over with --overwrite_output_dir)."
+    )
+    assert {path: path.read_bytes() for path in (one_channel_run / "checkpoint-2").iterdir()} == before
+    assert sorted(path.name for path in one_channel_run.glob("checkpoint-*")) == ["checkpoint-2"]

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 
 from pipelines.atomic_folder import fsync_dir, fsync_tree
 from pipelines.disk_space import folder_bytes, format_bytes, free_bytes, is_disk_full
+from training.checkpoint_fit import model_mismatch
 from training.data import held_out_images
 from training.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
 
@@ -689,7 +690,7 @@ def _restored_random_states(path: str, process_index: int) -> str | None:
     return None if restored else f"{file} was not restored (the random states differ from the file's)"
 
 
-def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
+def load_checkpoint(accelerator: Accelerator, path: str, config: dict[str, Any] | None = None) -> TrainerState:
     r"""
     Restore what `save_checkpoint` wrote (every process calls it) and return the `TrainerState`.
 
@@ -697,9 +698,16 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
     states are read (JSON and safetensors); only then does accelerate load the model, optimizer and RNG states (its
     pickles with `weights_only=True`), and finally the registered objects take their states.
 
+    Args:
+        accelerator (`Accelerator`): The run's, with its model, optimizer and objects prepared / registered.
+        path (`str`): The checkpoint folder.
+        config (`dict`, *optional*): The resuming run's public flags: a model of other shapes is refused before
+            anything is loaded, naming the flags that differ from the checkpoint's (`training.checkpoint_fit`).
+
     Raises:
-        `CheckpointError`: the checkpoint does not verify, or a state cannot be restored; the message names the file.
-            The run must stop: the model or optimizer may hold part of the checkpoint.
+        `CheckpointError`: the checkpoint does not verify, holds a model of other shapes, or a state cannot be
+            restored; the message names the file. The run must stop: the model or optimizer may hold part of the
+            checkpoint.
     """
     if not has_manifest(path):
         logger.warning(
@@ -709,6 +717,11 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
         )  # fmt: skip
     verify_checkpoint(path)
     state = _read_trainer_state(path)
+    if accelerator._models:  # the first prepared model is `model.safetensors`
+        model = accelerator.unwrap_model(accelerator._models[0]).state_dict()
+        mismatch = model_mismatch(path, model, state.training_args, config)
+        if mismatch is not None:
+            raise CheckpointError(mismatch)
     objects = registered_checkpoint_state(accelerator)
     saved = _object_states(path, list(objects))
     ours = {"model", TRAINER_STATE_NAME.split(".")[0], MANIFEST_NAME.split(".")[0], *objects}
