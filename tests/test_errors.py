@@ -8,15 +8,20 @@ import json
 import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from diffusers import UNet2DModel
 from safetensors.torch import save_file
-from test_train import FAST, SMALL_UNET, _random_images, run_training
+from test_train import FAST, REPO, SMALL_UNET, _env, _random_images, run_training
+from transformers import HfArgumentParser
 
+import evaluate_ddpm
 from pipelines.atomic_folder import STAGING_NAME
 from pipelines.disk_space import is_disk_full
+from training.args import FLAG_RANGES, make_parser, parse_args
 from training.checkpoint_fit import model_mismatch
 from training.checkpointing import verify_checkpoint
 from training.data import ImageDataError, load_image_dataset
@@ -256,3 +261,80 @@ def test_resuming_a_checkpoint_of_another_model_names_the_flag_and_loads_nothing
     )
     assert {path: path.read_bytes() for path in (one_channel_run / "checkpoint-2").iterdir()} == before
     assert sorted(path.name for path in one_channel_run.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+# 2. Numeric flags out of range ---------------------------------------------------------------------------------------
+def numeric_actions(parser) -> list:
+    return [action for action in parser._actions if action.type in (int, float)]
+
+
+SCRIPTS = {
+    "train_ddpm.py": (make_parser, FLAG_RANGES),
+    "evaluate_ddpm.py": (lambda: HfArgumentParser(evaluate_ddpm.EvaluationArguments), evaluate_ddpm.EVALUATION_RANGES),
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_numeric_flag_of_both_scripts_has_a_range(script):
+    make, ranges = SCRIPTS[script]
+    actions = numeric_actions(make())
+    assert len(actions) >= (30 if script == "train_ddpm.py" else 8)  # the enumeration sees the flags
+    assert [action.dest for action in actions if action.dest not in ranges] == []
+    assert sorted(set(ranges) - {action.dest for action in actions}) == []  # no entry for a flag that is gone
+
+
+def out_of_range_values(bounds) -> list[float]:
+    low, high, _, _ = bounds
+    return [
+        value for value in (None if low is None else low - 1, None if high is None else high + 1) if value is not None
+    ]
+
+
+TRAIN_CASES = [
+    (action.dest, value, action.type)
+    for action in numeric_actions(make_parser())
+    for value in out_of_range_values(FLAG_RANGES[action.dest])
+]
+
+
+@pytest.mark.parametrize("name, value, kind", TRAIN_CASES, ids=[f"{case[0]}={case[1]}" for case in TRAIN_CASES])
+def test_each_numeric_training_flag_out_of_range_exits_2_naming_it(name, value, kind, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([f"--{name}", str(kind(value))])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"train_ddpm.py: error: --{name} ") or error.startswith(
+        f"train_ddpm.py: error: argument --{name}"
+    )
+
+
+def test_a_channel_count_out_of_the_choices_in_a_config_file_is_refused(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_channels: 2\n")  # a file skips argparse's choices
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([str(config)])
+    assert exit_info.value.code == 2
+    assert (
+        "train_ddpm.py: error: --num_channels 2 is not one of 1 (grayscale), 3 (RGB), 4 (RGBA)."
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("train_ddpm.py", ["--train_batch_size", "0"], "--train_batch_size 0 is out of range: it must be > 0."),
+        ("train_ddpm.py", ["--adam_beta1", "1.5"], "--adam_beta1 1.5 is out of range: it must be in [0, 1)."),
+        ("train_ddpm.py", ["--ddpm_num_steps", "0"], "--ddpm_num_steps 0 is out of range: it must be > 0."),
+        ("train_ddpm.py", ["--preprocessing_num_workers", "0"], "--preprocessing_num_workers 0 is out of range: it must be > 0."),
+        ("evaluate_ddpm.py", ["--pipeline", "missing", "--batch_size", "0"], "--batch_size 0 is out of range: it must be > 0."),
+    ],
+)  # fmt: skip
+def test_a_flag_out_of_range_stops_the_script_at_once_with_one_line(workdir, script, flags, message):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(REPO / script), *flags, "--output_dir", "never"], cwd=workdir,
+                            env=_env(workdir), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_line(result) == f"{script}: error: {message}"
+    assert time.monotonic() - started < 60 and not (workdir / "never").exists()
