@@ -468,7 +468,10 @@ def save_checkpoint(
         `str`: The checkpoint folder.
 
     Raises:
-        `CheckpointError`: a weight is not finite; nothing is written.
+        `CheckpointError`: a weight is not finite (nothing is written); or the disk is full (on any process): the
+            partial `checkpoint-{step}.tmp` is removed, and the message says how much room a checkpoint needs and
+            which checkpoint still verifies. Any other failure to write also removes the partial folder, and is
+            raised as it is.
     """
     if not all_finite(weights):
         raise CheckpointError(
