@@ -13,6 +13,7 @@ optimizer -> resume -> the loop of Algorithm 1 -> sample grids, evaluations, che
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -36,7 +37,8 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 
 from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
-from pipelines import DDPMPaperPipeline, ModelCardInfo, PublishError, image_grid
+from pipelines import DDPMPaperPipeline, DiskFullError, ModelCardInfo, PublishError, image_grid
+from pipelines.disk_space import first_line, is_disk_full
 from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
 from training.checkpointing import (
@@ -44,6 +46,7 @@ from training.checkpointing import (
     TrainerState,
     changed_settings,
     checkpoint_path,
+    intact_checkpoint_sentence,
     load_checkpoint,
     prepare_output_dir,
     register_checkpoint_state,
@@ -167,7 +170,12 @@ def log_sample_grid(accelerator: Accelerator, args: TrainingArguments, images: l
     """Save the grid as `samples/step-{step}.png` and show it in the tracker (main process only)."""
     os.makedirs(os.path.join(args.output_dir, SAMPLES_DIR), exist_ok=True)
     path = os.path.join(args.output_dir, SAMPLES_DIR, f"step-{step}.png")
-    image_grid(images).save(path)
+    try:
+        image_grid(images).save(path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # no half-written grid
+        raise
     logger.info("Saved sample grid %s", path)
     if args.logger == "tensorboard":
         batch = np.stack([np.asarray(image.convert("RGB")) for image in images]).transpose(0, 3, 1, 2)
@@ -392,7 +400,7 @@ def resume(accelerator: Accelerator, args: TrainingArguments, path: str | None) 
     """The state to start from: a new one, or the checkpoint at `path` restored (weights, optimizer, EMA, ...)."""
     state = TrainerState()
     if path is not None:
-        state = load_checkpoint(accelerator, path)
+        state = load_checkpoint(accelerator, path, public_config(args))
         logger.info(
             "Resumed from %s: step %d, epoch %d, batch %d",
             path,
@@ -453,13 +461,28 @@ def samples_and_export(
     if not (grid or export):
         return images
     if accelerator.is_main_process:
-        if grid or images is None:
-            images = sample_images(trained, args)
-            log_sample_grid(accelerator, args, images, step)
-        if export:
-            export_pipeline(trained, args, images, step, final=final, metrics=metrics)
+        try:
+            if grid or images is None:
+                images = sample_images(trained, args)
+                log_sample_grid(accelerator, args, images, step)
+            if export:
+                export_pipeline(trained, args, images, step, final=final, metrics=metrics)
+        except Exception as error:
+            if not is_disk_full(error):
+                raise
+            raise DiskFullError(disk_full_message(args.output_dir, error)) from error
     accelerator.wait_for_everyone()
     return images
+
+
+def disk_full_message(output_dir: str, error: Exception) -> str:
+    """The error of a sample grid or an export that filled the disk: what failed, and what is safe."""
+    if isinstance(error, DiskFullError):  # the export's own message: what it needs, and the previous export untouched
+        what = str(error)
+    else:
+        what = f"The disk holding '{output_dir}' is full: saving the sample grid failed ({first_line(error)})."
+    advice = "Free space on that disk, or use an --output_dir on a disk with room."
+    return f"{what} {advice} {intact_checkpoint_sentence(output_dir)}"
 
 
 def every(period: int | None, count: int) -> bool:
@@ -649,6 +672,7 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
         ArgumentError,
         CheckpointError,
         DatasetUnavailableError,
+        DiskFullError,
         FeatureExtractorUnavailableError,
         ImageDataError,
         LaunchError,

@@ -27,7 +27,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from schedulers import DIFFUSERS_PREDICTION_TYPES
 
-from .atomic_folder import atomic_folder
+from .atomic_folder import INDEX_NAME, atomic_folder
+from .disk_space import DiskFullError, first_line, format_bytes, free_bytes, is_disk_full
 from .utils import image_grid
 
 if TYPE_CHECKING:
@@ -185,6 +186,24 @@ def save_stock_pipeline(
     if kwargs.pop("push_to_hub", False):
         raise ValueError("Use DDPMPaperPipeline.push_to_hub(repo_id, card=...) to publish.")
     save_directory = Path(save_directory)
+    try:
+        _write_export(pipeline, save_directory, card, repo_id, **kwargs)
+    except Exception as error:
+        needed = sum(tensor.numel() * tensor.element_size() for tensor in pipeline.unet.state_dict().values())
+        if not is_disk_full(error, save_directory, needed):
+            raise
+        had_export = (save_directory / INDEX_NAME).is_file()
+        raise DiskFullError(
+            f"The disk holding '{save_directory}' is full: exporting the pipeline failed ({first_line(error)}). The "
+            f"partial export was removed; {format_bytes(free_bytes(save_directory))} are free, and an export needs "
+            f"about {format_bytes(needed)} (the weights) plus its model card. "
+            + ("The previous export there is untouched." if had_export else "There was no export there before.")
+        ) from error
+
+
+def _write_export(
+    pipeline: DDPMPaperPipeline, save_directory: Path, card: ModelCardInfo | None, repo_id: str | None, **kwargs
+) -> None:
     with atomic_folder(save_directory) as folder:  # killed midway: the previous export stays loadable
         if is_stock_exportable(pipeline):
             to_stock_pipeline(pipeline).save_pretrained(folder, safe_serialization=True, **kwargs)

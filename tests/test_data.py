@@ -209,7 +209,7 @@ def test_missing_or_empty_image_folder_says_what_is_wrong(tmp_path):
     with pytest.raises(DatasetUnavailableError, match="is not a folder"):
         load_image_dataset(train_data_dir=str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ImageDataError, match="Found no data files"):
+    with pytest.raises(ImageDataError, match="No images found in --train_data_dir"):
         load_image_dataset(train_data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
 
 

@@ -756,7 +756,11 @@ def test_flag_conflicts_are_argument_errors(capsys):
             parse_args(argv)
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--streaming needs --max_train_steps" in err and "not both" in err and "must be positive" in err
+    assert (
+        "--streaming needs --max_train_steps" in err
+        and "not both" in err
+        and "--train_batch_size 0 is out of range: it must be > 0." in err
+    )
     assert "only a train split" in err and "--eval_steps with --streaming needs --eval_split" in err
     assert "--overwrite_output_dir removes the checkpoints" in err
 

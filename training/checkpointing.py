@@ -43,6 +43,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipelines.atomic_folder import fsync_dir, fsync_tree
+from pipelines.disk_space import folder_bytes, format_bytes, free_bytes, is_disk_full
+from training.checkpoint_fit import model_mismatch
 from training.data import held_out_images
 from training.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
 
@@ -466,7 +468,10 @@ def save_checkpoint(
         `str`: The checkpoint folder.
 
     Raises:
-        `CheckpointError`: a weight is not finite; nothing is written.
+        `CheckpointError`: a weight is not finite (nothing is written); or the disk is full (on any process): the
+            partial `checkpoint-{step}.tmp` is removed, and the message says how much room a checkpoint needs and
+            which checkpoint still verifies. Any other failure to write also removes the partial folder, and is
+            raised as it is.
     """
     if not all_finite(weights):
         raise CheckpointError(
@@ -479,29 +484,124 @@ def save_checkpoint(
         os.makedirs(output_dir, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name, obj in registered_checkpoint_state(accelerator).items():
-            save_object_state(temporary, name, obj)
-        state.save(os.path.join(temporary, TRAINER_STATE_NAME))
-        write_manifest(temporary)  # last: it lists every file above
-        fsync_tree(temporary)
-        if os.path.exists(final):  # a checkpoint of the same step from an earlier run: replace it
-            previous = final + ".old"
-            shutil.rmtree(previous, ignore_errors=True)
-            os.rename(final, previous)
-            os.rename(temporary, final)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.rename(temporary, final)
-        fsync_dir(output_dir)
-        if total_limit is not None:
-            for _, path in find_checkpoints(output_dir)[:-total_limit]:
-                logger.info("Removing %s (--checkpoints_total_limit %d).", path, total_limit)
-                shutil.rmtree(path, ignore_errors=True)
+    error = _attempt(accelerator.save_state, temporary)
+    failure = _first_failure(accelerator, error, output_dir)  # every process learns of a failure on any (no hang)
+    if failure is None and accelerator.is_main_process:
+        error = _attempt(_finish_checkpoint, accelerator, output_dir, temporary, final, state, total_limit)
+    failure = failure or _first_failure(accelerator, error, output_dir)
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)  # nothing half-written stays; saved checkpoints untouched
+        accelerator.wait_for_everyone()
+        if failure[1]:
+            raise CheckpointError(_disk_full_message(accelerator, output_dir, final, failure[0])) from error
+        if error is not None:
+            raise error
+        raise CheckpointError(f"Writing {final} failed on another process: {failure[0]}")
     accelerator.wait_for_everyone()
     return final
+
+
+def _attempt(function, *args) -> Exception | None:
+    """Call `function(*args)`; the exception it raised, or None."""
+    try:
+        function(*args)
+    except Exception as error:
+        return error
+    return None
+
+
+def _first_failure(accelerator: Accelerator, error: Exception | None, output_dir: str) -> tuple[str, bool] | None:
+    """The first process's failure as (its first line, whether the disk is full), or None; a collective call."""
+    failure = None
+    if error is not None:
+        failure = (
+            _first_line(error),
+            is_disk_full(error, output_dir, needed=_checkpoint_bytes(accelerator, output_dir)[0]),
+        )
+    if accelerator.num_processes > 1:
+        failures = [found for found in gather_object([failure]) if found]
+        failure = failures[0] if failures else None
+    return failure
+
+
+def _finish_checkpoint(
+    accelerator: Accelerator, output_dir: str, temporary: str, final: str, state: TrainerState, total_limit: int | None
+) -> None:
+    """The main process's part: our states, the trainer state, the manifest, the flush, the rename, the limit."""
+    for name, obj in registered_checkpoint_state(accelerator).items():
+        save_object_state(temporary, name, obj)
+    state.save(os.path.join(temporary, TRAINER_STATE_NAME))
+    write_manifest(temporary)  # last: it lists every file above
+    fsync_tree(temporary)
+    if os.path.exists(final):  # a checkpoint of the same step from an earlier run: replace it
+        previous = final + ".old"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(final, previous)
+        os.rename(temporary, final)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.rename(temporary, final)
+    fsync_dir(output_dir)
+    if total_limit is not None:
+        for _, path in find_checkpoints(output_dir)[:-total_limit]:
+            logger.info("Removing %s (--checkpoints_total_limit %d).", path, total_limit)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in a (nested) state dict."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def _checkpoint_bytes(accelerator: Accelerator, output_dir: str) -> tuple[int, str]:
+    """What a checkpoint needs: the size of the newest complete one, else the size of the states it will hold."""
+    checkpoints = find_checkpoints(output_dir)
+    if checkpoints:
+        return folder_bytes(checkpoints[-1][1]), f"the size of {os.path.basename(checkpoints[-1][1])}"
+    states = [model.state_dict() for model in accelerator._models]
+    states += [optimizer.state_dict() for optimizer in accelerator._optimizers]
+    states += [obj.state_dict() for obj in registered_checkpoint_state(accelerator).values()]
+    return _tensor_bytes(states), "the model, optimizer and EMA states it holds"
+
+
+def newest_verified_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in `output_dir` that verifies (`verify_checkpoint`), or None."""
+    for _, path in reversed(find_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def intact_checkpoint_sentence(output_dir: str) -> str:
+    """Which checkpoint a run can resume from after a failed write, as a sentence for an error message."""
+    intact = newest_verified_checkpoint(output_dir)
+    if intact is None:
+        return f"No intact checkpoint is in '{output_dir}': the run must start again."
+    return (
+        f"Nothing saved before was touched: {intact} is the newest intact checkpoint (it verifies); "
+        "--resume_from_checkpoint latest continues from it."
+    )
+
+
+def _disk_full_message(accelerator: Accelerator, output_dir: str, final: str, failure: str) -> str:
+    needed, how = _checkpoint_bytes(accelerator, output_dir)
+    return (
+        f"The disk holding '{output_dir}' is full: writing {os.path.basename(final)} failed ({failure}). The partial "
+        f"{os.path.basename(final)}.tmp was removed; {format_bytes(free_bytes(output_dir))} are free, and a "
+        f"checkpoint needs about {format_bytes(needed)} ({how}). Free space on that disk (or keep fewer checkpoints "
+        f"with --checkpoints_total_limit), or use an --output_dir on a disk with room. "
+        f"{intact_checkpoint_sentence(output_dir)}"
+    )
 
 
 @contextlib.contextmanager
@@ -593,7 +693,7 @@ def _restored_random_states(path: str, process_index: int) -> str | None:
     return None if restored else f"{file} was not restored (the random states differ from the file's)"
 
 
-def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
+def load_checkpoint(accelerator: Accelerator, path: str, config: dict[str, Any] | None = None) -> TrainerState:
     r"""
     Restore what `save_checkpoint` wrote (every process calls it) and return the `TrainerState`.
 
@@ -601,9 +701,16 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
     states are read (JSON and safetensors); only then does accelerate load the model, optimizer and RNG states (its
     pickles with `weights_only=True`), and finally the registered objects take their states.
 
+    Args:
+        accelerator (`Accelerator`): The run's, with its model, optimizer and objects prepared / registered.
+        path (`str`): The checkpoint folder.
+        config (`dict`, *optional*): The resuming run's public flags: a model of other shapes is refused before
+            anything is loaded, naming the flags that differ from the checkpoint's (`training.checkpoint_fit`).
+
     Raises:
-        `CheckpointError`: the checkpoint does not verify, or a state cannot be restored; the message names the file.
-            The run must stop: the model or optimizer may hold part of the checkpoint.
+        `CheckpointError`: the checkpoint does not verify, holds a model of other shapes, or a state cannot be
+            restored; the message names the file. The run must stop: the model or optimizer may hold part of the
+            checkpoint.
     """
     if not has_manifest(path):
         logger.warning(
@@ -613,6 +720,11 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
         )  # fmt: skip
     verify_checkpoint(path)
     state = _read_trainer_state(path)
+    if accelerator._models:  # the first prepared model is `model.safetensors`
+        model = accelerator.unwrap_model(accelerator._models[0]).state_dict()
+        mismatch = model_mismatch(path, model, state.training_args, config)
+        if mismatch is not None:
+            raise CheckpointError(mismatch)
     objects = registered_checkpoint_state(accelerator)
     saved = _object_states(path, list(objects))
     ours = {"model", TRAINER_STATE_NAME.split(".")[0], MANIFEST_NAME.split(".")[0], *objects}

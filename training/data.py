@@ -20,7 +20,7 @@ from datasets.exceptions import DatasetNotFoundError
 from PIL import Image
 
 from hub_access import forced_offline_mode, offline_mode_requested, work_offline
-from training.image_folder import plain_image_folder
+from training.image_folder import accepted_extensions, image_files, plain_image_folder, undecodable
 from training.secrets import is_local_path
 
 
@@ -99,6 +99,25 @@ def _image_folder_dataset(images: list[tuple[str, int, int]], cache_dir: str | N
     return datasets.load_from_disk(target).cast_column("image", datasets.Image())
 
 
+def _no_images_message(folder: str) -> str:
+    return (
+        f"No images found in --train_data_dir {folder!r} (nor in its subfolders). Images are recognised by their "
+        f"extension: {accepted_extensions()}. Put the images there, or point to the folder that holds them."
+    )
+
+
+def _check_image_names(folder: str) -> None:
+    """Refuse a folder with an image whose path is not valid UTF-8, naming it: `datasets` cannot list it."""
+    bad = undecodable(image_files(folder))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ImageDataError(
+            f"The image {os.fsencode(bad[0])!r}{more} in --train_data_dir {folder!r} has a name that is not valid "
+            "UTF-8, which `datasets` cannot store. Rename it (e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`) or "
+            "move it out of the folder, then run again."
+        )
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -155,10 +174,13 @@ def load_image_dataset(
                 "(directly or in one subfolder per class)."
             )
         images = plain_image_folder(train_data_dir) if split == "train" else None
+        if images == []:
+            raise ImageDataError(_no_images_message(train_data_dir))
         if images:
             dataset = _image_folder_dataset(images, cache_dir)
             # One shard, as `datasets` streams a folder: the same examples in the same order.
             return dataset.to_iterable_dataset() if streaming else dataset
+        _check_image_names(train_data_dir)  # `datasets` would fail on a name that is not UTF-8, naming no file
         name, load_args, load_kwargs = train_data_dir, ("imagefolder",), {"data_dir": train_data_dir}
     else:
         name, load_args, load_kwargs = dataset_name, (dataset_name, dataset_config_name), {}
@@ -171,6 +193,8 @@ def load_image_dataset(
                 *load_args, **load_kwargs, cache_dir=cache_dir, split=split, streaming=streaming
             )
     except datasets.data_files.EmptyDatasetError as error:
+        if train_data_dir is not None:
+            raise ImageDataError(_no_images_message(train_data_dir)) from error
         raise ImageDataError(
             f"Found no data files in '{name}' ({error}). Put the images (or data/train-*.parquet files) there, or "
             "point to the folder that holds them."
@@ -186,6 +210,8 @@ def load_image_dataset(
     except ValueError as error:  # "Unknown split", "Instruction 'train' corresponds to no data!"
         if train_data_dir is None or ("split" not in str(error) and "corresponds to no data" not in str(error)):
             raise
+        if not image_files(train_data_dir):
+            raise ImageDataError(_no_images_message(train_data_dir)) from error
         raise ImageDataError(
             f"--train_data_dir {train_data_dir!r} has no split '{split}' ({error}). `datasets` takes the splits of an "
             "image folder from the names in it: a file or folder whose name has 'train', 'test', 'validation', "

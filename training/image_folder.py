@@ -47,6 +47,10 @@ def _split_pattern_literals() -> re.Pattern | None:
     return re.compile("|".join(re.escape(literal) for literal in sorted(literals)))
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".") and set(name) != {"."}
+
+
 def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
     r"""
     The images that `datasets.load_dataset("imagefolder", data_dir=folder, split="train")` loads, found by one walk
@@ -69,15 +73,12 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
     ignored_names = set(hub_data_files.FILES_TO_IGNORE)
     image_extensions = set(ImageFolder.EXTENSIONS)
 
-    def hidden(name: str) -> bool:
-        return name.startswith(".") and set(name) != {"."}
-
     seen, images, errors = [], [], []  # every file that decides the splits; the images among them
     for root, dirs, files in os.walk(base, onerror=errors.append):
-        dirs[:] = [name for name in dirs if not hidden(name) and not name.startswith("__")]
+        dirs[:] = [name for name in dirs if not _hidden(name) and not name.startswith("__")]
         prefix = os.path.relpath(root, base)
         for name in files:
-            if hidden(name) or name in ignored_names:
+            if _hidden(name) or name in ignored_names:
                 continue
             relative_path = name if prefix == "." else f"{prefix}/{name}"
             seen.append(relative_path)
@@ -100,3 +101,43 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
         if stat.S_ISREG(status.st_mode):  # as `datasets`, which skips pipes, sockets and devices
             listed.append((path, status.st_size, status.st_mtime_ns))
     return listed
+
+
+def image_files(folder: str) -> list[str]:
+    r"""
+    The relative paths of the files under `folder` that `datasets`' imagefolder builder takes for images (by their
+    extension, `ImageFolder.EXTENSIONS`), hidden files and folders and `__*` folders left out as it leaves them out.
+    A name that is not valid UTF-8 is kept as Python gives it (with surrogate escapes): see `undecodable`.
+    """
+    extensions = set(ImageFolder.EXTENSIONS)
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(name for name in dirs if not _hidden(name) and not name.startswith("__"))
+        prefix = os.path.relpath(root, folder)
+        for name in sorted(files):
+            stem, extension = os.path.splitext(name)
+            if not _hidden(name) and {extension.lower(), os.path.splitext(stem)[1].lower()} & extensions:
+                found.append(name if prefix == "." else os.path.join(prefix, name))
+    return found
+
+
+def undecodable(paths: list[str]) -> list[str]:
+    """The `paths` that are not valid UTF-8 (`datasets` stores paths as Arrow strings, which must be UTF-8)."""
+    bad = []
+    for path in paths:
+        try:
+            path.encode()
+        except UnicodeEncodeError:
+            bad.append(path)
+    return bad
+
+
+COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def accepted_extensions() -> str:
+    """The image extensions `datasets` recognises, for messages: the common ones, then how many others."""
+    extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    common = [extension for extension in COMMON_EXTENSIONS if extension in extensions]
+    others = len(extensions) - len(common)
+    return ", ".join(common) + (f" and {others} more that PIL reads (.ppm, .tga, ...)" if others else "")

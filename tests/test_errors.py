@@ -1,0 +1,350 @@
+"""Issue 13, item 5: errors that say what happened. Each case is a failure a user meets (unusable data, a full disk,
+a checkpoint of another model, a flag out of range), and each test pins down how the run ends: the exit status, the
+one-line message that names the problem and what to do, and what is left on disk."""
+
+import errno
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from diffusers import UNet2DModel
+from safetensors.torch import save_file
+from test_train import FAST, REPO, SMALL_UNET, _env, _random_images, run_training
+from transformers import HfArgumentParser
+
+import evaluate_ddpm
+from pipelines.atomic_folder import STAGING_NAME
+from pipelines.disk_space import is_disk_full
+from training.args import FLAG_RANGES, make_parser, parse_args
+from training.checkpoint_fit import model_mismatch
+from training.checkpointing import verify_checkpoint
+from training.data import ImageDataError, load_image_dataset
+from training.pixels import load_pixels
+
+TINY_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4", *FAST]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("errors")
+    (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
+    return folder
+
+
+def last_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def save_images(folder: Path, count: int = 3, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(_random_images(count, (8, 8), seed=seed)):
+        image.save(folder / f"{index}.png")
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    _random_images(1, (8, 8), seed=seed)[0].save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# 3. Data that cannot be used -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", [{}, {"notes.txt": "x", "more/readme.md": "y"}], ids=["empty", "only-text"])
+def test_a_folder_without_images_says_no_images_and_the_extensions_accepted(tmp_path, content):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, text in content.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert str(error.value).startswith(f"No images found in --train_data_dir {str(folder)!r}")
+    assert ".png, .jpg, .jpeg" in str(error.value) and "split" not in str(error.value)
+
+
+def test_a_folder_without_images_whose_names_look_like_splits_says_no_images(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "notes.txt").write_text("x")
+    with pytest.raises(ImageDataError, match="^No images found in --train_data_dir"):
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+
+
+def test_an_image_whose_name_is_not_utf8_is_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "data"
+    save_images(folder)
+    descriptor = os.open(os.fsencode(folder) + b"/bad\xff.png", os.O_WRONLY | os.O_CREAT)
+    os.write(descriptor, png_bytes())
+    os.close(descriptor)
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert str(error.value).startswith(r"The image b'bad\xff.png' in --train_data_dir")
+    assert "not valid UTF-8" in str(error.value) and "Rename it" in str(error.value)
+
+
+@pytest.mark.parametrize("content", [os.urandom(64), png_bytes()[:60]], ids=["random-bytes", "truncated"])
+def test_a_broken_image_is_refused_naming_the_file(tmp_path, content):
+    folder = tmp_path / "data"
+    save_images(folder)
+    (folder / "zz-broken.png").write_bytes(content)
+    with pytest.raises(ImageDataError, match=r"^Cannot decode the image '.*zz-broken\.png' \(row 3\)"):
+        load_pixels(None, None, str(folder), resolution=8, channels=3, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_class_label_column_given_as_image_column_names_its_type_and_the_image_columns(tmp_path):
+    folder = tmp_path / "data"
+    save_images(folder / "train" / "cat", seed=1)  # a split folder: `datasets` loads it, with a `label` column
+    save_images(folder / "train" / "dog", seed=2)
+    with pytest.raises(
+        ImageDataError, match=r"'label' holds class labels, not images; its image columns are \['image'\]"
+    ):
+        load_pixels(None, None, str(folder), resolution=8, channels=3, image_column="label",
+                    cache_dir=str(tmp_path / "cache"))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_with_a_non_utf8_name_exits_1_with_one_line(workdir):
+    folder = workdir / "bad-name"
+    save_images(folder)
+    (folder / "bad\udcff.png").write_bytes(png_bytes())  # Python's name for the bytes b"bad\xff.png"
+    result = run_training(workdir, [*TINY_RUN, "--train_data_dir", str(folder), "--output_dir", "bad-name-out"],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last_line(result).startswith(r"train_ddpm.py: error: The image b'bad\xff.png' in --train_data_dir")
+
+
+# 1. A full disk ------------------------------------------------------------------------------------------------
+CHECKPOINTED_RUN = [*TINY_RUN, "--checkpointing_steps", "2"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of the size asked, mounted under tmp_path and unmounted at the end (skipped where not allowed)."""
+    mounted = []
+
+    def mount(kilobytes: int) -> Path:
+        folder = tmp_path / f"disk-{kilobytes}k"
+        folder.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(folder)], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture(scope="module")
+def one_channel_run(workdir) -> Path:
+    """Checkpoint-2 of a 1-channel run on the embedded digits."""
+    run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", "one-channel"], processes=0)
+    return workdir / "one-channel"
+
+
+def kilobytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) // 1024
+
+
+@pytest.fixture(scope="module")
+def sizes(one_channel_run) -> tuple[int, int]:
+    """The KB of one checkpoint and of one export of these runs (about 870 and 200 with torch 2.13)."""
+    return kilobytes(one_channel_run / "checkpoint-2"), kilobytes(one_channel_run / "unet")
+
+
+def remains(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if ".tmp" in path.name)
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_names_the_disk_the_need_and_the_intact_checkpoint(workdir, small_disk, sizes):
+    output = small_disk(int(1.55 * sizes[0]) + 40) / "run"  # room for checkpoint-2 and the logs, not checkpoint-4
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "6", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith(f"train_ddpm.py: error: The disk holding '{output}' is full: writing checkpoint-4 failed")
+    assert re.search(r"a checkpoint needs about \d+ KB \(the size of checkpoint-2\)", line)
+    assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line
+    assert remains(output) == [] and sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    verify_checkpoint(str(output / "checkpoint-2"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_first_checkpoint_estimates_the_need_and_says_none_is_intact(workdir, small_disk, sizes):
+    output = small_disk(sizes[0] // 2) / "run"
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert "is full: writing checkpoint-2 failed" in line
+    assert re.search(r"needs about \d+ KB \(the model, optimizer and EMA states it holds\)", line)
+    assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
+    assert remains(output) == [] and list(output.glob("checkpoint-*")) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_export_keeps_the_checkpoint_and_leaves_no_partial_export(workdir, small_disk, sizes):
+    output = small_disk(sizes[0] + sizes[1] // 2 + 60) / "run"  # room for checkpoint-2 and a grid, not the export
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith(f"train_ddpm.py: error: The disk holding '{output}' is full: exporting the pipeline failed")
+    assert "an export needs about" in line and "There was no export there before." in line
+    assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line
+    assert not (output / STAGING_NAME).exists() and not (output / "model_index.json").exists()
+    verify_checkpoint(str(output / "checkpoint-2"))
+
+
+def test_torchs_short_write_counts_as_a_full_disk_only_when_the_disk_lacks_room(tmp_path):
+    short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 319104 vs 318996")
+    assert not is_disk_full(short_write, tmp_path, needed=1)
+    assert is_disk_full(short_write, tmp_path, needed=10**18)
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(
+        RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+    )
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path, needed=10**18)
+
+
+# 4. Resuming a checkpoint of another model -------------------------------------------------------------------------
+def small_unet(channels: int, widths=(8, 16)) -> UNet2DModel:
+    config = {key: value for key, value in SMALL_UNET.items() if key != "_class_name"}
+    return UNet2DModel(**{**config, "block_out_channels": list(widths)}, sample_size=8, in_channels=channels,
+                       out_channels=channels)  # fmt: skip
+
+
+def test_a_model_of_other_shapes_is_named_by_the_flag_that_differs_from_the_header_alone(tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    save_file(small_unet(1).state_dict(), str(checkpoint / "model.safetensors"))
+    saved_args = {"num_channels": None, "model_preset": None, "model_config_name_or_path": "unet.json"}
+    assert model_mismatch(str(checkpoint), small_unet(1).state_dict(), saved_args, saved_args) is None
+    message = model_mismatch(
+        str(checkpoint), small_unet(3).state_dict(), saved_args, {**saved_args, "num_channels": 3}
+    )
+    assert message == (
+        f"{checkpoint} holds a model of another shape than this run's: it was written with --num_channels 1 (this "
+        "run: --num_channels 3). Resume with the flags of the run that wrote it, or train this model in a new "
+        "--output_dir (or start over with --overwrite_output_dir)."
+    )
+    # The same flags, another model: the config file changed in place; the parameters are named instead.
+    message = model_mismatch(str(checkpoint), small_unet(1, (8, 24)).state_dict(), saved_args, saved_args)
+    assert "its parameters differ: " in message and " is [16] there, [24] here" in message
+    assert "(has unet.json changed since?)" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--num_channels", "3"], "--num_channels 1 (this run: --num_channels 3)"),
+        (["--variance_type", "learned_range"], "--variance_type fixed_small (this run: --variance_type learned_range)"),
+        (["--model_config_name_or_path", "wide.json"], "--model_config_name_or_path unet.json (this run: "
+         "--model_config_name_or_path wide.json)"),
+    ],
+)  # fmt: skip
+def test_resuming_a_checkpoint_of_another_model_names_the_flag_and_loads_nothing(
+    workdir, one_channel_run, flags, named
+):
+    (workdir / "wide.json").write_text(json.dumps({**SMALL_UNET, "block_out_channels": [8, 24]}))
+    before = {path: path.read_bytes() for path in (one_channel_run / "checkpoint-2").iterdir()}
+    args = [*CHECKPOINTED_RUN, "--max_train_steps", "4", "--output_dir", str(one_channel_run)]
+    result = run_training(workdir, [*args, "--resume_from_checkpoint", "latest", *flags], processes=0, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_line(result) == (
+        f"train_ddpm.py: error: {one_channel_run / 'checkpoint-2'} holds a model of another shape than this run's: it "
+        f"was written with {named}. Resume with the flags of the run that wrote it, or train this model in a new "
+        "--output_dir (or start over with --overwrite_output_dir)."
+    )
+    assert {path: path.read_bytes() for path in (one_channel_run / "checkpoint-2").iterdir()} == before
+    assert sorted(path.name for path in one_channel_run.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+# 2. Numeric flags out of range ---------------------------------------------------------------------------------------
+def numeric_actions(parser) -> list:
+    return [action for action in parser._actions if action.type in (int, float)]
+
+
+SCRIPTS = {
+    "train_ddpm.py": (make_parser, FLAG_RANGES),
+    "evaluate_ddpm.py": (lambda: HfArgumentParser(evaluate_ddpm.EvaluationArguments), evaluate_ddpm.EVALUATION_RANGES),
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_numeric_flag_of_both_scripts_has_a_range(script):
+    make, ranges = SCRIPTS[script]
+    actions = numeric_actions(make())
+    assert len(actions) >= (30 if script == "train_ddpm.py" else 8)  # the enumeration sees the flags
+    assert [action.dest for action in actions if action.dest not in ranges] == []
+    assert sorted(set(ranges) - {action.dest for action in actions}) == []  # no entry for a flag that is gone
+
+
+def out_of_range_values(bounds) -> list[float]:
+    low, high, _, _ = bounds
+    return [
+        value for value in (None if low is None else low - 1, None if high is None else high + 1) if value is not None
+    ]
+
+
+TRAIN_CASES = [
+    (action.dest, value, action.type)
+    for action in numeric_actions(make_parser())
+    for value in out_of_range_values(FLAG_RANGES[action.dest])
+]
+
+
+@pytest.mark.parametrize("name, value, kind", TRAIN_CASES, ids=[f"{case[0]}={case[1]}" for case in TRAIN_CASES])
+def test_each_numeric_training_flag_out_of_range_exits_2_naming_it(name, value, kind, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([f"--{name}", str(kind(value))])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"train_ddpm.py: error: --{name} ") or error.startswith(
+        f"train_ddpm.py: error: argument --{name}"
+    )
+
+
+def test_a_channel_count_out_of_the_choices_in_a_config_file_is_refused(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_channels: 2\n")  # a file skips argparse's choices
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([str(config)])
+    assert exit_info.value.code == 2
+    assert (
+        "train_ddpm.py: error: --num_channels 2 is not one of 1 (grayscale), 3 (RGB), 4 (RGBA)."
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("train_ddpm.py", ["--train_batch_size", "0"], "--train_batch_size 0 is out of range: it must be > 0."),
+        ("train_ddpm.py", ["--adam_beta1", "1.5"], "--adam_beta1 1.5 is out of range: it must be in [0, 1)."),
+        ("train_ddpm.py", ["--ddpm_num_steps", "0"], "--ddpm_num_steps 0 is out of range: it must be > 0."),
+        ("train_ddpm.py", ["--preprocessing_num_workers", "0"], "--preprocessing_num_workers 0 is out of range: it must be > 0."),
+        ("evaluate_ddpm.py", ["--pipeline", "missing", "--batch_size", "0"], "--batch_size 0 is out of range: it must be > 0."),
+    ],
+)  # fmt: skip
+def test_a_flag_out_of_range_stops_the_script_at_once_with_one_line(workdir, script, flags, message):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(REPO / script), *flags, "--output_dir", "never"], cwd=workdir,
+                            env=_env(workdir), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_line(result) == f"{script}: error: {message}"
+    assert time.monotonic() - started < 60 and not (workdir / "never").exists()
