@@ -328,6 +328,14 @@ def test_a_channel_count_out_of_the_choices_in_a_config_file_is_refused(tmp_path
         "train_ddpm.py: error: --num_channels 2 is not one of 1 (grayscale), 3 (RGB), 4 (RGBA)."
         in capsys.readouterr().err
     )
+    config.write_text("pipeline: ddpm-output\nnum_channels: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_ddpm.parse_args([str(config)])
+    assert exit_info.value.code == 2
+    assert (
+        "evaluate_ddpm.py: error: --num_channels 2 is not one of 1 (grayscale), 3 (RGB), 4 (RGBA)."
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow
