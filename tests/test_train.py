@@ -399,6 +399,7 @@ def test_two_cpu_processes_end_identical_and_only_rank_0_writes(workdir, digits_
         "samples.png",
         "samples/step-4.png",
         "scheduler/scheduler_config.json",
+        "training_data.json",
     ]
     expected += ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
     assert [f for f in files if not f.startswith("logs/")] == sorted(expected)
