@@ -58,11 +58,14 @@ def connections(monkeypatch) -> list:
 
 # Tests in a fresh process -------------------------------------------------------------------------------------------
 # `accelerate` keeps one process-wide state (devices, mixed precision, the process group) that an `Accelerator` creates
-# and nothing public resets. A test marked `fresh_process` never runs in the pytest process: the marked tests of a
-# module run together in one new pytest process (one process per module keeps the cost of the imports to one), and
-# their reports come back here through pytest's report hooks. The pytest process itself never holds accelerate state.
+# and nothing public resets. A test marked `fresh_process` never runs in the pytest process: all the selected marked
+# tests run together in one new pytest process, and their reports come back here through pytest's report hooks. The
+# pytest process itself never holds accelerate state. One process for all (not one per module, as before) because the
+# imports cost about 8 s a process and the tests themselves under a second each; they can share it because every
+# Accelerator they build has one configuration (CPU, no mixed precision). A test that needs another runs the script in
+# a subprocess, as the launcher tests do.
 FRESH_PROCESS_REPORTS = "DDPM_TESTS_FRESH_PROCESS_REPORTS"  # set in the child: where it writes its reports
-FRESH_PROCESS_TIMEOUT = 900  # a safety net only: the slowest group (test_train.py's) takes about a minute
+FRESH_PROCESS_TIMEOUT = 900  # a safety net only: all of them (slow ones too) take about 50 s
 
 
 _fresh_reports_key = pytest.StashKey[dict]()
@@ -81,8 +84,8 @@ def _in_child() -> bool:
 
 
 def _run_group_in_fresh_process(item: pytest.Item) -> dict[str, list]:
-    """Run the selected `fresh_process` tests of `item`'s module in one new pytest process; their reports by nodeid."""
-    group = [i.nodeid for i in item.session.items if i.path == item.path and i.get_closest_marker("fresh_process")]
+    """Run the session's selected `fresh_process` tests in one new pytest process; their reports by nodeid."""
+    group = [i.nodeid for i in item.session.items if i.get_closest_marker("fresh_process")]
     folder = Path(tempfile.mkdtemp(prefix="ddpm-fresh-process-"))
     reports_file = folder / "reports.jsonl"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(folder / "tmp")]
@@ -122,10 +125,10 @@ def pytest_runtest_protocol(item, nextitem):
     if _in_child() or item.get_closest_marker("fresh_process") is None:
         return None
     cache = item.config.stash[_fresh_reports_key]
-    if item.path not in cache:
-        cache[item.path] = _run_group_in_fresh_process(item)
+    if "all" not in cache:
+        cache["all"] = _run_group_in_fresh_process(item)
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for report in cache[item.path][item.nodeid]:
+    for report in cache["all"][item.nodeid]:
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
