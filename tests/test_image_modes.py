@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,33 @@ def test_palette_1_bit_la_and_cmyk_images_are_converted_by_pil(tmp_path):
     assert pixels[1, :, 0, :].tolist() == [[255, 0, 255, 0, 255, 0]] * 3
     assert (pixels[2] == 255).all()  # fully transparent gray: white
     np.testing.assert_array_equal(pixels[3].numpy(), np.asarray(cmyk.convert("RGB")).transpose(2, 0, 1))
+
+
+def write_48_bit_png(path: Path, values: np.ndarray) -> None:
+    """A (H, W, 3) uint16 array as a 48-bit RGB PNG, written by hand (PIL writes no 16-bit colour PNG)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = values.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def test_48_bit_rgb_is_read_at_8_bits_and_refused_with_preserve_input_precision(tmp_path):
+    values = np.linspace(300, 65000, 6 * 6 * 3).round().astype(np.uint16).reshape(6, 6, 3)
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    write_48_bit_png(folder / "a.png", values)
+    with Image.open(folder / "a.png") as image:
+        assert image.mode == "RGB"  # PIL's own reading: 8 bits a channel
+    pixels = cached(folder, tmp_path, channels=3)
+    np.testing.assert_array_equal(pixels[0].numpy(), (values >> 8).astype(np.uint8).transpose(2, 0, 1))
+    with pytest.raises(ImageDataError, match=r"'.*a.png' \(row 0\) has 16 bits per colour channel \(RGB\)"):
+        cached(folder, tmp_path / "again", channels=3, preserve_input_precision=True)
 
 
 # sRGB's primaries adapted to D50 (the ICC connection space), X, Y, Z each.

@@ -17,7 +17,9 @@ Channels. The channel count of a run follows the data (`decide_channels`, from a
 Bit depth. 16-bit images ("I;16", "I;16L", "I;16B", "I;16N", and "I" with values in 0..65535) are scaled to 8 bits as
 `round(value * 255 / 65535)` (PIL's own `convert` clips them to 255: a white image). With `preserve_input_precision`
 the cache keeps 16 bits: 16-bit images as they are, 8-bit ones times 257 (255 -> 65535). Float images ("F") have no
-agreed range and are refused, with an error that names the file and the mode.
+agreed range and are refused, with an error that names the file and the mode. Colour images of 16 bits a channel
+(48-bit RGB, 64-bit RGBA) are decoded by PIL to 8 bits a channel (the high byte); with `preserve_input_precision` they
+are refused, naming the file, rather than kept silently at 8 bits.
 """
 
 from __future__ import annotations
@@ -41,6 +43,23 @@ CHANNEL_CHOICES = (1, 3, 4)
 # How many images `decide_channels` looks at: the first ones, read lazily (only their headers are decoded).
 CHANNEL_SAMPLE_SIZE = 64
 MAX_16_BIT = 65535
+
+
+def is_16_bit_colour(image: Image.Image) -> bool:
+    """Whether an opened, not yet loaded, RGB/RGBA image stores 16 bits a channel (48- or 64-bit PNG or TIFF), which
+    PIL decodes to 8 (the high byte): its tiles' raw modes say so until `load()` forgets them."""
+    raw_modes = [str(tile.args if not isinstance(tile.args, tuple) else tile.args[0]) for tile in image.tile or []]
+    return image.mode in ("RGB", "RGBA") and any(";16" in raw_mode for raw_mode in raw_modes)
+
+
+def refuse_lost_precision(image: Image.Image, preserve_input_precision: bool, where: str) -> None:
+    """With `preserve_input_precision`, a colour image of 16 bits a channel is refused: PIL would keep 8 of them."""
+    if preserve_input_precision and is_16_bit_colour(image):
+        raise ImageDataError(
+            f"The image {where} has 16 bits per colour channel ({image.mode}), which PIL reads as 8 bits, so "
+            "--preserve_input_precision cannot keep them: it keeps 16 bits for grayscale images (modes I;16 and I). "
+            "Convert the images to 16-bit grayscale, or run without --preserve_input_precision (8 bits a channel)."
+        )
 
 
 def natural_channels(mode: str) -> int:

@@ -22,6 +22,7 @@ from training.image_modes import (
     CONVERSION_VERSION,
     MAX_16_BIT,
     decide_channels,
+    refuse_lost_precision,
     to_cache_array,
     to_cache_mode,
 )
@@ -39,8 +40,11 @@ def _decode_image(value: dict[str, Any], row: int, channels: int, preserve_input
     where = f"'{path}' (row {row})" if path else f"at row {row}"
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            refuse_lost_precision(image, preserve_input_precision, where)  # before load(), which forgets the depth
             image.load()
             return to_cache_mode(image, channels, preserve_input_precision, where)
+    except ImageDataError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDataError(
             f"Cannot decode the image {where}: {error}. Remove or fix that file, then run again."
