@@ -38,7 +38,7 @@ from diffusers.optimization import get_scheduler
 
 from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
 from pipelines import DDPMPaperPipeline, DiskFullError, ModelCardInfo, PublishError, image_grid
-from pipelines.disk_space import first_line, is_disk_full
+from pipelines.disk_space import first_line, format_bytes, free_bytes, is_disk_full
 from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
 from training.checkpointing import (
@@ -682,6 +682,19 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
         PublishError,
     ) as error:
         raise SystemExit(f"train_ddpm.py: error: {redact(str(error))}") from error
+    except Exception as error:  # a disk filled anywhere else: the datasets cache, the logs, a tracker
+        if not is_disk_full(error):
+            raise
+        folders = {
+            "the datasets cache": args.cache_dir or datasets.config.HF_DATASETS_CACHE,
+            "--output_dir": args.output_dir,
+        }
+        free = ", ".join(f"{name} '{folder}' {format_bytes(free_bytes(folder))}" for name, folder in folders.items())
+        message = (
+            f"A disk is full: {first_line(error)}. Free now: {free}. Free space there (or set --cache_dir / "
+            f"--output_dir to a disk with room), then run again. {intact_checkpoint_sentence(args.output_dir)}"
+        )
+        raise SystemExit(f"train_ddpm.py: error: {redact(message)}") from error
     finally:
         release_output_locks()
 

@@ -180,6 +180,20 @@ def test_a_full_disk_at_a_checkpoint_names_the_disk_the_need_and_the_intact_chec
 
 
 @pytest.mark.slow
+def test_a_full_disk_under_the_datasets_cache_names_it_and_its_free_space(workdir, small_disk):
+    cache = small_disk(128)  # 300 images of 3x16x16 need 230 KB in the pixel cache
+    save_images(workdir / "many", count=300, seed=3)
+    output = workdir / "cache-full-out"
+    result = run_training(workdir, [*TINY_RUN, "--resolution", "16", "--train_data_dir", "many", "--output_dir",
+                                    str(output)], processes=0, check=False, env={"HF_DATASETS_CACHE": str(cache)})  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith("train_ddpm.py: error: A disk is full: OSError: [Errno 28] No space left on device")
+    assert f"Free now: the datasets cache '{cache}' 0 bytes, --output_dir '{output}' " in line
+    assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
+
+
+@pytest.mark.slow
 def test_a_full_disk_at_the_first_checkpoint_estimates_the_need_and_says_none_is_intact(workdir, small_disk, sizes):
     output = small_disk(sizes[0] // 2) / "run"
     result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
