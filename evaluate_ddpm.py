@@ -33,6 +33,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import datasets
 import numpy as np
 import PIL.Image
 import torch
@@ -46,6 +47,7 @@ from evaluation.features import FeatureExtractorUnavailableError
 from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, model_range_and_bits, stream_generators
 from pipelines import DDPMPaperPipeline, model_range_to_unit
 from pipelines.atomic_folder import INDEX_NAME
+from pipelines.disk_space import first_line, format_bytes, free_bytes, is_disk_full
 from pipelines.export import TRAINING_DATA_FILE, read_training_data
 from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
@@ -456,6 +458,16 @@ def main(argv: list[str] | None = None) -> dict:
         ImageDataError,
     ) as error:  # expected failures: one line, as train_ddpm.py ends them
         raise SystemExit(f"evaluate_ddpm.py: error: {redact(str(error))}") from error
+    except Exception as error:  # a disk filled: the metrics and plots, or the datasets cache
+        if not is_disk_full(error):
+            raise
+        folders = {
+            "--output_dir": args.output_dir,
+            "the datasets cache": args.cache_dir or datasets.config.HF_DATASETS_CACHE,
+        }
+        free = ", ".join(f"{name} '{folder}' {format_bytes(free_bytes(folder))}" for name, folder in folders.items())
+        message = f"A disk is full: {first_line(error)}. Free now: {free}. Free space there, then run again."
+        raise SystemExit(f"evaluate_ddpm.py: error: {redact(message)}") from error
 
 
 def evaluate_pipeline(args: EvaluationArguments) -> dict:

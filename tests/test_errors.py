@@ -193,6 +193,19 @@ def test_a_full_disk_under_the_datasets_cache_names_it_and_its_free_space(workdi
     assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
 
 
+@pytest.mark.fresh_process  # evaluate_ddpm.main builds an Accelerator
+def test_a_full_disk_under_the_evaluation_output_names_it(tmp_path, small_disk):
+    from test_eval_metadata import SMALL_EVAL, export
+
+    pipeline = export(tmp_path / "export", channels=1)
+    output = small_disk(16) / "evaluation"  # the plots need more than 16 KB
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_ddpm.main(["--pipeline", str(pipeline), "--output_dir", str(output), *SMALL_EVAL])
+    message = str(exit_info.value)
+    assert message.startswith("evaluate_ddpm.py: error: A disk is full: ") and "No space left on device" in message
+    assert f"Free now: --output_dir '{output}' " in message and message.endswith("Free space there, then run again.")
+
+
 @pytest.mark.slow
 def test_a_full_disk_at_the_first_checkpoint_estimates_the_need_and_says_none_is_intact(workdir, small_disk, sizes):
     output = small_disk(sizes[0] // 2) / "run"
