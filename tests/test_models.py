@@ -111,8 +111,32 @@ def test_config_of_another_class_or_missing_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="UNet2DConditionModel, not UNet2DModel"):
         build_unet(None, str(tmp_path), resolution=8, in_channels=1)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither config.json nor unet/config.json"):
+    with pytest.raises(ModelConfigUnavailableError, match="neither config.json nor unet/config.json"):
         build_unet(None, str(tmp_path / "empty"), resolution=8, in_channels=1)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("list.json", "[1, 2]", "holds a JSON list, not an object of UNet2DModel settings"),
+        ("broken.json", "{bad", "cannot read '.*broken.json' as a JSON config \\(Expecting property name"),
+        ("latin1.json", b'{"a": "\xe9"}', "cannot read '.*latin1.json' as a JSON config"),
+        ("missing.json", None, "'.*missing.json': no such file or folder"),
+        ("a/b/c", None, "'.*a/b/c': no such file or folder"),
+    ],
+)
+def test_unreadable_or_missing_config_fails_naming_it(tmp_path, monkeypatch, connections, name, content, message):
+    """A config that is not a JSON object, or a local path that does not exist (absolute or relative), is one
+    ModelConfigUnavailableError naming the file, without asking the Hub (train_ddpm.py ends it in one line)."""
+    monkeypatch.chdir(tmp_path)
+    if isinstance(content, str):
+        (tmp_path / name).write_text(content)
+    elif content is not None:
+        (tmp_path / name).write_bytes(content)
+    for path in (name, str(tmp_path / name)):
+        with pytest.raises(ModelConfigUnavailableError, match=message):
+            build_unet(None, path, resolution=8, in_channels=1)
+    assert connections == []
 
 
 def test_uncached_hub_config_offline_fails_fast_naming_it(monkeypatch, tmp_path, connections):

@@ -13,12 +13,14 @@ The same keys work in one JSON or YAML file: `train_ddpm.py config.yaml`.
 from __future__ import annotations
 
 import dataclasses
-import os
+import difflib
+import json
 import sys
 from argparse import ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import yaml
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
@@ -429,6 +431,10 @@ def parse_flags_or_file(parser: HfArgumentParser, argv: list[str] | None = None)
     The dataclasses of `parser` from the flags in `argv` (`sys.argv[1:]` by default), or from a single JSON or YAML
     file with the same keys (`train_ddpm.py config.yaml`, `evaluate_ddpm.py evaluation.json`).
 
+    A file's keys become flags (`learning_rate: 1e-4` is `--learning_rate=1e-4`), so its values are checked exactly
+    as on the command line (types, choices); a file that cannot be read, is not a mapping, or has an unknown key
+    exits with status 2 and one line that names the file (and the key meant, for a misspelled one).
+
     Args:
         parser (`transformers.HfArgumentParser`): The parser of the script's argument dataclasses.
         argv (`list[str]`, *optional*): The arguments; `sys.argv[1:]` when `None`.
@@ -437,11 +443,63 @@ def parse_flags_or_file(parser: HfArgumentParser, argv: list[str] | None = None)
         `tuple`: One instance of each of the parser's dataclasses.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
-        if argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0])
-        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(CONFIG_FILE_SUFFIXES):
+        path = argv[0]
+        report = parser.error
+        parser.error = lambda message: report(f"{path}: {message}")
+        argv = flags_of_file(parser, path)
     return parse_strictly(parser, argv)  # no abbreviated flags, and no token in an error message
+
+
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def flags_of_file(parser: HfArgumentParser, path: str) -> list[str]:
+    """The flags that the JSON or YAML file at `path` holds, as command-line arguments (`parser.error` on a fault)."""
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        parser.error(f"cannot read this {kind} file of flags ({reason}).")
+    try:
+        values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        mark = getattr(error, "problem_mark", None)  # YAML's line and column; JSON's message holds its own
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        parser.error(f"not valid {kind}: {problem}{where}.")
+    values = {} if values is None else values  # an empty file: every default
+    if not isinstance(values, dict):
+        parser.error(
+            f"holds a {kind} {type(values).__name__}, not a mapping of flag names to values (e.g. "
+            "`learning_rate: 0.0001`)."
+        )
+    names = [field.name for dataclass in parser.dataclass_types for field in dataclasses.fields(dataclass)]
+    unknown = []
+    for key in (key for key in values if key not in names):
+        meant = difflib.get_close_matches(str(key).lstrip("-").replace("-", "_"), names, n=1)
+        unknown.append(f"'{key}' (did you mean {meant[0]}?)" if meant else f"'{key}'")
+    if unknown:
+        parser.error(f"unknown key(s): {', '.join(unknown)}. The keys are the flags' names, without the dashes.")
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue  # the flag's default
+        if isinstance(value, (dict, list, tuple)) and not (
+            isinstance(value, (list, tuple)) and all(not isinstance(item, (dict, list)) for item in value)
+        ):
+            parser.error(f"the value of '{key}' must be a single value or a list of values.")
+        if isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *(_flag_value(item) for item in value)]
+        else:
+            argv.append(f"--{key}={_flag_value(value)}")  # `=`: a value may start with a dash
+    return argv
+
+
+def _flag_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainingArguments:

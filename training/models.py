@@ -21,6 +21,7 @@ from diffusers import UNet2DModel
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from hub_access import work_offline
+from training.secrets import is_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -128,19 +129,40 @@ def check_resolution(
     )
 
 
+def _read_config(path: str) -> dict[str, Any]:
+    """A UNet2DModel config file: a JSON object, or `ModelConfigUnavailableError` naming the file and the fault."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ModelConfigUnavailableError(
+            f"--model_config_name_or_path: cannot read '{path}' as a JSON config ({reason})."
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelConfigUnavailableError(
+            f"--model_config_name_or_path: '{path}' holds a JSON {type(config).__name__}, not an object of "
+            "UNet2DModel settings (as UNet2DModel.save_config writes)."
+        )
+    return config
+
+
 def _load_unet_config(name_or_path: str, cache_dir: str | None) -> dict[str, Any]:
     if os.path.isfile(name_or_path):
-        with open(name_or_path, encoding="utf-8") as file:
-            return json.load(file)
+        return _read_config(name_or_path)
     if os.path.isdir(name_or_path):
         for candidate in ("config.json", os.path.join("unet", "config.json")):
             path = os.path.join(name_or_path, candidate)
             if os.path.isfile(path):
-                with open(path, encoding="utf-8") as file:
-                    return json.load(file)
-        raise FileNotFoundError(
+                return _read_config(path)
+        raise ModelConfigUnavailableError(
             f"Found neither config.json nor unet/config.json in the folder '{name_or_path}'. Pass a UNet2DModel config "
             "file, a folder saved by UNet2DModel.save_pretrained, or a pipeline folder."
+        )
+    if is_local_path(name_or_path) or name_or_path.endswith(".json") or name_or_path.count("/") > 1:
+        raise ModelConfigUnavailableError(  # a path, not a Hub id (user/name): no need to ask the Hub
+            f"--model_config_name_or_path '{name_or_path}': no such file or folder (the working folder is "
+            f"{os.getcwd()}). Pass a UNet2DModel config.json, a model or pipeline folder, or a Hub id (user/name)."
         )
 
     offline = work_offline()
@@ -151,9 +173,10 @@ def _load_unet_config(name_or_path: str, cache_dir: str | None) -> dict[str, Any
                 name_or_path, "config.json", subfolder=subfolder, cache_dir=cache_dir, local_files_only=offline
             )
         except HFValidationError as error:
-            raise FileNotFoundError(
-                f"'{name_or_path}' is neither a local config file or folder nor a valid Hub model id ({error})."
-            ) from error
+            raise ModelConfigUnavailableError(
+                f"--model_config_name_or_path '{name_or_path}' is neither a local config file or folder nor a valid "
+                f"Hub model id ({str(error).strip().splitlines()[0]})."
+            ) from None
         except (OSError, EntryNotFoundError) as error:
             errors.append(f"{error.__class__.__name__}: {str(error).strip().splitlines()[0]}")
             continue
