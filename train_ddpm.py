@@ -39,12 +39,14 @@ from diffusers.optimization import get_scheduler
 from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
 from pipelines import DDPMPaperPipeline, DiskFullError, ModelCardInfo, PublishError, image_grid
 from pipelines.disk_space import first_line, format_bytes, free_bytes, is_disk_full
+from pipelines.export import create_hub_repo
 from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
 from training.checkpointing import (
     CheckpointError,
     TrainerState,
     changed_settings,
+    check_model_fits,
     checkpoint_path,
     intact_checkpoint_sentence,
     load_checkpoint,
@@ -69,6 +71,7 @@ from training.models import ModelConfigUnavailableError, build_unet, count_param
 from training.monitor import StepMonitor
 from training.output_lock import OutputDirLockedError, lock_output_dir, release_output_locks
 from training.pixels import PixelBatches, collate_pixel_batch, collate_pixels, images_to_model_input, load_pixels
+from training.preflight import check_output_paths, check_step_memory
 from training.secrets import known_tokens, mask_logs_and_errors, public_argv, public_dataset_name, redact, register
 from training.sync import adamw, step_unless_nonfinite
 
@@ -192,6 +195,11 @@ def command_line() -> str:
     return shlex.join(["accelerate", "launch", os.path.basename(sys.argv[0]), *argv])
 
 
+def hub_repo_id(args: TrainingArguments) -> str:
+    """The Hub repo of the exports: `--hub_model_id`, else the name of `--output_dir` (in the token's namespace)."""
+    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+
+
 def export_pipeline(
     trained: Trained,
     args: TrainingArguments,
@@ -214,7 +222,7 @@ def export_pipeline(
         num_inference_steps=args.ddpm_num_inference_steps,
         training_data=trained.training_data,
     )
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    repo_id = hub_repo_id(args)
     pipeline.save_pretrained(args.output_dir, card=card, repo_id=repo_id)
     logger.info(
         "Exported the pipeline (step %d, %s weights) to %s", step, "EMA" if trained.ema else "raw", args.output_dir
@@ -491,10 +499,15 @@ def every(period: int | None, count: int) -> bool:
 
 
 def train(args: TrainingArguments) -> TrainingOutcome:
-    # 1. Accelerator, output folder, and the evaluation's feature network (a missing one fails now, not after training)
+    # 1. Accelerator, output folder, the checkpoint to resume, the Hub repo and the evaluation's feature network:
+    #    what can fail does so now, in seconds, not after the data cache or the training
+    check_output_paths(args)
     accelerator = make_accelerator(args)
     lock_output_dir(accelerator, args.output_dir)  # one run per folder, held until `main` ends
-    prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)  # verified
+    prepare_output_dir(accelerator, args.output_dir, resume_path, args.overwrite_output_dir)
+    if args.push_to_hub and accelerator.is_main_process:  # as train_unconditional.py: the repo exists before training
+        create_hub_repo(hub_repo_id(args), private=args.hub_private_repo or None, token=args.hub_token)
     feature_extractor = None
     if args.eval_steps and args.eval_num_samples > 0:
         feature_extractor = load_feature_extractor(args.eval_feature_extractor).to(accelerator.device)
@@ -513,6 +526,9 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             )
         args = dataclasses.replace(args, num_channels=channels)
     unet, noise_scheduler = build_model(args)
+    check_step_memory(args, unet.config.block_out_channels, accelerator.device)
+    if resume_path is not None:  # a checkpoint of another model is refused before the data cache is built
+        check_model_fits(resume_path, unet.state_dict(), public_config(args))
 
     # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------
     train_dataloader, held_out, training_data = load_data(args, accelerator)
@@ -555,7 +571,6 @@ def train(args: TrainingArguments) -> TrainingOutcome:
 
     # 5. Resume: weights, optimizer, EMA, schedule, RNG states and the position in the data ----------------------------
     set_seed(args.seed, device_specific=True)  # each process draws its own noise and timesteps
-    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(args.output_dir)

@@ -339,9 +339,7 @@ def push_to_hub(
         `str`: The URL of the commit.
     """
     api = HfApi(token=token)
-    with _publish_errors(repo_id, token):
-        # The full id ("user/name" for a bare "name") goes into the card's usage snippet.
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    repo_id = create_hub_repo(repo_id, private=private, token=token)  # the full id goes into the card's snippet
     with tempfile.TemporaryDirectory() as folder:
         save_stock_pipeline(pipeline, folder, card=card, repo_id=repo_id, **kwargs)
         with _publish_errors(repo_id, token):
@@ -352,6 +350,16 @@ def push_to_hub(
                 create_pr=create_pr,
             )
     return commit.commit_url
+
+
+def create_hub_repo(repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """
+    Creates the Hub model repo `repo_id` if missing (an existing one is kept as it is) and returns its full id
+    (`user/name` for a bare `name`). train_ddpm.py calls it before training, as train_unconditional.py does, so that
+    no token, no write access or no network fails in seconds rather than after the run. Raises [`PublishError`].
+    """
+    with _publish_errors(repo_id, token):
+        return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
 
 
 @contextlib.contextmanager

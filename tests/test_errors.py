@@ -291,6 +291,7 @@ def test_resuming_a_checkpoint_of_another_model_names_the_flag_and_loads_nothing
     args = [*CHECKPOINTED_RUN, "--max_train_steps", "4", "--output_dir", str(one_channel_run)]
     result = run_training(workdir, [*args, "--resume_from_checkpoint", "latest", *flags], processes=0, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Data:" not in result.stderr  # refused from the header before the data cache is built
     assert last_line(result) == (
         f"train_ddpm.py: error: {one_channel_run / 'checkpoint-2'} holds a model of another shape than this run's: it "
         f"was written with {named}. Resume with the flags of the run that wrote it, or train this model in a new "

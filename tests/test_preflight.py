@@ -2,14 +2,34 @@
 memory one step needs, the Hub repo of --push_to_hub and the checkpoint to resume. Each fault ends in one line that
 names it and says what to do, and leaves nothing behind."""
 
+import dataclasses
 import json
+import re
+import shutil
+from pathlib import Path
 
+import psutil
 import pytest
+import torch
+from test_train import FAST, SMALL_UNET, run_training
 
 import evaluate_ddpm
-from training.args import parse_args
+from training.args import ArgumentError, parse_args, public_config
+from training.checkpointing import CheckpointError, check_fresh_start, resolve_resume_checkpoint
+from training.preflight import check_output_paths, check_step_memory, device_memory
 
 TOKEN = "hf_" + "Q" * 34
+TINY_RUN = [
+    "--model_config_name_or_path",
+    "unet.json",
+    "--resolution",
+    "8",
+    "--train_batch_size",
+    "4",
+    "--max_train_steps",
+    "2",
+    *FAST,
+]
 
 
 def parse_error(capsys, parse, argv) -> str:
@@ -69,3 +89,164 @@ def test_a_token_in_a_file_of_flags_never_reaches_an_error(tmp_path, capsys):
     path.write_text(f"hub_token: {TOKEN}\nnum_epochs: many\n")
     line = parse_error(capsys, parse_args, [str(path)])
     assert "invalid int value: 'many'" in line and TOKEN not in capsys.readouterr().err
+
+
+# Tokens in the wrong flag ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--hub_model_id", f"me/{TOKEN}"],
+        ["--hub_model_id", TOKEN],
+        ["--output_dir", f"runs/{TOKEN}"],
+        ["--dataset_name", TOKEN, "--hub_token", TOKEN],
+    ],
+    ids=["in-a-repo-id", "as-a-repo-id", "in-a-path", "also-given-as-token"],
+)
+def test_a_token_in_a_flag_that_is_published_is_refused_without_showing_it(capsys, flags):
+    """A repo id is a public name, and paths and settings go into the card: a token there is refused, naming the
+    flag, never the value (was pushed to a repo named by it, and masked only in some places)."""
+    line = parse_error(capsys, parse_args, flags)
+    assert f"{flags[0]} holds what looks like a Hub access token (not shown)" in line
+    assert TOKEN not in capsys.readouterr().err + line
+
+
+def test_a_known_token_in_another_flag_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "my-own-secret-value")
+    line = parse_error(capsys, parse_args, ["--hub_model_id", "me/my-own-secret-value"])
+    assert "--hub_model_id holds what looks like a Hub access token" in line and "my-own-secret" not in line
+    assert parse_args(["--hub_model_id", "me/model", "--hub_token", TOKEN]).hub_model_id == "me/model"
+
+
+# The output folder -----------------------------------------------------------------------------------------------------
+def test_an_absolute_logging_dir_is_published_by_its_base_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path.parent / "elsewhere-logs"
+    config = public_config(parse_args(["--logging_dir", str(elsewhere)]))
+    assert config["logging_dir"] == "elsewhere-logs"
+    assert public_config(parse_args(["--logging_dir", str(tmp_path / "a" / "logs")]))["logging_dir"] == "a/logs"
+    assert public_config(parse_args([]))["logging_dir"] == "logs"
+
+
+def test_files_in_the_way_of_the_output_folders_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("x")
+    cases = {
+        ("--output_dir", "afile"): "--output_dir 'afile' is a file, not a folder",
+        ("--output_dir", "afile/run"): "--output_dir 'afile/run' lies under '{}', which is a file".format(
+            tmp_path / "afile"
+        ),
+        ("--logging_dir", str(tmp_path / "afile")): "--logging_dir 'ddpm-output/../afile' is a file",
+    }
+    cases[("--logging_dir", str(tmp_path / "afile"))] = f"--logging_dir '{tmp_path / 'afile'}' is a file"
+    for (flag, value), message in cases.items():
+        with pytest.raises(ArgumentError, match=re.escape(message)):
+            check_output_paths(parse_args([flag, value]))
+    check_output_paths(parse_args(["--output_dir", "new/run"]))
+    assert not Path("new").exists()  # a check writes nothing
+
+
+@pytest.mark.parametrize("output", ["images", "images/out", "images/sub/../out"])
+def test_an_output_folder_inside_the_training_images_is_refused(tmp_path, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    Path("images").mkdir()
+    for flags in (["--train_data_dir", "images"], ["--dataset_name", "./images"]):
+        with pytest.raises(ArgumentError, match="lies inside the training images"):
+            check_output_paths(parse_args([*flags, "--output_dir", output]))
+    Path("images-2").mkdir()  # a sibling whose name starts the same is not inside
+    check_output_paths(parse_args(["--train_data_dir", "images", "--output_dir", "images-2"]))
+    Path("link").symlink_to("images")
+    with pytest.raises(ArgumentError, match="lies inside the training images"):
+        check_output_paths(parse_args(["--train_data_dir", "link", "--output_dir", "images/out"]))
+
+
+@pytest.mark.parametrize(
+    "entries, what",
+    [
+        (["model_index.json", "unet", "scheduler", "README.md"], "the export of an earlier run"),
+        (["README.md"], "files that this run's export would replace (README.md)"),
+        (["training_data.json"], "files that this run's export would replace (training_data.json)"),
+    ],
+)
+def test_a_new_run_does_not_overwrite_an_earlier_export_unasked(tmp_path, entries, what):
+    """An export (or a README.md of the user's) in --output_dir without checkpoints was overwritten silently."""
+    for name in entries:
+        (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_text("mine")
+    with pytest.raises(CheckpointError, match=re.escape(what)) as error:
+        check_fresh_start(str(tmp_path))
+    assert "--overwrite_output_dir" in str(error.value)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "logs").mkdir()
+    for name in entries:
+        shutil.rmtree(tmp_path / name) if (tmp_path / name).is_dir() else (tmp_path / name).unlink()
+    check_fresh_start(str(tmp_path))  # samples and logs alone are not an export
+
+
+def test_resuming_from_a_folder_that_is_no_checkpoint_says_so(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(CheckpointError, match="'.*images' is not a checkpoint \\(a checkpoint is a folder named"):
+        resolve_resume_checkpoint(str(tmp_path / "out"), str(images))
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="is not a complete checkpoint .*probably interrupted"):
+        resolve_resume_checkpoint(str(tmp_path / "out"), "checkpoint-3")
+
+
+# Memory ----------------------------------------------------------------------------------------------------------------
+def test_a_step_that_cannot_fit_the_machine_is_refused_before_the_data(monkeypatch):
+    args = parse_args(["--resolution", "65536", "--train_batch_size", "16"])
+    with pytest.raises(ArgumentError) as error:
+        check_step_memory(args, (128, 256), torch.device("cpu"))
+    assert str(error.value).startswith(
+        "--resolution 65536 with --train_batch_size 16: one feature map of the net's first layer (16 x 128 x "
+        "65536x65536 values of 4 bytes) alone takes 35.2 TB, more than the"
+    )
+    bf16 = dataclasses.replace(args, resolution=256, mixed_precision="bf16")
+    check_step_memory(bf16, (128, 256), torch.device("cpu"))  # 268 MB: fine
+    assert device_memory(torch.device("cpu")) == psutil.virtual_memory().total
+
+
+# The whole script: faults found in seconds, nothing written --------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("preflight")
+    (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
+    (folder / "afile").write_text("x")
+    (folder / "images").mkdir()
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, env, message",
+    [
+        (["--logging_dir", "../afile"], {}, "--logging_dir 'out/../afile' is a file, not a folder"),
+        (["--push_to_hub", "--hub_model_id", "me/m"], {"HF_HUB_OFFLINE": "1"},
+         "Publishing to the Hub repo 'me/m' failed: OfflineModeIsEnabled"),
+        (["--resolution", "65536"], {}, "--resolution 65536 with --train_batch_size 4: one feature map"),
+        (["--resume_from_checkpoint", "images"], {}, "'images' is not a checkpoint"),
+    ],
+    ids=["logging-dir-is-a-file", "push-offline", "resolution-65536", "resume-from-a-file"],
+)  # fmt: skip
+def test_train_ddpm_refuses_before_any_data_or_training(workdir, flags, env, message):
+    """Each was a traceback, an OOM kill or a failure after training (the push): now one line, exit 1, before the
+    data cache is built, and the output folder is left as it was (here: not there)."""
+    args = [*TINY_RUN, "--output_dir", "out", *flags]
+    result = run_training(workdir, args, processes=0, check=False, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert "Data:" not in result.stderr and "Training" not in result.stderr
+    assert not (workdir / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_users_readme_in_the_output_folder_is_kept(workdir):
+    out = workdir / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    result = run_training(workdir, [*TINY_RUN, "--output_dir", "mine"], processes=0, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "holds files that this run's export would replace (README.md)" in result.stderr.splitlines()[-1]
+    assert sorted(path.name for path in out.iterdir()) == ["README.md"]
+    assert (out / "README.md").read_text() == "my notes"
+    run_training(workdir, [*TINY_RUN, "--output_dir", "mine", "--overwrite_output_dir"], processes=0)
+    assert (out / "model_index.json").is_file() and (out / "README.md").read_text() != "my notes"

@@ -28,7 +28,14 @@ from schedulers import BETA_SCHEDULES, VARIANCE_TYPES
 from training import flag_ranges
 from training.losses import LOSS_TYPES, check_objective
 from training.models import MODEL_PRESETS
-from training.secrets import known_tokens, parse_strictly, public_path, redact_values
+from training.secrets import (
+    flags_holding_tokens,
+    known_tokens,
+    parse_strictly,
+    public_path,
+    redact_values,
+    token_in_flags_message,
+)
 
 # The names of `evaluation.FEATURE_EXTRACTORS`, as plain argparse choices: training/ does not import evaluation/
 # (tests/test_evaluate_cli.py keeps the two equal).
@@ -346,6 +353,9 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
     Raises:
         `ArgumentError`: conflicting or out-of-range flags, with what to do.
     """
+    holding = flags_holding_tokens(dataclasses.asdict(args), allowed=("hub_token",))
+    if holding:
+        raise ArgumentError(token_in_flags_message(holding))
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ArgumentError("Pass either --dataset_name or --train_data_dir, not both.")
     if args.model_preset is not None and args.model_config_name_or_path is not None:
@@ -524,7 +534,14 @@ def public_config(args: TrainingArguments) -> dict[str, Any]:
     config = dataclasses.asdict(args)
     config.pop("hub_token")
     config.pop("local_rank")
-    for name in ("output_dir", "train_data_dir", "dataset_name", "cache_dir", "model_config_name_or_path"):
+    for name in (
+        "output_dir",
+        "logging_dir",
+        "train_data_dir",
+        "dataset_name",
+        "cache_dir",
+        "model_config_name_or_path",
+    ):
         config[name] = public_path(config[name])
     if config["resume_from_checkpoint"] != "latest":
         config["resume_from_checkpoint"] = public_path(config["resume_from_checkpoint"])

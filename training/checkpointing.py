@@ -42,8 +42,9 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipelines.atomic_folder import fsync_dir, fsync_tree
+from pipelines.atomic_folder import INDEX_NAME, fsync_dir, fsync_tree
 from pipelines.disk_space import folder_bytes, format_bytes, free_bytes, is_disk_full
+from pipelines.export import TRAINING_DATA_FILE
 from training.checkpoint_fit import model_mismatch
 from training.data import held_out_images
 from training.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
@@ -312,15 +313,22 @@ def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
     return removed
 
 
+EXPORT_ENTRIES = (INDEX_NAME, "README.md", TRAINING_DATA_FILE, "unet", "scheduler")
+"""What an export writes at the top of --output_dir (`pipelines.export`), replacing what is there."""
+
+
 def check_fresh_start(output_dir: str) -> None:
     r"""
-    Refuse to start a new run in `output_dir` while it holds complete checkpoints of an earlier run.
+    Refuse to start a new run in `output_dir` while it holds complete checkpoints of an earlier run, or files that
+    the export at its end would replace (an earlier run's export, or a README.md of the user's).
 
     The two runs would mix: `--checkpoints_total_limit` keeps the highest steps, so the new run's first checkpoints
     would be deleted as soon as written, and a later `--resume_from_checkpoint latest` would continue the old run.
+    An export is the only copy of a model whose checkpoints were deleted: it is not overwritten unasked.
 
     Raises:
-        `CheckpointError`: `output_dir` holds complete checkpoints; the message says how to continue or start over.
+        `CheckpointError`: `output_dir` holds complete checkpoints or export files; the message says how to continue
+            or start over.
     """
     checkpoints = find_checkpoints(output_dir)
     if checkpoints:
@@ -331,16 +339,22 @@ def check_fresh_start(output_dir: str) -> None:
             "latest to continue that run, --overwrite_output_dir to remove its checkpoints and start over, or "
             "another --output_dir."
         )
+    found = [name for name in EXPORT_ENTRIES if os.path.lexists(os.path.join(output_dir, name))]
+    if found:
+        what = "the export of an earlier run" if INDEX_NAME in found else "files that this run's export would replace"
+        raise CheckpointError(
+            f"'{output_dir}' holds {what} ({', '.join(found)}) and no checkpoint to resume: a new run would overwrite "
+            "them when it exports. Pass --overwrite_output_dir to replace them, or another --output_dir."
+        )
 
 
-def prepare_output_dir(
-    accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None, overwrite: bool
-) -> None:
+def prepare_output_dir(accelerator: Accelerator, output_dir: str, resume_path: str | None, overwrite: bool) -> None:
     """
-    Before a new run (no --resume_from_checkpoint): remove the checkpoints of an earlier run in `output_dir` if
-    `overwrite` (--overwrite_output_dir), else refuse to mix with them (`check_fresh_start`).
+    Before a new run (`resume_path` is None: no --resume_from_checkpoint, or `latest` found no checkpoint): remove
+    the checkpoints of an earlier run in `output_dir` if `overwrite` (--overwrite_output_dir; its export is replaced
+    when this run exports), else refuse to mix with them or to overwrite its export (`check_fresh_start`).
     """
-    if resume_from_checkpoint is not None:
+    if resume_path is not None:
         return
     if overwrite:
         if accelerator.is_main_process:
@@ -348,6 +362,19 @@ def prepare_output_dir(
         accelerator.wait_for_everyone()
     else:
         check_fresh_start(output_dir)
+
+
+def check_model_fits(path: str, model: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """
+    Refuse to resume from the checkpoint at `path` into a model of other shapes (`model`, a state dict), naming the
+    flags of `config` (the resuming run's public flags) that differ; only the safetensors header is read.
+
+    Raises:
+        `CheckpointError`: the message of `training.checkpoint_fit.model_mismatch`.
+    """
+    mismatch = model_mismatch(path, model, _read_trainer_state(path).training_args, config)
+    if mismatch is not None:
+        raise CheckpointError(mismatch)
 
 
 def changed_settings(saved: TrainerState, config: dict[str, Any], num_processes: int) -> list[str]:
@@ -424,11 +451,15 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     candidates = [resume_from_checkpoint, os.path.join(output_dir, os.path.basename(resume_from_checkpoint))]
     for path in candidates:
         if os.path.isdir(path):
+            if not _INCOMPLETE_RE.match(os.path.basename(os.path.normpath(path))):
+                raise CheckpointError(
+                    f"'{path}' is not a checkpoint (a checkpoint is a folder named {CHECKPOINT_PREFIX}<step> in "
+                    "--output_dir, written by train_ddpm.py). Pass one of those, or --resume_from_checkpoint latest."
+                )
             if not is_complete_checkpoint(path):
                 raise CheckpointError(
-                    f"'{path}' is not a complete checkpoint (no {TRAINER_STATE_NAME}, or not named "
-                    f"{CHECKPOINT_PREFIX}<step>); its run was probably interrupted while writing it. Resume from "
-                    "another one, or pass --resume_from_checkpoint latest."
+                    f"'{path}' is not a complete checkpoint (no {TRAINER_STATE_NAME}): its run was probably "
+                    "interrupted while writing it. Resume from another one, or pass --resume_from_checkpoint latest."
                 )
             return path
     available = [os.path.basename(path) for _, path in find_checkpoints(output_dir)]
@@ -721,10 +752,7 @@ def load_checkpoint(accelerator: Accelerator, path: str, config: dict[str, Any] 
     verify_checkpoint(path)
     state = _read_trainer_state(path)
     if accelerator._models:  # the first prepared model is `model.safetensors`
-        model = accelerator.unwrap_model(accelerator._models[0]).state_dict()
-        mismatch = model_mismatch(path, model, state.training_args, config)
-        if mismatch is not None:
-            raise CheckpointError(mismatch)
+        check_model_fits(path, accelerator.unwrap_model(accelerator._models[0]).state_dict(), config or {})
     objects = registered_checkpoint_state(accelerator)
     saved = _object_states(path, list(objects))
     ours = {"model", TRAINER_STATE_NAME.split(".")[0], MANIFEST_NAME.split(".")[0], *objects}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterable
@@ -55,6 +56,36 @@ def tokens_in_argv(argv: Iterable[str]) -> list[str]:
             elif index + 1 < len(argv):
                 found.append(argv[index + 1])
     return found
+
+
+HUB_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+"""What a Hub access token looks like (`hf_` and 34 letters and digits today)."""
+
+
+def flags_holding_tokens(values: dict[str, Any], allowed: Iterable[str] = ()) -> list[str]:
+    """
+    The names of the flags in `values` (other than `allowed`) whose string value holds a token: one that
+    `known_tokens` knows, or anything that looks like a Hub token. Such a value would be published: a repo id is a
+    public name, and paths and settings go into the model card, trackers and checkpoints.
+    """
+    tokens = known_tokens()
+    return [
+        name
+        for name, value in values.items()
+        if name not in allowed
+        and isinstance(value, str)
+        and (HUB_TOKEN_PATTERN.search(value) or any(token in value for token in tokens))
+    ]
+
+
+def token_in_flags_message(names: list[str]) -> str:
+    """The error for `flags_holding_tokens`: names the flags, never the values."""
+    flags = ", ".join(f"--{name}" for name in names)
+    return (
+        f"{flags} holds what looks like a Hub access token (not shown). Pass a token only with --hub_token, HF_TOKEN "
+        "or `hf auth login`: every other value can be published (a repo id is a public name; paths and settings go "
+        "into the model card and the logs)."
+    )
 
 
 def register(*tokens: str | None) -> list[str]:
