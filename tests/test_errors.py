@@ -5,6 +5,7 @@ one-line message that names the problem and what to do, and what is left on disk
 import errno
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -86,6 +87,50 @@ def test_an_image_whose_name_is_not_utf8_is_refused_naming_the_file(tmp_path):
         load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
     assert str(error.value).startswith(r"The image b'bad\xff.png' in --train_data_dir")
     assert "not valid UTF-8" in str(error.value) and "Rename it" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["missing-target", "loop", "in-a-split-folder"])
+def test_an_image_that_is_a_broken_link_is_refused_naming_the_link_and_its_target(tmp_path, kind):
+    folder = tmp_path / "data"
+    save_images(folder / "train" if kind == "in-a-split-folder" else folder)  # split folders: `datasets`' listing
+    link = folder / ("train/gone.png" if kind == "in-a-split-folder" else "gone.png")
+    if kind == "loop":
+        (folder / "other.png").symlink_to("gone.png")
+        link.symlink_to("other.png")
+        target, why = "other.png", "is a loop of links"
+    else:
+        link.symlink_to("/nonexistent/x.png")
+        target, why = "/nonexistent/x.png", "does not exist"
+    name = os.path.relpath(link, folder)
+    more = " (and 1 more)" if kind == "loop" else ""  # other.png is a link of the loop too
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert str(error.value) == (
+        f"The image {name!r}{more} in --train_data_dir {str(folder)!r} is a link to {target!r}, which {why}. Remove "
+        "the link or fix its target, then run again."
+    )
+    assert not (tmp_path / "cache" / "ddpm_imagefolder").exists()  # refused before anything is cached
+    link.unlink()
+    (folder / "other.png").unlink(missing_ok=True)
+    assert len(load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))) == 3
+
+
+def test_a_link_to_a_folder_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    folder, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    save_images(folder)
+    save_images(elsewhere)
+    (folder / "more").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "loop").symlink_to(".", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="training.image_folder"):
+        dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == 3  # as `datasets` loads it: the linked folders' images are not trained on
+    warnings = sorted(record.getMessage() for record in caplog.records)
+    assert warnings == [
+        f"Skipping {name!r} in --train_data_dir {str(folder)!r}: it is a link to the folder {target!r}, which "
+        "`datasets` does not follow. Move or copy the images there into the folder (or link each image) to train on "
+        "them."
+        for name, target in (("loop", "."), ("more", str(elsewhere)))
+    ]
 
 
 @pytest.mark.parametrize("content", [os.urandom(64), png_bytes()[:60]], ids=["random-bytes", "truncated"])

@@ -20,7 +20,13 @@ from datasets.exceptions import DatasetNotFoundError
 from PIL import Image
 
 from hub_access import forced_offline_mode, offline_mode_requested, work_offline
-from training.image_folder import accepted_extensions, image_files, plain_image_folder, undecodable
+from training.image_folder import (
+    accepted_extensions,
+    broken_links,
+    image_files,
+    plain_image_folder,
+    undecodable,
+)
 from training.secrets import is_local_path
 
 
@@ -107,8 +113,21 @@ def _no_images_message(folder: str) -> str:
 
 
 def _check_image_names(folder: str) -> None:
-    """Refuse a folder with an image whose path is not valid UTF-8, naming it: `datasets` cannot list it."""
-    bad = undecodable(image_files(folder))
+    r"""
+    Refuse a folder with an image whose path is not valid UTF-8, naming it: `datasets` cannot list it; or with an
+    image that is a broken link (its target missing, or a loop of links), naming the link and its target: `datasets`
+    would skip it without a word.
+    """
+    paths = image_files(folder)
+    broken = broken_links(folder, paths)
+    if broken:
+        path, target, why = broken[0]
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise ImageDataError(
+            f"The image {path!r}{more} in --train_data_dir {folder!r} is a link to {target!r}, which {why}. Remove "
+            "the link or fix its target, then run again."
+        )
+    bad = undecodable(paths)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ImageDataError(
@@ -180,7 +199,7 @@ def load_image_dataset(
             dataset = _image_folder_dataset(images, cache_dir)
             # One shard, as `datasets` streams a folder: the same examples in the same order.
             return dataset.to_iterable_dataset() if streaming else dataset
-        _check_image_names(train_data_dir)  # `datasets` would fail on a name that is not UTF-8, naming no file
+        _check_image_names(train_data_dir)  # `datasets` fails on a name that is not UTF-8, skips a broken link
         name, load_args, load_kwargs = train_data_dir, ("imagefolder",), {"data_dir": train_data_dir}
     else:
         name, load_args, load_kwargs = dataset_name, (dataset_name, dataset_config_name), {}
