@@ -164,6 +164,57 @@ def test_training_on_a_folder_with_a_non_utf8_name_exits_1_with_one_line(workdir
     assert last_line(result).startswith(r"train_ddpm.py: error: The image b'bad\xff.png' in --train_data_dir")
 
 
+def hub_layout(folder: Path, rows: dict[str, int]) -> Path:
+    """A local folder laid out like a Hub dataset repository: data/{split}-00000-of-00001.parquet with `rows` images."""
+    import datasets
+
+    (folder / "data").mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image()})
+    for split, count in rows.items():
+        images = _random_images(count, (8, 8), seed=0) if count else []
+        table = datasets.Dataset.from_dict({"image": images}, features=features)
+        table.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+EMPTY_OR_MISSING_SPLITS = {
+    # the splits' rows, the split asked for, how the message starts, what it says to do
+    "empty-train": (
+        {"train": 0},
+        "train",
+        "The split 'train' of the dataset {!r} has no rows: its data",
+        "data/train-*",
+    ),
+    "empty-test": ({"train": 2, "test": 0}, "test", "The split 'test' of the dataset {!r} has no rows", "data/test-*"),
+    "no-test": ({"train": 2}, "test", "The dataset {!r} has no split 'test' (", "with --eval_split"),
+    "no-train": ({"test": 2}, "train", "The dataset {!r} has no split 'train' (", "data/train-*.parquet (training"),
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("kind", list(EMPTY_OR_MISSING_SPLITS))
+def test_a_hub_layout_folder_whose_split_is_empty_or_missing_says_so_naming_the_folder(tmp_path, kind, streaming):
+    rows, split, expected, hint = EMPTY_OR_MISSING_SPLITS[kind]
+    folder = hub_layout(tmp_path / "repo", rows)
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(str(folder), split=split, cache_dir=str(tmp_path / "cache"), streaming=streaming)
+    message = str(error.value)
+    assert message.startswith(expected.format(str(folder))) and hint in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_training_on_a_hub_layout_folder_of_0_rows_exits_1_with_one_line(workdir):
+    folder = hub_layout(workdir / "empty-repo", {"train": 0})
+    result = run_training(workdir, [*TINY_RUN, "--dataset_name", str(folder), "--output_dir", "empty-repo-out"],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last_line(result) == (
+        f"train_ddpm.py: error: The split 'train' of the dataset {str(folder)!r} has no rows: its data files hold no "
+        "examples. Put the images in them (a local folder: data/train-*.parquet with an image column), or choose a "
+        "dataset or split that has images."
+    )
+
+
 # 1. A full disk ------------------------------------------------------------------------------------------------
 CHECKPOINTED_RUN = [*TINY_RUN, "--checkpointing_steps", "2"]
 

@@ -112,6 +112,20 @@ def _no_images_message(folder: str) -> str:
     )
 
 
+def _missing_split_message(name: str, split: str, error: ValueError) -> str:
+    """The split `split` of the dataset `name` (--dataset_name) does not exist or has no rows (the `datasets` error)."""
+    if "corresponds to no data" in str(error):
+        return (
+            f"The split '{split}' of the dataset {name!r} has no rows: its data files hold no examples. Put the images "
+            f"in them (a local folder: data/{split}-*.parquet with an image column), or choose a dataset or split that "
+            "has images."
+        )
+    which = "name its data files data/train-*.parquet (training reads the 'train' split)"
+    return f"The dataset {name!r} has no split '{split}' ({error}). " + (
+        "Choose one of its splits with --eval_split." if split != "train" else which.capitalize() + "."
+    )
+
+
 def _check_image_names(folder: str) -> None:
     r"""
     Refuse a folder with an image whose path is not valid UTF-8, naming it: `datasets` cannot list it; or with an
@@ -208,9 +222,14 @@ def load_image_dataset(
     offline = not is_local and work_offline()
     try:
         with forced_offline_mode() if offline else contextlib.nullcontext():
-            return datasets.load_dataset(
+            dataset = datasets.load_dataset(
                 *load_args, **load_kwargs, cache_dir=cache_dir, split=split, streaming=streaming
             )
+        # A stream of an empty split loads; its first batch would end in accelerate's "Batch does not contain any
+        # data". Reading its first example (which the run reads next anyway) says so here.
+        if streaming and next(iter(dataset.take(1)), None) is None:
+            raise ValueError(f'Instruction "{split}" corresponds to no data!')
+        return dataset
     except datasets.data_files.EmptyDatasetError as error:
         if train_data_dir is not None:
             raise ImageDataError(_no_images_message(train_data_dir)) from error
@@ -226,8 +245,15 @@ def load_image_dataset(
     except (DatasetNotFoundError, FileNotFoundError) as error:
         where = "it is not a local folder and no cached copy was found" if offline else "it was not found"
         raise DatasetUnavailableError(_unavailable_message(name, f"{where} ({error})")) from error
-    except ValueError as error:  # "Unknown split", "Instruction 'train' corresponds to no data!"
-        if train_data_dir is None or ("split" not in str(error) and "corresponds to no data" not in str(error)):
+    except (
+        ValueError
+    ) as error:  # "Unknown split", "Bad split" (streaming), "Instruction 'train' corresponds to no data!"
+        no_rows = "corresponds to no data" in str(error)
+        if train_data_dir is None:
+            if not no_rows and not str(error).startswith(("Unknown split", "Bad split")):
+                raise
+            raise ImageDataError(_missing_split_message(name, split, error)) from error
+        if "split" not in str(error) and not no_rows:
             raise
         if not image_files(train_data_dir):
             raise ImageDataError(_no_images_message(train_data_dir)) from error

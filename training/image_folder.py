@@ -66,8 +66,8 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
     (`benchmarks/bench_load.py`), before its cache is even looked up. One `os.walk` takes half a second. Its rules are
     applied here as it applies them (files and folders starting with "." and folders starting with "__" skipped,
     `README.md` and the like ignored, images recognised by `ImageFolder.EXTENSIONS`, links to files followed and links
-    to folders not, with a warning) where they come down to "every image is the train split". Anything else returns None and is left to
-    `datasets`: a path that might name a split (one containing `train`, `test`, `val`, `dev`, `eval`, ...), a metadata
+    to folders not, with a warning) where they come down to "every image is the train split". Anything else returns
+    None and is left to `datasets`: a path that might name a split (one containing `train`, `test`, `val`, `dev`, `eval`, ...), a metadata
     file, a zip archive, an unreadable entry, a broken link (which the caller refuses).
     """
     literals = _split_pattern_literals()
