@@ -287,6 +287,12 @@ def test_a_full_disk_under_the_datasets_cache_names_it_and_its_free_space(workdi
     assert line.startswith("train_ddpm.py: error: A disk is full: OSError: [Errno 28] No space left on device")
     assert f"Free now: the datasets cache '{cache}' 0 bytes, --output_dir '{output}' " in line
     assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
+    # The image listing, complete (written to a staging folder, then renamed); no half-written pixel cache: the failed
+    # `.map` left its temporary file (`tmp` and 8 characters), which is removed.
+    left = sorted(str(path.relative_to(cache)) for path in cache.rglob("*") if path.is_file())
+    assert [re.sub(r"/[0-9a-f]{32}/", "/LISTING/", path) for path in left] == [
+        f"ddpm_imagefolder/LISTING/{name}" for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")
+    ]
 
 
 @pytest.mark.fresh_process  # evaluate_ddpm.main builds an Accelerator
