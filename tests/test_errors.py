@@ -5,6 +5,7 @@ one-line message that names the problem and what to do, and what is left on disk
 import errno
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -88,6 +89,50 @@ def test_an_image_whose_name_is_not_utf8_is_refused_naming_the_file(tmp_path):
     assert "not valid UTF-8" in str(error.value) and "Rename it" in str(error.value)
 
 
+@pytest.mark.parametrize("kind", ["missing-target", "loop", "in-a-split-folder"])
+def test_an_image_that_is_a_broken_link_is_refused_naming_the_link_and_its_target(tmp_path, kind):
+    folder = tmp_path / "data"
+    save_images(folder / "train" if kind == "in-a-split-folder" else folder)  # split folders: `datasets`' listing
+    link = folder / ("train/gone.png" if kind == "in-a-split-folder" else "gone.png")
+    if kind == "loop":
+        (folder / "other.png").symlink_to("gone.png")
+        link.symlink_to("other.png")
+        target, why = "other.png", "is a loop of links"
+    else:
+        link.symlink_to("/nonexistent/x.png")
+        target, why = "/nonexistent/x.png", "does not exist"
+    name = os.path.relpath(link, folder)
+    more = " (and 1 more)" if kind == "loop" else ""  # other.png is a link of the loop too
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert str(error.value) == (
+        f"The image {name!r}{more} in --train_data_dir {str(folder)!r} is a link to {target!r}, which {why}. Remove "
+        "the link or fix its target, then run again."
+    )
+    assert not (tmp_path / "cache" / "ddpm_imagefolder").exists()  # refused before anything is cached
+    link.unlink()
+    (folder / "other.png").unlink(missing_ok=True)
+    assert len(load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))) == 3
+
+
+def test_a_link_to_a_folder_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    folder, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    save_images(folder)
+    save_images(elsewhere)
+    (folder / "more").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "loop").symlink_to(".", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="training.image_folder"):
+        dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == 3  # as `datasets` loads it: the linked folders' images are not trained on
+    warnings = sorted(record.getMessage() for record in caplog.records)
+    assert warnings == [
+        f"Skipping {name!r} in --train_data_dir {str(folder)!r}: it is a link to the folder {target!r}, which "
+        "`datasets` does not follow. Move or copy the images there into the folder (or link each image) to train on "
+        "them."
+        for name, target in (("loop", "."), ("more", str(elsewhere)))
+    ]
+
+
 @pytest.mark.parametrize("content", [os.urandom(64), png_bytes()[:60]], ids=["random-bytes", "truncated"])
 def test_a_broken_image_is_refused_naming_the_file(tmp_path, content):
     folder = tmp_path / "data"
@@ -117,6 +162,57 @@ def test_training_on_a_folder_with_a_non_utf8_name_exits_1_with_one_line(workdir
                           processes=0, check=False)  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert last_line(result).startswith(r"train_ddpm.py: error: The image b'bad\xff.png' in --train_data_dir")
+
+
+def hub_layout(folder: Path, rows: dict[str, int]) -> Path:
+    """A local folder laid out like a Hub dataset repository: data/{split}-00000-of-00001.parquet with `rows` images."""
+    import datasets
+
+    (folder / "data").mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image()})
+    for split, count in rows.items():
+        images = _random_images(count, (8, 8), seed=0) if count else []
+        table = datasets.Dataset.from_dict({"image": images}, features=features)
+        table.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+EMPTY_OR_MISSING_SPLITS = {
+    # the splits' rows, the split asked for, how the message starts, what it says to do
+    "empty-train": (
+        {"train": 0},
+        "train",
+        "The split 'train' of the dataset {!r} has no rows: its data",
+        "data/train-*",
+    ),
+    "empty-test": ({"train": 2, "test": 0}, "test", "The split 'test' of the dataset {!r} has no rows", "data/test-*"),
+    "no-test": ({"train": 2}, "test", "The dataset {!r} has no split 'test' (", "with --eval_split"),
+    "no-train": ({"test": 2}, "train", "The dataset {!r} has no split 'train' (", "data/train-*.parquet (training"),
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("kind", list(EMPTY_OR_MISSING_SPLITS))
+def test_a_hub_layout_folder_whose_split_is_empty_or_missing_says_so_naming_the_folder(tmp_path, kind, streaming):
+    rows, split, expected, hint = EMPTY_OR_MISSING_SPLITS[kind]
+    folder = hub_layout(tmp_path / "repo", rows)
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(str(folder), split=split, cache_dir=str(tmp_path / "cache"), streaming=streaming)
+    message = str(error.value)
+    assert message.startswith(expected.format(str(folder))) and hint in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_training_on_a_hub_layout_folder_of_0_rows_exits_1_with_one_line(workdir):
+    folder = hub_layout(workdir / "empty-repo", {"train": 0})
+    result = run_training(workdir, [*TINY_RUN, "--dataset_name", str(folder), "--output_dir", "empty-repo-out"],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last_line(result) == (
+        f"train_ddpm.py: error: The split 'train' of the dataset {str(folder)!r} has no rows: its data files hold no "
+        "examples. Put the images in them (a local folder: data/train-*.parquet with an image column), or choose a "
+        "dataset or split that has images."
+    )
 
 
 # 1. A full disk ------------------------------------------------------------------------------------------------
@@ -191,6 +287,12 @@ def test_a_full_disk_under_the_datasets_cache_names_it_and_its_free_space(workdi
     assert line.startswith("train_ddpm.py: error: A disk is full: OSError: [Errno 28] No space left on device")
     assert f"Free now: the datasets cache '{cache}' 0 bytes, --output_dir '{output}' " in line
     assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
+    # The image listing, complete (written to a staging folder, then renamed); no half-written pixel cache: the failed
+    # `.map` left its temporary file (`tmp` and 8 characters), which is removed.
+    left = sorted(str(path.relative_to(cache)) for path in cache.rglob("*") if path.is_file())
+    assert [re.sub(r"/[0-9a-f]{32}/", "/LISTING/", path) for path in left] == [
+        f"ddpm_imagefolder/LISTING/{name}" for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")
+    ]
 
 
 @pytest.mark.fresh_process  # evaluate_ddpm.main builds an Accelerator

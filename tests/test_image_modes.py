@@ -12,6 +12,8 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -116,10 +118,11 @@ def test_float_images_are_refused_naming_the_file_and_mode(tmp_path):
         cached(folder, tmp_path, channels=1)
 
 
-def save_all(folder: Path, images: dict[str, Image.Image]) -> Path:
+def save_all(folder: Path, images: dict[str, Image.Image | Callable[[Path], None]]) -> Path:
+    """Save each image under its name; a callable writes its file itself (what PIL cannot write)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, image in images.items():
-        image.save(folder / name)
+        image(folder / name) if callable(image) else image.save(folder / name)
     return folder
 
 
@@ -195,31 +198,146 @@ def test_palette_1_bit_la_and_cmyk_images_are_converted_by_pil(tmp_path):
     np.testing.assert_array_equal(pixels[3].numpy(), np.asarray(cmyk.convert("RGB")).transpose(2, 0, 1))
 
 
-def write_48_bit_png(path: Path, values: np.ndarray) -> None:
-    """A (H, W, 3) uint16 array as a 48-bit RGB PNG, written by hand (PIL writes no 16-bit colour PNG)."""
+def write_16_bit_png(path: Path, values: np.ndarray) -> None:
+    """A (H, W, C) uint16 array as a PNG of 16 bits a channel, written by hand (PIL writes no such PNG for 2, 3 or 4
+    channels): C 2 is grayscale+alpha (colour type 4), 3 RGB (type 2, 48-bit), 4 RGBA (type 6, 64-bit)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    height, width, _ = values.shape
+    height, width, channels = values.shape
     rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)  # filter type 0 per row
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
     )
+
+
+def write_tiff(
+    path: Path, values: np.ndarray, photometric: int, extra_samples: tuple[int, ...] = (), **options
+) -> None:
+    r"""
+    A (H, W, C) uint8 or uint16 array as an uncompressed TIFF, written by hand (PIL writes no TIFF of 16 bits a colour
+    channel). `photometric` 1 is grayscale, 2 RGB, 5 CMYK; `extra_samples` the ExtraSamples tag (2: alpha);
+    `options` `planar=True` (one plane a channel, PlanarConfiguration 2), `byteorder=">"` (big-endian).
+    """
+    planar, order = options.get("planar", False), options.get("byteorder", "<")
+    height, width, channels = values.shape
+    stored = values.astype(values.dtype.newbyteorder(order))
+    planes = [stored[..., c].tobytes() for c in range(channels)] if planar else [stored.tobytes()]
+    offsets = [8 + sum(len(plane) for plane in planes[:i]) for i in range(len(planes))]
+    tags = {256: (4, [width]), 257: (4, [height]), 258: (3, [values.dtype.itemsize * 8] * channels), 259: (3, [1])}
+    tags |= {262: (3, [photometric]), 273: (4, offsets), 277: (3, [channels]), 278: (4, [height])}
+    tags |= {279: (4, [len(plane) for plane in planes]), 284: (3, [2 if planar else 1])}
+    if extra_samples:
+        tags[338] = (3, list(extra_samples))
+    data = b"".join(planes)
+    directory = 8 + len(data)
+    outside = directory + 2 + 12 * len(tags) + 4  # where the values longer than 4 bytes go
+    entries, values_outside = b"", b""
+    for tag, (kind, numbers) in sorted(tags.items()):
+        packed = struct.pack(order + {3: "H", 4: "I"}[kind] * len(numbers), *numbers)
+        if len(packed) > 4:
+            packed, values_outside = struct.pack(order + "I", outside + len(values_outside)), values_outside + packed
+        entries += struct.pack(order + "HHI", tag, kind, len(numbers)) + packed.ljust(4, b"\0")
+    magic = b"II*\0" if order == "<" else b"MM\0*"
+    body = struct.pack(order + "H", len(tags)) + entries + b"\0" * 4 + values_outside
+    path.write_bytes(magic + struct.pack(order + "I", directory) + data + body)
 
 
 def test_48_bit_rgb_is_read_at_8_bits_and_refused_with_preserve_input_precision(tmp_path):
     values = np.linspace(300, 65000, 6 * 6 * 3).round().astype(np.uint16).reshape(6, 6, 3)
     folder = tmp_path / "deep"
     folder.mkdir()
-    write_48_bit_png(folder / "a.png", values)
+    write_16_bit_png(folder / "a.png", values)
     with Image.open(folder / "a.png") as image:
         assert image.mode == "RGB"  # PIL's own reading: 8 bits a channel
     pixels = cached(folder, tmp_path, channels=3)
     np.testing.assert_array_equal(pixels[0].numpy(), (values >> 8).astype(np.uint8).transpose(2, 0, 1))
-    with pytest.raises(ImageDataError, match=r"'.*a.png' \(row 0\) has 16 bits per colour channel \(RGB\)"):
+    with pytest.raises(ImageDataError, match=r"'.*a.png' \(row 0\) has 16 bits per colour channel \(48-bit RGB\)"):
         cached(folder, tmp_path / "again", channels=3, preserve_input_precision=True)
+
+
+def sixteen_bit_channels(count: int) -> np.ndarray:
+    """(6, 6, count) uint16 values, each channel a different gradient; the last one, as alpha, 0 / 65535 / partial."""
+    values = np.stack([gradient16(700 * c) for c in range(count)], axis=-1)
+    if count in (2, 4):
+        values[:, :2, -1], values[:, 2:4, -1] = 0, 65535
+    return values
+
+
+# Files of 16 bits a channel that PIL opens at 8 (the high byte): file name, writer, channels in the file, PIL's mode,
+# `stored_mode`, the channels of the run, and the mode of its 8-bit twin (the high bytes), which caches the same pixels.
+DEEP_KINDS = {
+    "png-la-32-bit": ("a.png", write_16_bit_png, 2, "RGBA", "LA;16", 1, "LA"),
+    "png-rgba-64-bit": ("a.png", write_16_bit_png, 4, "RGBA", "RGBA;16", 3, "RGBA"),
+    "tiff-rgb-48-bit": ("a.tif", lambda path, v: write_tiff(path, v, 2), 3, "RGB", "RGB;16", 3, "RGB"),
+    "tiff-rgb-48-bit-big-endian": (
+        "a.tif",
+        lambda path, v: write_tiff(path, v, 2, byteorder=">"),
+        3,
+        "RGB",
+        "RGB;16",
+        3,
+        "RGB",
+    ),
+    "tiff-rgba-64-bit": ("a.tif", lambda path, v: write_tiff(path, v, 2, (2,)), 4, "RGBA", "RGBA;16", 3, "RGBA"),
+    "tiff-cmyk-64-bit": ("a.tif", lambda path, v: write_tiff(path, v, 5), 4, "CMYK", "CMYK;16", 3, "CMYK"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DEEP_KINDS))
+def test_16_bit_files_pil_reads_at_8_bits_count_as_what_they_store(tmp_path, kind):
+    from training.data import find_image_column, load_image_dataset
+
+    name, write, count, pil_mode, stored, channels, twin_mode = DEEP_KINDS[kind]
+    values = sixteen_bit_channels(count)
+    deep, twin = tmp_path / "deep", tmp_path / "twin"
+    deep.mkdir()
+    write(deep / name, values)
+    high_bytes = (values >> 8).astype(np.uint8)
+    save_all(twin, {name: Image.fromarray(high_bytes, mode=twin_mode)})
+    with Image.open(deep / name) as image:
+        assert image.mode == pil_mode
+    dataset = load_image_dataset(None, None, str(deep), cache_dir=str(tmp_path / "cache"))
+    assert decide_channels(dataset, find_image_column(dataset)) == (channels, {stored: 1})
+    pixels = cached(deep, tmp_path)  # channels from the data
+    assert pixels.shape == (1, channels, 6, 6) and pixels.dtype == torch.uint8
+    np.testing.assert_array_equal(pixels.numpy(), cached(twin, tmp_path, channels=channels).numpy())
+    if stored == "LA;16":  # as 8-bit LA: composited on white (transparent: white; opaque: its gray)
+        assert (pixels[0, 0, :, :2] == 255).all()
+        np.testing.assert_array_equal(pixels[0, 0, :, 2:4].numpy(), high_bytes[:, 2:4, 0])
+        what = r"channel of grayscale with alpha \(PNG colour type 4\)"
+    else:
+        what = rf"colour channel \(\d\d-bit {stored[:-3]}\)"
+    with pytest.raises(ImageDataError, match=rf"'.*{name}' \(row 0\) has 16 bits per {what}") as error:
+        cached(deep, tmp_path / "again", preserve_input_precision=True)
+    assert "\n" not in str(error.value) and ("without alpha" in str(error.value)) == (stored == "LA;16")
+
+
+def test_a_16_bit_tiff_in_separate_planes_is_refused_not_misread(tmp_path):
+    folder = tmp_path / "planar"
+    folder.mkdir()
+    write_tiff(folder / "scan.tif", sixteen_bit_channels(3), 2, planar=True)
+    with Image.open(folder / "scan.tif") as image:  # PIL reads each 16-bit plane as an 8-bit one: other pixels
+        assert not np.array_equal(np.asarray(image), (sixteen_bit_channels(3) >> 8).astype(np.uint8))
+    for preserve in (False, True):
+        with pytest.raises(ImageDataError, match=r"'.*scan\.tif' \(row 0\) is a TIFF of 16 bits per channel stored "):
+            cached(folder, tmp_path / str(preserve), channels=3, preserve_input_precision=preserve)
+    eight_bit = tmp_path / "planar8"
+    eight_bit.mkdir()
+    write_tiff(eight_bit / "scan.tif", (sixteen_bit_channels(3) >> 8).astype(np.uint8), 2, planar=True)
+    np.testing.assert_array_equal(
+        cached(eight_bit, tmp_path)[0].numpy(), (sixteen_bit_channels(3) >> 8).transpose(2, 0, 1)
+    )
+
+
+def test_a_16_bit_grayscale_alpha_tiff_which_pil_cannot_open_is_named(tmp_path):
+    folder = tmp_path / "la"
+    folder.mkdir()
+    write_tiff(folder / "scan.tif", sixteen_bit_channels(2), 1, (2,))
+    with pytest.raises(ImageDataError, match=r"Cannot decode the image '.*scan\.tif' \(row 0\): cannot identify"):
+        cached(folder, tmp_path, channels=1)
 
 
 # sRGB's primaries adapted to D50 (the ICC connection space), X, Y, Z each.
@@ -311,6 +429,13 @@ RUNS = {
     "cmyk-palette-icc-1-bit": (other_kinds(), [], 3, "RGB"),
     "1-bit": ({f"{i}.png": one_bit(i) for i in range(4)}, [], 1, "L"),
     "grayscale": ({f"{i}.png": gray(20 * i) for i in range(4)}, [], 1, "L"),
+    # 16-bit grayscale+alpha PNGs, which PIL opens as RGBA: grayscale, as 8-bit LA
+    "32-bit-LA": (
+        {f"{i}.png": partial(write_16_bit_png, values=sixteen_bit_channels(2)) for i in range(4)},
+        [],
+        1,
+        "L",
+    ),
     "rgba-kept": ({f"{i}.png": rgba_icon(60 * i) for i in range(4)}, ["--num_channels", "4"], 4, "RGBA"),
     "mixed": ({"a.png": gray(3), "b.png": gray(9), "c.png": rgb((1, 2, 3))}, [], 1, "L"),
     "16-bit": (

@@ -20,7 +20,13 @@ from datasets.exceptions import DatasetNotFoundError
 from PIL import Image
 
 from hub_access import forced_offline_mode, offline_mode_requested, work_offline
-from training.image_folder import accepted_extensions, image_files, plain_image_folder, undecodable
+from training.image_folder import (
+    accepted_extensions,
+    broken_links,
+    image_files,
+    plain_image_folder,
+    undecodable,
+)
 from training.secrets import is_local_path
 
 
@@ -106,9 +112,36 @@ def _no_images_message(folder: str) -> str:
     )
 
 
+def _missing_split_message(name: str, split: str, error: ValueError) -> str:
+    """The split `split` of the dataset `name` (--dataset_name) does not exist or has no rows (the `datasets` error)."""
+    if "corresponds to no data" in str(error):
+        return (
+            f"The split '{split}' of the dataset {name!r} has no rows: its data files hold no examples. Put the images "
+            f"in them (a local folder: data/{split}-*.parquet with an image column), or choose a dataset or split that "
+            "has images."
+        )
+    which = "name its data files data/train-*.parquet (training reads the 'train' split)"
+    return f"The dataset {name!r} has no split '{split}' ({error}). " + (
+        "Choose one of its splits with --eval_split." if split != "train" else which.capitalize() + "."
+    )
+
+
 def _check_image_names(folder: str) -> None:
-    """Refuse a folder with an image whose path is not valid UTF-8, naming it: `datasets` cannot list it."""
-    bad = undecodable(image_files(folder))
+    r"""
+    Refuse a folder with an image whose path is not valid UTF-8, naming it: `datasets` cannot list it; or with an
+    image that is a broken link (its target missing, or a loop of links), naming the link and its target: `datasets`
+    would skip it without a word.
+    """
+    paths = image_files(folder)
+    broken = broken_links(folder, paths)
+    if broken:
+        path, target, why = broken[0]
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise ImageDataError(
+            f"The image {path!r}{more} in --train_data_dir {folder!r} is a link to {target!r}, which {why}. Remove "
+            "the link or fix its target, then run again."
+        )
+    bad = undecodable(paths)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ImageDataError(
@@ -180,7 +213,7 @@ def load_image_dataset(
             dataset = _image_folder_dataset(images, cache_dir)
             # One shard, as `datasets` streams a folder: the same examples in the same order.
             return dataset.to_iterable_dataset() if streaming else dataset
-        _check_image_names(train_data_dir)  # `datasets` would fail on a name that is not UTF-8, naming no file
+        _check_image_names(train_data_dir)  # `datasets` fails on a name that is not UTF-8, skips a broken link
         name, load_args, load_kwargs = train_data_dir, ("imagefolder",), {"data_dir": train_data_dir}
     else:
         name, load_args, load_kwargs = dataset_name, (dataset_name, dataset_config_name), {}
@@ -189,9 +222,14 @@ def load_image_dataset(
     offline = not is_local and work_offline()
     try:
         with forced_offline_mode() if offline else contextlib.nullcontext():
-            return datasets.load_dataset(
+            dataset = datasets.load_dataset(
                 *load_args, **load_kwargs, cache_dir=cache_dir, split=split, streaming=streaming
             )
+        # A stream of an empty split loads; its first batch would end in accelerate's "Batch does not contain any
+        # data". Reading its first example (which the run reads next anyway) says so here.
+        if streaming and next(iter(dataset.take(1)), None) is None:
+            raise ValueError(f'Instruction "{split}" corresponds to no data!')
+        return dataset
     except datasets.data_files.EmptyDatasetError as error:
         if train_data_dir is not None:
             raise ImageDataError(_no_images_message(train_data_dir)) from error
@@ -207,8 +245,15 @@ def load_image_dataset(
     except (DatasetNotFoundError, FileNotFoundError) as error:
         where = "it is not a local folder and no cached copy was found" if offline else "it was not found"
         raise DatasetUnavailableError(_unavailable_message(name, f"{where} ({error})")) from error
-    except ValueError as error:  # "Unknown split", "Instruction 'train' corresponds to no data!"
-        if train_data_dir is None or ("split" not in str(error) and "corresponds to no data" not in str(error)):
+    except (
+        ValueError
+    ) as error:  # "Unknown split", "Bad split" (streaming), "Instruction 'train' corresponds to no data!"
+        no_rows = "corresponds to no data" in str(error)
+        if train_data_dir is None:
+            if not no_rows and not str(error).startswith(("Unknown split", "Bad split")):
+                raise
+            raise ImageDataError(_missing_split_message(name, split, error)) from error
+        if "split" not in str(error) and not no_rows:
             raise
         if not image_files(train_data_dir):
             raise ImageDataError(_no_images_message(train_data_dir)) from error

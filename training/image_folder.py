@@ -9,6 +9,9 @@ rules were not verified), and the caller then loads the folder with `datasets` i
 
 from __future__ import annotations
 
+import errno
+import functools
+import logging
 import os
 import re
 import stat
@@ -18,6 +21,8 @@ from datasets import data_files as hub_data_files
 from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from packaging import version
+
+logger = logging.getLogger(__name__)
 
 VERIFIED_IMAGEFOLDER_RULES = "5.2.0"
 """The `datasets` version whose imagefolder file rules `plain_image_folder` follows (older ones go through `datasets`;
@@ -61,9 +66,9 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
     (`benchmarks/bench_load.py`), before its cache is even looked up. One `os.walk` takes half a second. Its rules are
     applied here as it applies them (files and folders starting with "." and folders starting with "__" skipped,
     `README.md` and the like ignored, images recognised by `ImageFolder.EXTENSIONS`, links to files followed and links
-    to folders not) where they come down to "every image is the train split". Anything else returns None and is left to
-    `datasets`: a path that might name a split (one containing `train`, `test`, `val`, `dev`, `eval`, ...), a metadata
-    file, a zip archive, an unreadable entry.
+    to folders not, with a warning) where they come down to "every image is the train split". Anything else returns
+    None and is left to `datasets`: a path that might name a split (one containing `train`, `test`, `val`, `dev`, `eval`, ...), a metadata
+    file, a zip archive, an unreadable entry, a broken link (which the caller refuses).
     """
     literals = _split_pattern_literals()
     if literals is None or version.parse(datasets.__version__) < version.parse(VERIFIED_IMAGEFOLDER_RULES):
@@ -77,6 +82,7 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
     for root, dirs, files in os.walk(base, onerror=errors.append):
         dirs[:] = [name for name in dirs if not _hidden(name) and not name.startswith("__")]
         prefix = os.path.relpath(root, base)
+        warn_linked_folders(folder, base, root, dirs)
         for name in files:
             if _hidden(name) or name in ignored_names:
                 continue
@@ -96,7 +102,7 @@ def plain_image_folder(folder: str) -> list[tuple[str, int, int]] | None:
         try:
             path.encode()
             status = os.stat(path)
-        except (OSError, UnicodeEncodeError):  # a broken link, a name that is not UTF-8
+        except (OSError, UnicodeEncodeError):  # a broken link, a name that is not UTF-8: refused by the caller
             return None
         if stat.S_ISREG(status.st_mode):  # as `datasets`, which skips pipes, sockets and devices
             listed.append((path, status.st_size, status.st_mtime_ns))
@@ -113,12 +119,51 @@ def image_files(folder: str) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(name for name in dirs if not _hidden(name) and not name.startswith("__"))
+        warn_linked_folders(folder, folder, root, dirs)
         prefix = os.path.relpath(root, folder)
         for name in sorted(files):
             stem, extension = os.path.splitext(name)
             if not _hidden(name) and {extension.lower(), os.path.splitext(stem)[1].lower()} & extensions:
                 found.append(name if prefix == "." else os.path.join(prefix, name))
     return found
+
+
+def warn_linked_folders(folder: str, top: str, root: str, dirs: list[str]) -> None:
+    """Warn about the links to folders among `dirs` of `root` (walked from `top`, which is --train_data_dir `folder`):
+    `datasets` does not follow them, so their images are not trained on."""
+    for name in dirs:
+        path = os.path.join(root, name)
+        if os.path.islink(path):
+            _warn_linked_folder(folder, os.path.relpath(path, top), os.readlink(path))
+
+
+@functools.cache  # once per link, though both listings walk the folder
+def _warn_linked_folder(folder: str, relative_path: str, target: str) -> None:
+    logger.warning(
+        "Skipping %r in --train_data_dir %r: it is a link to the folder %r, which `datasets` does not follow. Move or "
+        "copy the images there into the folder (or link each image) to train on them.",
+        relative_path,
+        folder,
+        target,
+    )
+
+
+def broken_links(folder: str, paths: list[str]) -> list[tuple[str, str, str]]:
+    r"""
+    The `paths` (relative to `folder`, from `image_files`) that are links whose target cannot be read, which
+    `datasets` skips without a word: (path, the link's target, why: "does not exist" or "is a loop of links").
+    """
+    broken = []
+    for relative_path in paths:
+        path = os.path.join(folder, relative_path)
+        if not os.path.islink(path):
+            continue
+        try:
+            os.stat(path)
+        except OSError as error:
+            why = "is a loop of links" if error.errno == errno.ELOOP else "does not exist"
+            broken.append((relative_path, os.readlink(path), why))
+    return broken
 
 
 def undecodable(paths: list[str]) -> list[str]:

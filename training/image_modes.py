@@ -3,8 +3,9 @@
 Channels. The channel count of a run follows the data (`decide_channels`, from a bounded sample of the images) unless
 `--num_channels` is given. Each image is then converted to that count (`to_cache_mode`):
 
-- grayscale ("L", "1", "LA", 16-bit "I;16"/"I;16B"/"I") counts as 1 channel; everything else ("RGB", "RGBA", "P",
-  "PA", "CMYK", "YCbCr", ...) as 3. RGBA counts as 3: alpha is kept only with an explicit `--num_channels 4`.
+- grayscale ("L", "1", "LA", 16-bit "I;16"/"I;16B"/"I", and the 16-bit grayscale+alpha PNG, which PIL opens as
+  "RGBA": `stored_mode` calls it "LA;16") counts as 1 channel; everything else ("RGB", "RGBA", "P", "PA", "CMYK",
+  "YCbCr", ...) as 3. RGBA counts as 3: alpha is kept only with an explicit `--num_channels 4`.
 - An image with transparency ("RGBA", "LA", "PA", a palette or "L"/"RGB" image with a transparency key) is converted to
   RGBA and composited on white, as image viewers show it, unless the run has 4 channels (RGBA kept as it is).
 - Palette images go through their palette (PIL's `convert`), "1" becomes 0 / 255, CMYK goes through PIL's CMYK to RGB
@@ -17,9 +18,11 @@ Channels. The channel count of a run follows the data (`decide_channels`, from a
 Bit depth. 16-bit images ("I;16", "I;16L", "I;16B", "I;16N", and "I" with values in 0..65535) are scaled to 8 bits as
 `round(value * 255 / 65535)` (PIL's own `convert` clips them to 255: a white image). With `preserve_input_precision`
 the cache keeps 16 bits: 16-bit images as they are, 8-bit ones times 257 (255 -> 65535). Float images ("F") have no
-agreed range and are refused, with an error that names the file and the mode. Colour images of 16 bits a channel
-(48-bit RGB, 64-bit RGBA) are decoded by PIL to 8 bits a channel (the high byte); with `preserve_input_precision` they
-are refused, naming the file, rather than kept silently at 8 bits.
+agreed range and are refused, with an error that names the file and the mode. Colour and grayscale+alpha images of
+16 bits a channel (48-bit RGB, 64-bit RGBA or CMYK, 32-bit LA: PNG or TIFF) are decoded by PIL to 8 bits a channel
+(the high byte); with `preserve_input_precision` they are refused, naming the file and what it stores, rather than
+kept silently at 8 bits. A 16-bit TIFF with its channels in separate planes, which PIL decodes into wrong pixels, is
+refused; PIL cannot open a 16-bit grayscale+alpha TIFF at all ("cannot identify image file": the decoding error).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from training.data import ImageDataError
 logger = logging.getLogger(__name__)
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-GRAYSCALE_MODES = ("L", "1", "LA", "La", *SIXTEEN_BIT_MODES)
+GRAYSCALE_MODES = ("L", "1", "LA", "La", "LA;16", *SIXTEEN_BIT_MODES)
 FLOAT_MODES = ("F",)
 CHANNEL_CHOICES = (1, 3, 4)
 # How many images `decide_channels` looks at: the first ones, read lazily (only their headers are decoded).
@@ -45,25 +48,88 @@ CHANNEL_SAMPLE_SIZE = 64
 MAX_16_BIT = 65535
 
 
+# What PIL opens a PNG or TIFF of 16 bits a channel as when it has no 16-bit mode for it: the high byte of each value,
+# in an 8-bit mode. `stored_mode` names them by what the file stores; the 16-bit grayscale+alpha PNG (colour type 4)
+# opens as "RGBA" (its gray replicated), so only the raw mode tells it from colour.
+SIXTEEN_BIT_READ_AS_8 = {
+    "LA;16": "16 bits per channel of grayscale with alpha (PNG colour type 4), which PIL reads as 8-bit RGBA",
+    "RGB;16": "16 bits per colour channel (48-bit RGB), which PIL reads as 8 bits a channel",
+    "RGBA;16": "16 bits per colour channel (64-bit RGBA), which PIL reads as 8 bits a channel",
+    "CMYK;16": "16 bits per colour channel (64-bit CMYK), which PIL reads as 8 bits a channel",
+}
+PLANAR_CONFIGURATION, BITS_PER_SAMPLE = 284, 258  # TIFF tags
+
+
+def _raw_modes(image: Image.Image) -> list[str]:
+    return [str(tile.args if not isinstance(tile.args, tuple) else tile.args[0]) for tile in image.tile or []]
+
+
+def _tiff_bits(image: Image.Image) -> int:
+    """The largest BitsPerSample of a TIFF (0 for other formats)."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(BITS_PER_SAMPLE) if tags is not None else None
+    if bits is None:
+        return 0
+    return max(bits) if isinstance(bits, tuple) else int(bits)
+
+
+def stored_mode(image: Image.Image) -> str:
+    r"""
+    The mode of what an opened, not yet loaded image stores: its PIL mode, except for the files of 16 bits a channel
+    that PIL decodes to 8 (the high byte), named by what they store (keys of `SIXTEEN_BIT_READ_AS_8`): "LA;16" (a
+    16-bit grayscale+alpha PNG, which PIL opens as "RGBA"), "RGB;16", "RGBA;16", "CMYK;16" (PNG or TIFF). The tiles'
+    raw modes and the TIFF tags say so until `load()` forgets the tiles.
+    """
+    raw_modes = _raw_modes(image)
+    if any(raw_mode.startswith("LA;16") for raw_mode in raw_modes):
+        return "LA;16"
+    if image.mode in ("RGB", "RGBA", "CMYK") and (
+        any(";16" in raw_mode for raw_mode in raw_modes) or _tiff_bits(image) > 8
+    ):
+        return f"{image.mode};16"
+    return image.mode
+
+
 def is_16_bit_colour(image: Image.Image) -> bool:
-    """Whether an opened, not yet loaded, RGB/RGBA image stores 16 bits a channel (48- or 64-bit PNG or TIFF), which
-    PIL decodes to 8 (the high byte): its tiles' raw modes say so until `load()` forgets them."""
-    raw_modes = [str(tile.args if not isinstance(tile.args, tuple) else tile.args[0]) for tile in image.tile or []]
-    return image.mode in ("RGB", "RGBA") and any(";16" in raw_mode for raw_mode in raw_modes)
+    """Whether an opened, not yet loaded image stores 16 bits a channel that PIL decodes to 8 (see `stored_mode`)."""
+    return stored_mode(image) in SIXTEEN_BIT_READ_AS_8
 
 
 def refuse_lost_precision(image: Image.Image, preserve_input_precision: bool, where: str) -> None:
-    """With `preserve_input_precision`, a colour image of 16 bits a channel is refused: PIL would keep 8 of them."""
-    if preserve_input_precision and is_16_bit_colour(image):
+    r"""
+    Refuse, before `load()`, an image that PIL would decode wrongly: a TIFF of 16 bits a channel with its channels in
+    separate planes (PlanarConfiguration 2), whose planes PIL reads as 8-bit ones (other pixels, without an error);
+    and, with `preserve_input_precision`, an image of 16 bits a channel that PIL reads as 8 (see `stored_mode`).
+    """
+    bits = _tiff_bits(image)  # 0 unless a TIFF
+    if bits > 8 and len(image.getbands()) > 1 and image.tag_v2.get(PLANAR_CONFIGURATION) == 2:
         raise ImageDataError(
-            f"The image {where} has 16 bits per colour channel ({image.mode}), which PIL reads as 8 bits, so "
-            "--preserve_input_precision cannot keep them: it keeps 16 bits for grayscale images (modes I;16 and I). "
-            "Convert the images to 16-bit grayscale, or run without --preserve_input_precision (8 bits a channel)."
+            f"The image {where} is a TIFF of {bits} bits per channel stored in separate planes "
+            "(PlanarConfiguration 2), which PIL decodes into wrong pixels. Save it with interleaved channels "
+            "(e.g. `tiffcp -p contig IN OUT`) or as PNG, then run again."
+        )
+    kind = stored_mode(image)
+    if preserve_input_precision and kind in SIXTEEN_BIT_READ_AS_8:
+        if kind == "LA;16":
+            keep = (
+                "it keeps 16 bits for grayscale images without alpha (modes I;16 and I). Composite the images on "
+                "white into 16-bit grayscale without alpha, or run without --preserve_input_precision (8 bits, alpha "
+                "composited on white)."
+            )
+        else:
+            keep = (
+                "it keeps 16 bits for grayscale images (modes I;16 and I). Convert the images to 16-bit grayscale, "
+                "or run without --preserve_input_precision (8 bits a channel)."
+            )
+        raise ImageDataError(
+            f"The image {where} has {SIXTEEN_BIT_READ_AS_8[kind]}, so --preserve_input_precision cannot keep them: "
+            + keep
         )
 
 
 def natural_channels(mode: str) -> int:
-    """1 for grayscale modes (with or without alpha, any bit depth), 3 for every other mode (RGBA included)."""
+    """1 for grayscale modes (with or without alpha, any bit depth; `stored_mode`'s "LA;16" too), 3 for every other
+    mode (RGBA included)."""
     return 1 if mode in GRAYSCALE_MODES else 3
 
 
@@ -174,7 +240,8 @@ def to_cache_array(image: Image.Image, channels: int, preserve_input_precision: 
 
 
 def _image_mode(value: Any, row: int) -> str | None:
-    """The mode of an undecoded `datasets.Image` value (or a PIL image), from its header only; None if unreadable."""
+    """The `stored_mode` of an undecoded `datasets.Image` value (or a PIL image's mode), from its header only; None if
+    unreadable."""
     if isinstance(value, Image.Image):
         return value.mode
     if not isinstance(value, dict):
@@ -184,7 +251,7 @@ def _image_mode(value: Any, row: int) -> str | None:
     path, data = value.get("path"), value.get("bytes")
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            return image.mode
+            return stored_mode(image)
     except (OSError, ValueError, SyntaxError, TypeError):
         return None  # the decoding step names the broken file
 

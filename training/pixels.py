@@ -5,7 +5,10 @@ turned into model input on the training device (`images_to_model_input`).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import re
 from typing import Any
 
 import datasets
@@ -83,6 +86,36 @@ def _to_pixels(
     return {"pixels": pixels}
 
 
+# The name `tempfile.NamedTemporaryFile` gives the file `Dataset.map` writes its cache to, before renaming it.
+MAP_TEMPORARY_FILE = re.compile(r"tmp[a-z0-9_]{8}")
+
+
+@contextlib.contextmanager
+def _no_temporary_files_left(dataset: Dataset | IterableDataset):
+    r"""
+    Remove the temporary files that a failed `Dataset.map` leaves in the cache folder of `dataset`: on a full disk,
+    `datasets` (5.x) finalizes its writer again before it removes its temporary file, which fails again and leaves it
+    (a half-written cache of the pixels, as large as the disk had room for). Only the files named as `tempfile` names
+    them that appeared in that folder during the `map` are removed: the files there before are left alone.
+    """
+    cache_files = getattr(dataset, "cache_files", None) or []
+    folder = os.path.dirname(cache_files[0]["filename"]) if cache_files else None
+
+    def temporary_files() -> set[str]:
+        with contextlib.suppress(OSError):
+            return {name for name in os.listdir(folder) if MAP_TEMPORARY_FILE.fullmatch(name)}
+        return set()
+
+    before = temporary_files() if folder else set()
+    try:
+        yield
+    except BaseException:
+        for name in sorted(temporary_files() - before) if folder else []:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+        raise
+
+
 def preprocess_images(
     dataset: Dataset | IterableDataset,
     image_column: str,
@@ -154,15 +187,16 @@ def preprocess_images(
     }
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     map_kwargs = {"num_proc": num_proc, "desc": "Decoding and resizing images"} if isinstance(dataset, Dataset) else {}
-    dataset = dataset.map(
-        _to_pixels,
-        batched=True,
-        with_indices=True,
-        fn_kwargs=fn_kwargs,
-        remove_columns=dataset.column_names,
-        features=features,
-        **map_kwargs,
-    )
+    with _no_temporary_files_left(dataset):
+        dataset = dataset.map(
+            _to_pixels,
+            batched=True,
+            with_indices=True,
+            fn_kwargs=fn_kwargs,
+            remove_columns=dataset.column_names,
+            features=features,
+            **map_kwargs,
+        )
     if isinstance(dataset, Dataset):
         return dataset.with_format("torch", dtype=getattr(torch, dtype))
     # IterableDataset.with_format takes no tensor options: its torch tensors come out as int64 (`collate_pixels`
