@@ -25,11 +25,13 @@ training; this script adds the command line, the plots and metrics.json.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,13 +47,15 @@ from transformers import HfArgumentParser
 from evaluation import evaluate, load_feature_extractor, reference_id
 from evaluation.features import FeatureExtractorUnavailableError
 from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, model_range_and_bits, stream_generators
+from evaluation.sample_quality import sample_quality_metrics
 from pipelines import DDPMPaperPipeline, model_range_to_unit
 from pipelines.atomic_folder import INDEX_NAME
 from pipelines.disk_space import first_line, format_bytes, free_bytes, is_disk_full
-from pipelines.export import TRAINING_DATA_FILE, read_training_data
+from pipelines.export import TRAINING_DATA_FILE, TrainingDataError, read_training_data
 from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
 from pipelines.utils import upscale
+from schedulers import DDPMPaperScheduler
 from training import flag_ranges
 from training.args import default_feature_extractor, parse_flags_or_file
 from training.checkpointing import CHECKPOINT_PREFIX
@@ -64,6 +68,7 @@ from training.secrets import mask_logs_and_errors, redact, register
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+PLOT_FILES = ("rate_distortion.png", "bpd_terms.png", "progressive.png", "interpolation.png")
 
 
 @dataclass
@@ -111,13 +116,19 @@ class EvaluationArguments:
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "The `datasets` cache folder."})
-    num_images: int = field(default=256, metadata={"help": "Dataset images whose bits/dim is computed."})
+    num_images: int | None = field(
+        default=None, metadata={"help": "Dataset images whose bits/dim is computed (default: 256, or all if fewer)."}
+    )
     bpd_timesteps: int = field(
         default=0,
         metadata={"help": "K > 0: unbiased estimate of the bound from K random timesteps per image. 0: all T terms."},
     )
-    rate_distortion_images: int = field(
-        default=16, metadata={"help": "Images for the rate-distortion and per-term plots (all T terms each)."}
+    rate_distortion_images: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images for the rate-distortion and per-term plots (all T terms each); default: 16, or all if "
+            "fewer."
+        },
     )
     num_samples: int = field(default=1000, metadata={"help": "Samples generated for FID, KID, precision/recall."})
     num_inference_steps: int | None = field(
@@ -275,6 +286,160 @@ def check_model_fits_data(
             f"{model}, but {given}: pass the data it was trained on (--dataset_name or --train_data_dir), or "
             f"--num_channels {in_channels} to convert these images as train_ddpm.py would."
         )
+
+
+def check_bit_depth(args: EvaluationArguments, record: dict | None, from_export: list[str]) -> None:
+    """
+    Fails when `--preserve_input_precision`, given, contradicts the bit depth the model was trained at (the record's
+    `bit_depth`): bits/dim over 65,536 levels of a model trained on 256, or the other way round, measure nothing.
+    """
+    if record is None or "preserve_input_precision" in from_export or record.get("bit_depth") not in (8, 16):
+        return
+    trained_bits, asked_bits = record["bit_depth"], 16 if args.preserve_input_precision else 8
+    if asked_bits != trained_bits:
+        raise EvaluationInputError(
+            f"--preserve_input_precision {args.preserve_input_precision} asks for {asked_bits}-bit evaluation images, "
+            f"but the model was trained on {trained_bits}-bit ones ({TRAINING_DATA_FILE} of --pipeline "
+            f"{args.pipeline}): its bits/dim would count levels it never saw. Leave --preserve_input_precision out."
+        )
+
+
+def check_schedule_flags(args: EvaluationArguments, num_train_timesteps: int) -> None:
+    """
+    Fails when a flag asks for more diffusion steps than the model has (its scheduler's T), or for a timestep it does
+    not have: `--num_inference_steps` in [1, T], `--bpd_timesteps` in [0, T], `--interpolation_timesteps` in [0, T-1].
+    """
+    T = num_train_timesteps
+    model = f"the model (--pipeline {args.pipeline})"
+    if args.num_inference_steps is not None and not 1 <= args.num_inference_steps <= T:
+        raise EvaluationInputError(
+            f"--num_inference_steps {args.num_inference_steps} is more than the T = {T} diffusion steps of {model}: "
+            f"pass 1 to {T}, or leave it out (all {T})."
+        )
+    if args.bpd_timesteps > T:
+        raise EvaluationInputError(
+            f"--bpd_timesteps {args.bpd_timesteps} is more than the T = {T} terms of the bound of {model}: pass at "
+            f"most {T}, or 0 for all {T} terms."
+        )
+    for t in args.interpolation_timesteps or []:
+        if not 0 <= t <= T - 1:
+            raise EvaluationInputError(
+                f"--interpolation_timesteps {t} is not a timestep of {model}, which has T = {T}: pass 0-based "
+                f"timesteps from 0 to {T - 1}, or leave the flag out (T/20, T/4 and T/2, minus 1)."
+            )
+
+
+OUTPUT_MIN_BYTES = 100_000
+"""Bytes the two matplotlib plots take at least (about 120 KB for any model); metrics.json adds `OUTPUT_STEP_BYTES` a
+diffusion step (its curves), the two image grids more."""
+OUTPUT_STEP_BYTES = 100
+
+
+def check_output_dir(output_dir: str, num_train_timesteps: int) -> None:
+    """
+    Fails before any work when `--output_dir` cannot take the results: it (or a folder in its path) is a file, its
+    nearest existing folder cannot be written (a probe file is written there and removed: a read-only or full disk),
+    or its disk has less room than metrics.json and the plots take at least. Creates nothing.
+    """
+    path = Path(output_dir).expanduser()
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise EvaluationInputError(
+            f"--output_dir {output_dir} is a file, not a folder: pass a folder (created if missing), or move the "
+            "file away."
+        )
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EvaluationInputError(
+            f"--output_dir {output_dir} lies under {existing}, a file, not a folder: pass a folder path (created if "
+            "missing)."
+        )
+    try:  # a few KB written for real: a read-only disk, a full one, or a folder without write permission
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".evaluate_ddpm-probe-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        if is_disk_full(error):
+            raise EvaluationInputError(
+                f"--output_dir {output_dir}: the disk of {existing} is full ({first_line(error)}; "
+                f"{format_bytes(free_bytes(existing))} free). Free space there, or pass another --output_dir."
+            ) from error
+        raise EvaluationInputError(
+            f"--output_dir {output_dir}: cannot write in {existing} ({first_line(error)}). Pass a folder you can "
+            "write to."
+        ) from error
+    needed, free = OUTPUT_MIN_BYTES + OUTPUT_STEP_BYTES * num_train_timesteps, free_bytes(existing)
+    if free < needed:
+        raise EvaluationInputError(
+            f"--output_dir {output_dir}: its disk has {format_bytes(free)} free, but metrics.json and the plots take "
+            f"more than {format_bytes(needed)}. Free space there, or pass another --output_dir."
+        )
+
+
+def check_data_count(args: EvaluationArguments, record: dict | None, from_export: list[str], count: int) -> None:
+    """
+    Fails when the data the record names (taken from it, not from flags) holds another number of images than the
+    model was trained on (the record's `num_images`, the whole split): other data behind the same base name.
+    """
+    if record is None or "dataset_name" not in from_export or not isinstance(record.get("num_images"), int):
+        return  # the data was given by flags, or an older record without the count
+    if args.split != record.get("split", "train") or record["num_images"] == count:
+        return
+    folder = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
+    where = f"'{os.path.abspath(folder)}'" if record.get("source") in ("image-folder", "local-dataset") else folder
+    if args.train_data_dir is not None:
+        what_to_pass = "the folder it was trained on with --train_data_dir (a dataset with --dataset_name)"
+    else:
+        what_to_pass = "the dataset it was trained on with --dataset_name (a plain folder with --train_data_dir)"
+    raise EvaluationInputError(
+        f"The model was trained on {record['num_images']} images of split '{args.split}' of {folder!r} "
+        f"({TRAINING_DATA_FILE} of --pipeline {args.pipeline}), but {where} has {count}: other data of the same "
+        f"name. Pass {what_to_pass}."
+    )
+
+
+PRECISION_RECALL_K = inspect.signature(sample_quality_metrics).parameters["k"].default
+"""The nearest neighbours of precision and recall: each set of images needs more."""
+
+
+def check_sample_count(count: int, what: str) -> None:
+    """
+    Fails when `count` images (samples, or dataset images to compare them with) are too few for precision and recall
+    (more than `PRECISION_RECALL_K` each); `what` says what they are, with `{count}` where the count goes.
+    """
+    if 0 < count <= PRECISION_RECALL_K:
+        raise EvaluationInputError(
+            f"{what.format(count=count)} too few for the sample metrics (precision and recall compare each image "
+            f"with its {PRECISION_RECALL_K} nearest neighbours): they need at least {PRECISION_RECALL_K + 1}. Pass "
+            f"more, or --num_samples 0 to skip FID, KID, precision and recall."
+        )
+
+
+COUNT_DEFAULTS = {"num_images": 256, "rate_distortion_images": 16}
+"""The defaults of the image counts (None in `EvaluationArguments`, to tell a count given from the default)."""
+
+
+def used_counts(args: EvaluationArguments, given: set[str], available: int) -> dict[str, int]:
+    """
+    How many dataset images each count flag uses of the `available` ones, logged when fewer than asked: a warning
+    for a count given (`given`), a note for a default.
+    """
+    used = {
+        "num_images": min(args.num_images, available),
+        "num_reference_images": min(args.num_reference_images or available, available) if args.num_samples else 0,
+        "rate_distortion_images": min(args.rate_distortion_images, available),
+    }
+    for name, count in used.items():
+        asked = getattr(args, name)
+        if asked is not None and asked > count and (name != "num_reference_images" or args.num_samples):
+            log = logger.warning if name in given else logger.info
+            how = "asks for" if name in given else "defaults to"
+            log(
+                "--%s %s %d images, but %s has %d: using %d.", name, how, asked, describe_data(args), available, count
+            )  # fmt: skip
+    return used
 
 
 # Plots ----------------------------------------------------------------------------------------------------------------
@@ -456,6 +621,7 @@ def main(argv: list[str] | None = None) -> dict:
         EvaluationInputError,
         FeatureExtractorUnavailableError,
         ImageDataError,
+        TrainingDataError,
     ) as error:  # expected failures: one line, as train_ddpm.py ends them
         raise SystemExit(f"evaluate_ddpm.py: error: {redact(str(error))}") from error
     except Exception as error:  # a disk filled: the metrics and plots, or the datasets cache
@@ -472,7 +638,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def evaluate_pipeline(args: EvaluationArguments) -> dict:
     """Every metric and plot of `args.pipeline` (the work of `main` once the flags are parsed)."""
-    # 1. The model, and the data it was trained on (training_data.json): checked before any long work.
+    # 1. The model, the data it was trained on (training_data.json), the flags that depend on them, and --output_dir:
+    #    checked before any long work.
+    given = {name for name in (*COUNT_DEFAULTS, "num_reference_images") if getattr(args, name) is not None}
+    args = replace(args, **{name: COUNT_DEFAULTS[name] for name in COUNT_DEFAULTS if name not in given})
     check_pipeline_folder(args.pipeline)
     record = read_training_data(args.pipeline)
     if record is None and args.dataset_name is None and args.train_data_dir is None:
@@ -481,17 +650,24 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
             "--dataset_name or --train_data_dir says otherwise.", args.pipeline, TRAINING_DATA_FILE,
         )  # fmt: skip
     args, from_export = fill_data_flags(args, record)
-    try:
-        unet_config = UNet2DModel.load_config(args.pipeline, subfolder="unet")
-    except OSError as error:  # a Hub id that is not there, or not reachable
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EvaluationInputError(
-            f"--pipeline {args.pipeline}: cannot load its unet config ({first_line})"
-        ) from error
-    sample_size, in_channels = unet_config["sample_size"], unet_config["in_channels"]
+    configs = {}
+    for component, config_class in (("unet", UNet2DModel), ("scheduler", DDPMPaperScheduler)):
+        try:
+            configs[component] = config_class.load_config(args.pipeline, subfolder=component)
+        except OSError as error:  # a Hub id that is not there, or not reachable
+            raise EvaluationInputError(
+                f"--pipeline {args.pipeline}: cannot load its {component} config ({first_line(error)})"
+            ) from error
+    sample_size, in_channels = configs["unet"]["sample_size"], configs["unet"]["in_channels"]
+    default_T = inspect.signature(DDPMPaperScheduler).parameters["num_train_timesteps"].default
+    num_train_timesteps = configs["scheduler"].get("num_train_timesteps", default_T)
     args = replace(args, resolution=args.resolution or sample_size)
     embedded = args.dataset_name is None and args.train_data_dir is None
     check_model_fits_data(args, from_export, sample_size, in_channels, args.num_channels or (1 if embedded else None))
+    check_bit_depth(args, record, from_export)
+    check_schedule_flags(args, num_train_timesteps)
+    check_sample_count(args.num_samples, "--num_samples {count} generated samples are")
+    check_output_dir(args.output_dir, num_train_timesteps)
 
     # One process, or one of `accelerate launch --num_processes N`: the Accelerator's state says which.
     accelerator = Accelerator(cpu=args.device == "cpu")
@@ -535,6 +711,12 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
             seed=args.seed,
             preserve_input_precision=args.preserve_input_precision,
         )
+    # Every process checks (none waits for another that failed).
+    check_data_count(args, record, from_export, len(pixels))
+    if args.num_samples:
+        compared = min(args.num_reference_images or len(pixels), len(pixels))
+        check_sample_count(compared, f"{describe_data(args)} has {len(pixels)} images; {{count}} of them are")
+    used = used_counts(args, given, len(pixels)) if is_main else {}
 
     metrics = evaluate(
         pipeline,
@@ -554,8 +736,41 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
     if not is_main:
         return metrics
 
+    # The results: a folder this run creates is removed again (with what it wrote) if writing them fails.
     output_dir = Path(args.output_dir)
+    created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
     output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        report = write_results(
+            args, pipeline, pixels, output_dir, metrics, used, extractor_name, from_export, accelerator.num_processes
+        )
+    except BaseException:  # a full disk, an interruption: no half-written folder of this run stays behind
+        if created:
+            for name in [METRICS_FILE, *PLOT_FILES]:
+                (output_dir / name).unlink(missing_ok=True)
+        for folder in created:  # the deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something else wrote there meanwhile
+                break
+        raise
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    logger.info("Wrote %s and the plots to %s: %s", METRICS_FILE, output_dir, summary)
+    return report
+
+
+def write_results(
+    args: EvaluationArguments,
+    pipeline: DDPMPaperPipeline,
+    pixels,
+    output_dir: Path,
+    metrics: dict,
+    used: dict[str, int],
+    extractor_name: str,
+    from_export: list[str],
+    num_processes: int,
+) -> dict:
+    """The plots and metrics.json in `output_dir`: the report, `metrics` with the settings and the curves."""
     curves = write_plots(
         pipeline,
         as_pixels(pixels, max(args.rate_distortion_images, 2)),
@@ -569,16 +784,15 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
     settings = {
         **asdict(args),
         "feature_extractor": extractor_name,
-        "resolution": resolution,
+        "resolution": args.resolution,
+        **{f"{name}_used": count for name, count in used.items()},
         "num_train_timesteps": pipeline.scheduler.config.num_train_timesteps,
         "variance_type": pipeline.scheduler.config.variance_type,
-        "num_processes": accelerator.num_processes,
+        "num_processes": num_processes,
         "data_flags_from_export": from_export,
     }
     report = {**metrics, "settings": settings, **curves}
     (output_dir / METRICS_FILE).write_text(json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    logger.info("Wrote %s and the plots to %s: %s", METRICS_FILE, output_dir, summary)
     return report
 
 

@@ -352,6 +352,7 @@ def load_data(
         dataset, image_column = load_pixels(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, streaming=args.streaming, **data_flags
         )
+        num_images = None if args.streaming else len(dataset)  # the whole split, as evaluate_ddpm.py loads it
         if args.streaming:
             dataset = dataset.shuffle(seed=args.seed, buffer_size=STREAMING_SHUFFLE_BUFFER)
         held_out = None
@@ -400,6 +401,7 @@ def load_data(
         center_crop=args.center_crop,
         random_flip=args.random_flip,
         held_out_images=held_out_images(public_config(args)),
+        num_images=num_images,
     )
     return loader, held_out, record
 

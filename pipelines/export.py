@@ -224,23 +224,87 @@ def _write_export(
         (save_directory / TRAINING_DATA_FILE).unlink(missing_ok=True)
 
 
+class TrainingDataError(ValueError):
+    """An export's `training_data.json` is not a record train_ddpm.py writes; the message names it and what to do."""
+
+
+TRAINING_DATA_FIELDS: dict[str, tuple[type, ...]] = {
+    "source": (str,),
+    "dataset_name": (str, type(None)),
+    "dataset_config_name": (str, type(None)),
+    "train_data_dir": (str, type(None)),
+    "image_column": (str, type(None)),
+    "split": (str,),
+    "resolution": (int,),
+    "channels": (int,),
+    "bit_depth": (int,),
+    "center_crop": (bool,),
+    "random_flip": (bool,),
+    "held_out_images": (int,),
+    "num_images": (int, type(None)),
+}
+"""The type of each field of the record a reader relies on (a field absent from an older record is not checked)."""
+TRAINING_DATA_VALUES: dict[str, tuple] = {
+    "source": ("embedded-digits", "hub-dataset", "local-dataset", "image-folder"),
+    "channels": (1, 3, 4),
+    "bit_depth": (8, 16),
+}
+"""The only values some fields can take."""
+
+
 def read_training_data(pipeline: str | os.PathLike) -> dict[str, Any] | None:
     """
     The `training_data.json` record of an export: a local folder's, or a Hub model's (None when the Hub cannot be
     reached). None for an export written without one (before the record existed, or not by train_ddpm.py).
+
+    Raises:
+        `TrainingDataError`: the file is not JSON, not an object, or a field has the wrong type or value.
     """
     path = Path(pipeline) / TRAINING_DATA_FILE
     if path.is_file():
-        return json.loads(path.read_text())
+        return parse_training_data(path.read_text(), str(path))
     if Path(pipeline).exists():
         return None
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(str(pipeline), TRAINING_DATA_FILE)).read_text())
+        text = Path(hf_hub_download(str(pipeline), TRAINING_DATA_FILE)).read_text()
     except Exception as error:  # no such file, repo or network: evaluate with the flags' own defaults
         logger.info("No %s for %s (%s: %s)", TRAINING_DATA_FILE, pipeline, type(error).__name__, error)
         return None
+    return parse_training_data(text, f"{TRAINING_DATA_FILE} of {pipeline}")
+
+
+def parse_training_data(text: str, name: str) -> dict[str, Any]:
+    """
+    The record in `text`, checked field by field (`TRAINING_DATA_FIELDS`); `name` is the file as errors name it.
+
+    Raises:
+        `TrainingDataError`: one line naming the file, the problem, and what to do.
+    """
+    what_to_do = (
+        "Delete it and pass the data flags (--dataset_name or --train_data_dir, --num_channels, ...) explicitly, or "
+        "export the model again with train_ddpm.py."
+    )
+    try:
+        record = json.loads(text)
+    except ValueError as error:  # JSONDecodeError, and undecodable bytes
+        raise TrainingDataError(f"{name} is not valid JSON ({error}): {what_to_do}") from error
+    if not isinstance(record, dict):
+        raise TrainingDataError(f"{name} holds a JSON {type(record).__name__}, not an object: {what_to_do}")
+    for key, types in TRAINING_DATA_FIELDS.items():
+        if key not in record:
+            continue
+        value = record[key]
+        wrong_type = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if wrong_type or (key in TRAINING_DATA_VALUES and value not in TRAINING_DATA_VALUES[key]):
+            expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in types)
+            if key in TRAINING_DATA_VALUES:
+                expected = "one of " + ", ".join(json.dumps(choice) for choice in TRAINING_DATA_VALUES[key])
+            raise TrainingDataError(f"{name}: {key!r} is {json.dumps(value)}, not {expected}: {what_to_do}")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise TrainingDataError(f"{name}: {key!r} is {value}, not a count (0 or more): {what_to_do}")
+    return record
 
 
 def write_model_card(pipeline: DDPMPaperPipeline, save_directory: Path, card: ModelCardInfo, repo_id: str) -> None:

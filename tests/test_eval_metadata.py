@@ -73,7 +73,7 @@ def test_record_names_local_folders_by_base_name_and_keeps_hub_ids(tmp_path):
     flags = {"dataset_config_name": None, "image_column": "image", "resolution": 32, "channels": 3}
     flags |= {"preserve_input_precision": False, "center_crop": False, "random_flip": True}
     folder = tmp_path / "secret-place" / "my-images"
-    record = training_data_record(dataset_name=None, train_data_dir=str(folder), **flags)
+    record = training_data_record(dataset_name=None, train_data_dir=str(folder), **flags, num_images=12)
     assert record == {
         "source": "image-folder",
         "dataset_name": None,
@@ -81,6 +81,7 @@ def test_record_names_local_folders_by_base_name_and_keeps_hub_ids(tmp_path):
         "train_data_dir": "my-images",
         "image_column": "image",
         "split": "train",
+        "num_images": 12,
         "resolution": 32,
         "channels": 3,
         "bit_depth": 8,
@@ -91,7 +92,7 @@ def test_record_names_local_folders_by_base_name_and_keeps_hub_ids(tmp_path):
     local = training_data_record(dataset_name=str(folder) + os.sep, train_data_dir=None, **flags)
     assert (local["source"], local["dataset_name"]) == ("local-dataset", "my-images")
     hub = training_data_record(dataset_name="uoft-cs/cifar10", train_data_dir=None, **flags)
-    assert (hub["source"], hub["dataset_name"]) == ("hub-dataset", "uoft-cs/cifar10")
+    assert (hub["source"], hub["dataset_name"], hub["num_images"]) == ("hub-dataset", "uoft-cs/cifar10", None)
     digits = training_data_record(
         dataset_name=None, train_data_dir=None, **{**flags, "channels": 1, "preserve_input_precision": True}
     )
@@ -141,9 +142,9 @@ def test_training_run_records_its_image_folder_by_base_name(tmp_path, monkeypatc
         ]
     )
     record = json.loads((work / "run" / "training_data.json").read_text())
-    assert record == RGB_RECORD
+    assert record == {**RGB_RECORD, "num_images": 6}  # the images of the split, for evaluate_ddpm.py to compare
     metadata = yaml.safe_load((work / "run" / "README.md").read_text().split("---\n", 2)[1])
-    assert metadata["training_data"] == RGB_RECORD
+    assert metadata["training_data"] == record
 
 
 # 2. evaluate_ddpm.py takes its data flags from the record -----------------------------------------------------------

@@ -363,6 +363,7 @@ def training_data_record(
     center_crop: bool,
     random_flip: bool,
     held_out_images: int = 0,
+    num_images: int | None = None,
 ) -> dict[str, Any]:
     r"""
     What a run trained on, as the export records it (`training_data.json`, the card's `training_data:`) and
@@ -370,6 +371,10 @@ def training_data_record(
 
     Local folders are named by their base name only (no path of this machine is published); a Hub dataset id is kept.
     `source` says which of the three kinds it is (`embedded-digits`, `hub-dataset`, `local-dataset`, `image-folder`).
+
+    `num_images` is the number of images of the split `train` as loaded, before the last `held_out_images` are held
+    out (None when not known: `--streaming`). It is what `evaluate_ddpm.py` loads by default (the whole split), so a
+    folder of the same base name with another count is other data.
     """
     if dataset_name is not None and is_local_path(dataset_name):
         source, dataset_name = "local-dataset", _base_name(dataset_name)
@@ -386,6 +391,7 @@ def training_data_record(
         "train_data_dir": train_data_dir,
         "image_column": image_column,
         "split": "train",
+        "num_images": num_images,
         "resolution": resolution,
         "channels": channels,
         "bit_depth": 16 if preserve_input_precision else 8,
