@@ -63,7 +63,7 @@ from training.data import DatasetUnavailableError, ImageDataError
 from training.image_modes import channels_of_data
 from training.launch import ensure_one_job
 from training.pixels import load_pixels
-from training.secrets import mask_logs_and_errors, redact, register
+from training.secrets import flags_holding_tokens, mask_logs_and_errors, redact, register, token_in_flags_message
 
 logger = logging.getLogger(__name__)
 
@@ -579,7 +579,7 @@ def _finite_or_null(value):
 # Command line ---------------------------------------------------------------------------------------------------------
 EVALUATION_RANGES: dict[str, flag_ranges.Range] = {
     "resolution": flag_ranges.POSITIVE,
-    "num_channels": (1, 4, True, True),  # its choices (1, 3, 4) are checked too, also in a JSON / YAML file
+    "num_channels": (1, 4, True, True),  # its choices (1, 3, 4) are argparse's, also in a JSON / YAML file
     "num_images": flag_ranges.ZERO_OR_MORE,
     "bpd_timesteps": flag_ranges.ZERO_OR_MORE,
     "rate_distortion_images": flag_ranges.POSITIVE,
@@ -602,8 +602,9 @@ def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
     parser.prog = "evaluate_ddpm.py"
     (args,) = parse_flags_or_file(parser, argv)
     message = flag_ranges.first_range_error(args, EVALUATION_RANGES)
-    if message is None and args.num_channels not in (None, 1, 3, 4):
-        message = f"--num_channels {args.num_channels} is not one of 1 (grayscale), 3 (RGB), 4 (RGBA)."
+    holding = flags_holding_tokens(asdict(args))  # metrics.json's settings hold every flag
+    if message is None and holding:
+        message = token_in_flags_message(holding)
     if message is not None:
         parser.error(message)
     return args

@@ -250,3 +250,10 @@ def test_a_users_readme_in_the_output_folder_is_kept(workdir):
     assert (out / "README.md").read_text() == "my notes"
     run_training(workdir, [*TINY_RUN, "--output_dir", "mine", "--overwrite_output_dir"], processes=0)
     assert (out / "model_index.json").is_file() and (out / "README.md").read_text() != "my notes"
+
+
+def test_evaluate_refuses_a_token_in_its_flags(capsys):
+    """metrics.json's settings hold every flag of evaluate_ddpm.py: a token there is refused, never shown."""
+    line = parse_error(capsys, evaluate_ddpm.parse_args, ["--pipeline", f"me/{TOKEN}"])
+    assert "evaluate_ddpm.py: error: --pipeline holds what looks like a Hub access token (not shown)" in line
+    assert TOKEN not in line
