@@ -370,7 +370,7 @@ def training_data_record(
     `evaluate_ddpm.py` reads it back: the data flags by their names, and `channels` / `bit_depth` of the cached images.
 
     Local folders are named by their base name only (no path of this machine is published); a Hub dataset id is kept.
-    `source` says which of the three kinds it is (`embedded-digits`, `hub-dataset`, `local-dataset`, `image-folder`).
+    `source` says which of the four kinds it is (`embedded-digits`, `hub-dataset`, `local-dataset`, `image-folder`).
 
     `num_images` is the number of images of the split `train` as loaded, before the last `held_out_images` are held
     out (None when not known: `--streaming`). It is what `evaluate_ddpm.py` loads by default (the whole split), so a
