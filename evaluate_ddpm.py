@@ -59,7 +59,7 @@ from schedulers import DDPMPaperScheduler
 from training import flag_ranges
 from training.args import default_feature_extractor, parse_flags_or_file
 from training.checkpointing import CHECKPOINT_PREFIX
-from training.data import DatasetUnavailableError, ImageDataError
+from training.data import DatasetUnavailableError, ImageDataError, load_image_dataset
 from training.image_modes import channels_of_data
 from training.launch import ensure_one_job
 from training.pixels import load_pixels
@@ -694,7 +694,23 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
                 split=args.split,
             )
             check_model_fits_data(args, from_export, sample_size, in_channels, channels)
+        # The images are listed (not decoded) to count them: other data behind the recorded name fails now.
+        count = len(
+            load_image_dataset(
+                args.dataset_name,
+                args.dataset_config_name,
+                args.train_data_dir,
+                cache_dir=args.cache_dir,
+                split=args.split,
+            )
+        )
+    # Every process checks (none waits for another that failed).
+    check_data_count(args, record, from_export, count)
+    if args.num_samples:
+        compared = min(args.num_reference_images or count, count)
+        check_sample_count(compared, f"{describe_data(args)} has {count} images; {{count}} of them are")
 
+    with accelerator.main_process_first():
         pipeline = DDPMPaperPipeline.from_pretrained(args.pipeline).to(device)
         pipeline.unet.eval()
         resolution = args.resolution
@@ -712,11 +728,6 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
             seed=args.seed,
             preserve_input_precision=args.preserve_input_precision,
         )
-    # Every process checks (none waits for another that failed).
-    check_data_count(args, record, from_export, len(pixels))
-    if args.num_samples:
-        compared = min(args.num_reference_images or len(pixels), len(pixels))
-        check_sample_count(compared, f"{describe_data(args)} has {len(pixels)} images; {{count}} of them are")
     used = used_counts(args, given, len(pixels)) if is_main else {}
 
     metrics = evaluate(

@@ -45,6 +45,7 @@ from training.args import ArgumentError, TrainingArguments, image_channels, pars
 from training.checkpointing import (
     CheckpointError,
     TrainerState,
+    changed_objective,
     changed_settings,
     check_model_fits,
     checkpoint_path,
@@ -423,6 +424,13 @@ def resume(accelerator: Accelerator, args: TrainingArguments, path: str | None) 
             logger.warning(
                 "Resuming with other settings than the checkpoint's (%s): the run goes on, but it does not continue "
                 "the data order exactly.", ", ".join(changed),
+            )  # fmt: skip
+        changed = changed_objective(state, public_config(args))
+        if changed:
+            logger.warning(
+                "Resuming with another diffusion process or objective than the checkpoint's (%s): the weights were "
+                "trained for the checkpoint's, and the export will describe this run's. Resume with the checkpoint's "
+                "flags unless you mean to fine-tune.", ", ".join(changed),
             )  # fmt: skip
         state.consecutive_nonfinite_steps = 0  # a resumed run gets a fresh --max_nonfinite_steps budget
     state.training_args, state.num_processes = public_config(args), accelerator.num_processes

@@ -202,6 +202,25 @@ def test_a_hub_layout_folder_whose_split_is_empty_or_missing_says_so_naming_the_
     assert message.startswith(expected.format(str(folder))) and hint in message and "\n" not in message
 
 
+def test_parquet_files_written_without_datasets_metadata_or_damaged_are_one_line(tmp_path):
+    """A 0-row parquet written by pyarrow alone (no `datasets` features) ended in an ArrowInvalid traceback
+    ("BatchSize must be greater than 0"); a file that is no parquet at all in a DatasetGenerationError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "repo"
+    (folder / "data").mkdir(parents=True)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([], type=image)}), folder / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(ImageDataError, match=f"^The split 'train' of the dataset '{folder}' has no rows"):
+        load_image_dataset(str(folder), cache_dir=str(tmp_path / "cache"))
+    (folder / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1" + os.urandom(64) + b"PAR1")
+    with pytest.raises(
+        ImageDataError, match=f"^`datasets` cannot read the data files of '{folder}' \\(split 'train'\\)"
+    ):
+        load_image_dataset(str(folder), cache_dir=str(tmp_path / "cache2"))
+
+
 @pytest.mark.slow
 def test_training_on_a_hub_layout_folder_of_0_rows_exits_1_with_one_line(workdir):
     folder = hub_layout(workdir / "empty-repo", {"train": 0})

@@ -216,7 +216,9 @@ def test_other_data_behind_the_recorded_base_name_is_refused_naming_both_counts(
     pipeline = export(tmp_path / "export", channels=3, training_data={**RGB_RECORD, "num_images": 4})
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "evaluation"
-    message = refusal(["--pipeline", str(pipeline), "--output_dir", str(output), *SMALL_EVAL])
+    with monkeypatch.context() as patch:  # refused from the listing, before any image is decoded
+        patch.setattr(evaluate_ddpm, "load_pixels", lambda *args, **kwargs: pytest.fail("decoded the images"))
+        message = refusal(["--pipeline", str(pipeline), "--output_dir", str(output), *SMALL_EVAL])
     assert message == (
         f"The model was trained on 4 images of split 'train' of 'rgb-images' (training_data.json of --pipeline "
         f"{pipeline}), but '{tmp_path / 'rgb-images'}' has 6: other data of the same name. Pass the folder it was "

@@ -11,11 +11,20 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_train import FAST, SMALL_UNET, run_training
 
 import evaluate_ddpm
 from training.args import ArgumentError, parse_args, public_config
-from training.checkpointing import CheckpointError, check_fresh_start, resolve_resume_checkpoint
+from training.checkpointing import (
+    CheckpointError,
+    TrainerState,
+    changed_objective,
+    check_fresh_start,
+    prepare_output_dir,
+    resolve_resume_checkpoint,
+)
+from training.manifest import write_manifest
 from training.preflight import check_output_paths, check_step_memory, device_memory
 
 TOKEN = "hf_" + "Q" * 34
@@ -44,13 +53,22 @@ def parse_error(capsys, parse, argv) -> str:
 FLAG_FILES = [
     ("list.json", "[1, 2]", "list.json: holds a JSON list, not a mapping of flag names to values"),
     ("list.yaml", "- 1\n- 2\n", "list.yaml: holds a YAML list, not a mapping"),
-    ("scalar.yaml", "8\n", "scalar.yaml: holds a YAML int, not a mapping"),
+    ("scalar.yaml", "8\n", "scalar.yaml: holds a YAML str, not a mapping"),
     ("broken.json", "{bad", "broken.json: not valid JSON: Expecting property name enclosed in double quotes"),
     ("broken.yaml", "a: [1\n", "broken.yaml: not valid YAML: expected ',' or ']', but got '<stream end>' at line 2"),
     ("typo.yaml", "resolutoin: 8\n", "typo.yaml: unknown key(s): 'resolutoin' (did you mean resolution?)"),
     ("type.yaml", "resolution: abc\n", "type.yaml: argument --resolution: invalid int value: 'abc'"),
     ("nested.yaml", "resolution: {a: 1}\n", "nested.yaml: the value of 'resolution' must be a single value"),
     ("missing.yaml", None, "missing.yaml: cannot read this YAML file of flags (No such file or directory)"),
+    ("twice.yaml", "seed: 1\nseed: 2\n", "twice.yaml: not valid YAML: the key 'seed' is given twice at line 2"),
+    ("twice.json", '{"seed": 1, "seed": 2}', "twice.json: not valid JSON: the key 'seed' is given twice"),
+    (
+        "list-value.json",
+        '{"seed": [1, 2]}',
+        "list-value.json: the value of 'seed' is a list, but --seed takes a single value",
+    ),
+    ("empty.yaml", "", "empty.yaml: holds no flags. Pass at least one, or run the script without arguments"),
+    ("on.yaml", "center_crop: on\n", "on.yaml: argument --center_crop/--center-crop: Truthy value expected: got on"),
 ]
 
 
@@ -82,6 +100,43 @@ def test_a_file_of_flags_is_read_as_the_command_line(tmp_path):
     path.write_text(json.dumps({"pipeline": "p", "interpolation_timesteps": [1, 5], "center_crop": True}))
     args = evaluate_ddpm.parse_args([str(path)])
     assert (args.pipeline, args.interpolation_timesteps, args.center_crop) == ("p", [1, 5], True)
+
+
+def test_yaml_scalars_are_read_as_the_command_line_reads_them(tmp_path):
+    """YAML 1.1 reads `010` as 8 and `12:30` as 750 (base 60): a folder named so went elsewhere, silently."""
+    path = tmp_path / "flags.yaml"
+    path.write_text("output_dir: 010\nlogging_dir: 12:30\nseed: 0x10\nhub_model_id: yes\n")
+    with pytest.raises(SystemExit):  # `0x10` is no int to argparse, as on the command line
+        parse_args([str(path)])
+    path.write_text("output_dir: 010\nlogging_dir: 12:30\nhub_model_id: yes\ncenter_crop: yes\n")
+    args = parse_args([str(path)])
+    assert (args.output_dir, args.logging_dir, args.hub_model_id, args.center_crop) == ("010", "12:30", "yes", True)
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+@pytest.mark.parametrize(
+    "argv, content",
+    [
+        (["--resolution", TOKEN], None),
+        (["--num_channels", TOKEN], None),
+        (None, f"resolution: {TOKEN}\n"),
+        (None, f"{TOKEN}: 1\n"),
+    ],
+    ids=["int-flag", "choice-flag", "int-in-a-file", "a-key"],
+)
+def test_a_token_shaped_value_is_never_echoed_by_an_error(tmp_path, capsys, script, argv, content):
+    """argparse echoes the value it refuses: a token there (not otherwise known to this process) was printed."""
+    if content is not None:
+        (tmp_path / "flags.yaml").write_text(content)
+        argv = [str(tmp_path / "flags.yaml")]
+    parse = parse_args if script == "train" else evaluate_ddpm.parse_args
+    line = parse_error(capsys, parse, argv)
+    assert "***" in line and TOKEN not in line + capsys.readouterr().err
+
+
+def test_a_long_name_that_starts_like_a_token_is_not_one():
+    for name in ("runs/hf_cifar10baselinelr2e4batch128ema9999", "xhf_" + "a" * 34, "hf_" + "a" * 33):
+        assert parse_args(["--output_dir", name]).output_dir == name
 
 
 def test_a_token_in_a_file_of_flags_never_reaches_an_error(tmp_path, capsys):
@@ -257,3 +312,53 @@ def test_evaluate_refuses_a_token_in_its_flags(capsys):
     line = parse_error(capsys, evaluate_ddpm.parse_args, ["--pipeline", f"me/{TOKEN}"])
     assert "evaluate_ddpm.py: error: --pipeline holds what looks like a Hub access token (not shown)" in line
     assert TOKEN not in line
+
+
+def test_links_in_the_output_paths_are_followed_as_the_os_follows_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("deep/a").mkdir(parents=True)
+    Path("deep/logs").write_text("a file")
+    Path("linkdir").symlink_to("deep/a")
+    with pytest.raises(ArgumentError, match=re.escape("--logging_dir 'linkdir/../logs' is a file")):
+        check_output_paths(parse_args(["--output_dir", "linkdir", "--logging_dir", "../logs"]))  # deep/logs
+    Path("dangling").symlink_to("nowhere")
+    with pytest.raises(ArgumentError, match="--output_dir 'dangling' is a link to 'nowhere', which does not exist"):
+        check_output_paths(parse_args(["--output_dir", "dangling"]))
+
+
+def test_resuming_a_checkpoint_of_another_folder_keeps_this_folders_files(tmp_path):
+    """Resuming `other/checkpoint-2` into a folder that holds an export or a README.md overwrote them silently."""
+    (tmp_path / "other" / "checkpoint-2").mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    with pytest.raises(
+        CheckpointError, match=re.escape("holds files that this run's export would replace (README.md)")
+    ):
+        prepare_output_dir(None, str(out), str(tmp_path / "other" / "checkpoint-2"), overwrite=False)
+    prepare_output_dir(None, str(out), str(out / "checkpoint-2"), overwrite=False)  # its own run goes on
+
+
+def test_a_named_checkpoint_is_verified_when_resolved(tmp_path):
+    """A named checkpoint that does not verify was refused only when loaded, after the data cache was built."""
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    save_file({"weight": torch.zeros(4)}, str(checkpoint / "model.safetensors"))
+    (checkpoint / "trainer_state.json").write_text("{}")
+    write_manifest(str(checkpoint))
+    assert resolve_resume_checkpoint(str(tmp_path), str(checkpoint)) == str(checkpoint)
+    save_file({"weight": torch.ones(4)}, str(checkpoint / "model.safetensors"))  # same size, other bytes
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        resolve_resume_checkpoint(str(tmp_path), str(checkpoint))
+
+
+def test_resuming_with_another_objective_is_named(monkeypatch):
+    """Resuming with another --prediction_type or schedule went on without a word (the export then described
+    weights trained for another process)."""
+    saved = TrainerState(training_args=public_config(parse_args([])))
+    config = public_config(parse_args(["--prediction_type", "sample", "--ddpm_beta_schedule", "squaredcos_cap_v2"]))
+    assert changed_objective(saved, config) == [
+        "--prediction_type epsilon -> sample",
+        "--ddpm_beta_schedule linear -> squaredcos_cap_v2",
+    ]
+    assert changed_objective(saved, public_config(parse_args(["--learning_rate", "1e-5"]))) == []

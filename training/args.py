@@ -33,6 +33,7 @@ from training.secrets import (
     known_tokens,
     parse_strictly,
     public_path,
+    redact,
     redact_values,
     token_in_flags_message,
 )
@@ -456,12 +457,44 @@ def parse_flags_or_file(parser: HfArgumentParser, argv: list[str] | None = None)
     if len(argv) == 1 and argv[0].endswith(CONFIG_FILE_SUFFIXES):
         path = argv[0]
         report = parser.error
-        parser.error = lambda message: report(f"{path}: {message}")
+        parser.error = lambda message: report(redact(f"{path}: {message}"))  # a key or path may hold a token
         argv = flags_of_file(parser, path)
     return parse_strictly(parser, argv)  # no abbreviated flags, and no token in an error message
 
 
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+class _FlagsLoader(yaml.SafeLoader):
+    """
+    YAML whose scalars all stay strings but `null` (merge keys `<<` still work), for argparse to type as it types the
+    command line: YAML 1.1 would read `010` as 8 and `12:30` as 750 (base 60), silently. A key given twice is an error.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key '{key.value}' is given twice", key.start_mark
+                    )
+                seen.add(key.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+_FlagsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag.endswith((":null", ":merge"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"the key '{key}' is given twice")
+    return dict(pairs)
 
 
 def flags_of_file(parser: HfArgumentParser, path: str) -> list[str]:
@@ -474,34 +507,39 @@ def flags_of_file(parser: HfArgumentParser, path: str) -> list[str]:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         parser.error(f"cannot read this {kind} file of flags ({reason}).")
     try:
-        values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        if kind == "JSON":
+            values = json.loads(text, object_pairs_hook=_unique_keys)
+        else:
+            values = yaml.load(text, Loader=_FlagsLoader)  # a SafeLoader: no Python objects
+    except (ValueError, yaml.YAMLError) as error:
         mark = getattr(error, "problem_mark", None)  # YAML's line and column; JSON's message holds its own
         problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         parser.error(f"not valid {kind}: {problem}{where}.")
-    values = {} if values is None else values  # an empty file: every default
+    if values is None or values == {}:
+        parser.error("holds no flags. Pass at least one, or run the script without arguments for its defaults.")
     if not isinstance(values, dict):
         parser.error(
             f"holds a {kind} {type(values).__name__}, not a mapping of flag names to values (e.g. "
             "`learning_rate: 0.0001`)."
         )
-    names = [field.name for dataclass in parser.dataclass_types for field in dataclasses.fields(dataclass)]
+    fields = {field.name: field for dataclass in parser.dataclass_types for field in dataclasses.fields(dataclass)}
     unknown = []
-    for key in (key for key in values if key not in names):
-        meant = difflib.get_close_matches(str(key).lstrip("-").replace("-", "_"), names, n=1)
+    for key in (key for key in values if key not in fields):
+        meant = difflib.get_close_matches(str(key).lstrip("-").replace("-", "_"), list(fields), n=1)
         unknown.append(f"'{key}' (did you mean {meant[0]}?)" if meant else f"'{key}'")
     if unknown:
         parser.error(f"unknown key(s): {', '.join(unknown)}. The keys are the flags' names, without the dashes.")
     argv = []
     for key, value in values.items():
+        takes_list = "list[" in str(fields[key].type)
         if value is None:
             continue  # the flag's default
-        if isinstance(value, (dict, list, tuple)) and not (
-            isinstance(value, (list, tuple)) and all(not isinstance(item, (dict, list)) for item in value)
-        ):
-            parser.error(f"the value of '{key}' must be a single value or a list of values.")
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
+            parser.error(f"the value of '{key}' must be a single value{' or a list of values' if takes_list else ''}.")
+        if isinstance(value, list) and not takes_list:
+            parser.error(f"the value of '{key}' is a list, but --{key} takes a single value.")
+        if isinstance(value, list):
             argv += [f"--{key}", *(_flag_value(item) for item in value)]
         else:
             argv.append(f"--{key}={_flag_value(value)}")  # `=`: a value may start with a dash

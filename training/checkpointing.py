@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from pipelines.atomic_folder import INDEX_NAME, fsync_dir, fsync_tree
 from pipelines.disk_space import folder_bytes, format_bytes, free_bytes, is_disk_full
-from pipelines.export import TRAINING_DATA_FILE
+from pipelines.export import SAMPLE_GRID_FILE, TRAINING_DATA_FILE
 from training.checkpoint_fit import model_mismatch
 from training.data import held_out_images
 from training.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
@@ -58,6 +58,9 @@ _INCOMPLETE_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)(\..+)?$")
 RESUME_INVARIANTS = ("dataset_name", "dataset_config_name", "train_data_dir", "streaming", "resolution", "seed")
 RESUME_INVARIANTS += ("train_batch_size", "gradient_accumulation_steps")
 """Flags that fix the data order and position: resuming with other values cannot continue exactly."""
+OBJECTIVE_FLAGS = ("prediction_type", "loss_type", "variance_type", "ddpm_num_steps", "ddpm_beta_schedule")
+"""Flags that fix what the network learns (the diffusion process and the objective): resumed weights were trained for
+the checkpoint's values."""
 
 
 class CheckpointError(RuntimeError):
@@ -313,7 +316,7 @@ def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
     return removed
 
 
-EXPORT_ENTRIES = (INDEX_NAME, "README.md", TRAINING_DATA_FILE, "unet", "scheduler")
+EXPORT_ENTRIES = (INDEX_NAME, "README.md", TRAINING_DATA_FILE, SAMPLE_GRID_FILE, "unet", "scheduler")
 """What an export writes at the top of --output_dir (`pipelines.export`), replacing what is there."""
 
 
@@ -334,10 +337,9 @@ def check_fresh_start(output_dir: str) -> None:
     if checkpoints:
         count = f"{len(checkpoints)} checkpoint{'s' if len(checkpoints) > 1 else ''}"
         raise CheckpointError(
-            f"'{output_dir}' already holds {count} of an earlier run (the latest {checkpoints[-1][1]}), and "
-            "--resume_from_checkpoint is not given. Pass --resume_from_checkpoint "
-            "latest to continue that run, --overwrite_output_dir to remove its checkpoints and start over, or "
-            "another --output_dir."
+            f"'{output_dir}' already holds {count} of an earlier run (the latest {checkpoints[-1][1]}), and this run "
+            "does not continue them. Pass --resume_from_checkpoint latest to continue that run, "
+            "--overwrite_output_dir to remove its checkpoints and start over, or another --output_dir."
         )
     found = [name for name in EXPORT_ENTRIES if os.path.lexists(os.path.join(output_dir, name))]
     if found:
@@ -350,12 +352,15 @@ def check_fresh_start(output_dir: str) -> None:
 
 def prepare_output_dir(accelerator: Accelerator, output_dir: str, resume_path: str | None, overwrite: bool) -> None:
     """
-    Before a new run (`resume_path` is None: no --resume_from_checkpoint, or `latest` found no checkpoint): remove
-    the checkpoints of an earlier run in `output_dir` if `overwrite` (--overwrite_output_dir; its export is replaced
-    when this run exports), else refuse to mix with them or to overwrite its export (`check_fresh_start`).
+    Before a run that does not continue the one in `output_dir` (`resume_path` is None: no --resume_from_checkpoint,
+    or `latest` found no checkpoint; or a checkpoint of another folder): remove the checkpoints of an earlier run in
+    `output_dir` if `overwrite` (--overwrite_output_dir; its export is replaced when this run exports), else refuse to
+    mix with them or to overwrite its export (`check_fresh_start`).
     """
-    if resume_path is not None:
-        return
+    if resume_path is not None and os.path.realpath(os.path.dirname(os.path.normpath(resume_path))) == (
+        os.path.realpath(output_dir)
+    ):
+        return  # the run of this folder goes on
     if overwrite:
         if accelerator.is_main_process:
             remove_checkpoints(output_dir)
@@ -395,6 +400,15 @@ def changed_settings(saved: TrainerState, config: dict[str, Any], num_processes:
     return changed
 
 
+def changed_objective(saved: TrainerState, config: dict[str, Any]) -> list[str]:
+    """What differs between the checkpoint's run (`saved`) and the resuming one in `OBJECTIVE_FLAGS`."""
+    return [
+        f"--{name} {saved.training_args[name]} -> {config.get(name)}"
+        for name in OBJECTIVE_FLAGS
+        if name in saved.training_args and saved.training_args[name] != config.get(name)
+    ]
+
+
 def remove_checkpoints(output_dir: str) -> list[str]:
     """Delete every `checkpoint-{step}` folder in `output_dir`, complete or not (`--overwrite_output_dir`)."""
     removed = [path for _, path in find_checkpoints(output_dir)] + find_incomplete_checkpoints(output_dir)
@@ -419,8 +433,8 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
         resume_from_checkpoint (`str`, *optional*):
             `"latest"`: the newest complete checkpoint in `output_dir` that verifies (`verify_checkpoint`), each newer
             one skipped with a warning that says why; `None` (a fresh start) if there is no checkpoint at all, as in
-            train_unconditional.py. Otherwise a checkpoint folder, or the name of one in `output_dir` (verified when
-            loaded, by `load_checkpoint`).
+            train_unconditional.py. Otherwise a checkpoint folder, or the name of one in `output_dir`, verified
+            here too.
 
     Raises:
         `CheckpointError`: the named checkpoint does not exist or is incomplete; or `latest` finds checkpoints but
@@ -461,6 +475,7 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
                     f"'{path}' is not a complete checkpoint (no {TRAINER_STATE_NAME}): its run was probably "
                     "interrupted while writing it. Resume from another one, or pass --resume_from_checkpoint latest."
                 )
+            verify_checkpoint(path)  # now, not after the data cache is built
             return path
     available = [os.path.basename(path) for _, path in find_checkpoints(output_dir)]
     raise CheckpointError(

@@ -15,8 +15,9 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow
 from datasets import Dataset, IterableDataset
-from datasets.exceptions import DatasetNotFoundError
+from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from PIL import Image
 
 from hub_access import forced_offline_mode, offline_mode_requested, work_offline
@@ -112,14 +113,18 @@ def _no_images_message(folder: str) -> str:
     )
 
 
+def _no_rows_message(name: str, split: str) -> str:
+    return (
+        f"The split '{split}' of the dataset {name!r} has no rows: its data files hold no examples. Put the images "
+        f"in them (a local folder: data/{split}-*.parquet with an image column), or choose a dataset or split that "
+        "has images."
+    )
+
+
 def _missing_split_message(name: str, split: str, error: ValueError) -> str:
     """The split `split` of the dataset `name` (--dataset_name) does not exist or has no rows (the `datasets` error)."""
     if "corresponds to no data" in str(error):
-        return (
-            f"The split '{split}' of the dataset {name!r} has no rows: its data files hold no examples. Put the images "
-            f"in them (a local folder: data/{split}-*.parquet with an image column), or choose a dataset or split that "
-            "has images."
-        )
+        return _no_rows_message(name, split)
     which = "name its data files data/train-*.parquet (training reads the 'train' split)"
     return f"The dataset {name!r} has no split '{split}' ({error}). " + (
         "Choose one of its splits with --eval_split." if split != "train" else which.capitalize() + "."
@@ -245,6 +250,15 @@ def load_image_dataset(
     except (DatasetNotFoundError, FileNotFoundError) as error:
         where = "it is not a local folder and no cached copy was found" if offline else "it was not found"
         raise DatasetUnavailableError(_unavailable_message(name, f"{where} ({error})")) from error
+    except (DatasetGenerationError, pyarrow.ArrowException) as error:  # a data file that `datasets` cannot read
+        cause = error.__cause__ or error
+        if "BatchSize must be greater than 0" in str(cause):  # pyarrow on a parquet file of 0 rows
+            raise ImageDataError(_no_rows_message(name, split)) from error
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise ImageDataError(
+            f"`datasets` cannot read the data files of {name!r} (split '{split}'): {type(cause).__name__}: {detail}. "
+            "Check or rewrite those files."
+        ) from error
     except (
         ValueError
     ) as error:  # "Unknown split", "Bad split" (streaming), "Instruction 'train' corresponds to no data!"

@@ -20,8 +20,9 @@ from training.secrets import is_local_path
 
 
 def _file_in_the_way(path: str) -> str | None:
-    """The first existing non-folder on the way to `path` (itself included), or None."""
-    current = os.path.abspath(path)
+    """The first existing non-folder on the way to `path` (itself included), or None; links are followed first, as
+    the OS follows them (`link/..` is the link target's parent)."""
+    current = os.path.realpath(path)
     while True:
         if os.path.lexists(current) and not os.path.isdir(current):
             return current
@@ -44,9 +45,14 @@ def check_output_paths(args: TrainingArguments) -> None:
     """
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     for flag, path in (("--output_dir", args.output_dir), ("--logging_dir", logging_dir)):
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ArgumentError(
+                f"{flag} '{path}' is a link to '{os.readlink(path)}', which does not exist: create its target, or "
+                "pass another folder."
+            )
         blocking = _file_in_the_way(path)
         if blocking is not None:
-            what = "is a file" if os.path.abspath(path) == blocking else f"lies under '{blocking}', which is a file"
+            what = "is a file" if os.path.realpath(path) == blocking else f"lies under '{blocking}', which is a file"
             raise ArgumentError(f"{flag} '{path}' {what}, not a folder: pass a folder's path (it is created).")
     data = [("--train_data_dir", args.train_data_dir)]
     if args.dataset_name is not None and is_local_path(args.dataset_name):

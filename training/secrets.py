@@ -58,8 +58,9 @@ def tokens_in_argv(argv: Iterable[str]) -> list[str]:
     return found
 
 
-HUB_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
-"""What a Hub access token looks like (`hf_` and 34 letters and digits today)."""
+HUB_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{34}(?![A-Za-z0-9_])")
+"""What a Hub access token looks like: `hf_` and 34 letters and digits, a word of its own. Masked wherever it
+appears (`redact`), known or not: a value refused by argparse is echoed in its error."""
 
 
 def flags_holding_tokens(values: dict[str, Any], allowed: Iterable[str] = ()) -> list[str]:
@@ -82,9 +83,9 @@ def token_in_flags_message(names: list[str]) -> str:
     """The error for `flags_holding_tokens`: names the flags, never the values."""
     flags = ", ".join(f"--{name}" for name in names)
     return (
-        f"{flags} holds what looks like a Hub access token (not shown). Pass a token only with --hub_token, HF_TOKEN "
-        "or `hf auth login`: every other value can be published (a repo id is a public name; paths and settings go "
-        "into the model card and the logs)."
+        f"{flags} holds what looks like a Hub access token (not shown). Pass a token only with HF_TOKEN, `hf auth "
+        "login` or train_ddpm.py's --hub_token: every other value can be published (a repo id is a public name; "
+        "paths and settings go into the model card, metrics.json and the logs)."
     )
 
 
@@ -101,7 +102,7 @@ def redact(text: str, tokens: Iterable[str] | None = None) -> str:
     for token in tokens:
         if token:
             text = text.replace(token, MASK)
-    return text
+    return HUB_TOKEN_PATTERN.sub(MASK, text)
 
 
 def redact_values(value: Any, tokens: Iterable[str]) -> Any:
@@ -221,7 +222,7 @@ _factory_installed = False
 
 def mask_logs_and_errors() -> None:
     """
-    From now on, mask the registered tokens in every log record of this process (whatever logger, handler or library
+    From now on, mask the registered tokens (and whatever looks like a Hub token) in every log record of this process (whatever logger, handler or library
     writes it, tracebacks attached to records included) and in uncaught exceptions. Idempotent.
     """
     global _factory_installed
@@ -232,16 +233,12 @@ def mask_logs_and_errors() -> None:
 
     def factory(*args, **kwargs) -> logging.LogRecord:
         record = previous_factory(*args, **kwargs)
-        if _registered:
-            _redact_record(record, sorted(_registered, key=len, reverse=True))
+        _redact_record(record, sorted(_registered, key=len, reverse=True))  # and anything shaped like a Hub token
         return record
 
     logging.setLogRecordFactory(factory)
-    previous_hook = sys.excepthook
 
     def excepthook(kind, value, tb) -> None:
-        if not _registered:
-            return previous_hook(kind, value, tb)
         text = "".join(traceback.format_exception(kind, value, tb))
         sys.stderr.write(redact(text, sorted(_registered, key=len, reverse=True)))
 
