@@ -66,10 +66,12 @@ appears (`redact`), known or not: a value refused by argparse is echoed in its e
 def flags_holding_tokens(values: dict[str, Any], allowed: Iterable[str] = ()) -> list[str]:
     """
     The names of the flags in `values` (other than `allowed`) whose string value holds a token: one that
-    `known_tokens` knows, or anything that looks like a Hub token. Such a value would be published: a repo id is a
-    public name, and paths and settings go into the model card, trackers and checkpoints.
+    `known_tokens` knows (with the values of the `allowed` flags, e.g. `--hub_token`), or anything that looks like a
+    Hub token. Such a value would be published: a repo id is a public name, and paths and settings go into the model
+    card, trackers and checkpoints.
     """
-    tokens = known_tokens()
+    allowed = set(allowed)
+    tokens = known_tokens(*(values[name] for name in allowed if isinstance(values.get(name), str)))
     return [
         name
         for name, value in values.items()
