@@ -4,6 +4,7 @@ embedded digits), damaged on disk, then resumed by real runs."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -296,3 +297,64 @@ def test_a_first_export_killed_midway_leaves_no_partial_pipeline(workdir):
     assert (output / "checkpoint-2").is_dir()
     visible = sorted(path.name for path in output.iterdir() if not path.name.startswith("."))
     assert visible == ["checkpoint-2", "logs", "samples"]  # no model_index.json, unet/ or scheduler/
+
+
+# The output folder's other checkpoints --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_users_backup_copy_of_a_checkpoint_is_kept_and_can_be_resumed(workdir, base_run):
+    """`checkpoint-4.bak` (a user's copy) was deleted by every run as "incomplete", and refused by name."""
+    output = copy_run(base_run, workdir, "backup")
+    shutil.copytree(output / "checkpoint-4", output / "checkpoint-4.bak")
+    before = snapshot(output / "checkpoint-4.bak")
+    result = resume(workdir, output, "checkpoint-4.bak", steps=6)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {output / 'checkpoint-4.bak'}: step 4" in result.stderr
+    assert "Removing" not in result.stderr and snapshot(output / "checkpoint-4.bak") == before
+    assert resolve_resume_checkpoint(str(output), "latest") == str(output / "checkpoint-6")
+
+
+@pytest.mark.slow
+def test_the_total_limit_never_deletes_good_checkpoints_for_a_damaged_newer_one(workdir, base_run):
+    """With checkpoint-4 damaged, `latest` resumes checkpoint-2 and writes checkpoint-3; --checkpoints_total_limit 1
+    deleted 2 and 3 and kept the damaged 4, so every later resume failed: all work lost."""
+    output = copy_run(base_run, workdir, "limit")
+    (output / "checkpoint-4" / "model.safetensors").write_bytes(b"0123456789")
+    args = [*RUN, "--max_train_steps", "3", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1"]
+    result = run_training(workdir, [*args, "--output_dir", str(output), "--resume_from_checkpoint", "latest"],
+                          processes=0)  # fmt: skip
+    assert f"Resumed from {output / 'checkpoint-2'}: step 2" in result.stderr
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert resolve_resume_checkpoint(str(output), "latest") == str(output / "checkpoint-3")
+
+
+def test_a_checkpoint_under_another_steps_name_does_not_verify(workdir, base_run, caplog):
+    """A stale copy named `checkpoint-9` was taken for step 9: every `latest` went back to its step 2."""
+    output = copy_run(base_run, workdir, "renamed")
+    shutil.copytree(output / "checkpoint-2", output / "checkpoint-9")
+    with pytest.raises(CheckpointError, match="checkpoint-9 holds step 2 .*Rename it checkpoint-2"):
+        verify_checkpoint(str(output / "checkpoint-9"))
+    assert resolve_resume_checkpoint(str(output), "latest") == str(output / "checkpoint-4")
+    assert "Skipping" in caplog.text and "checkpoint-9 holds step 2" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "values, problem",
+    [
+        ({"global_step": -5}, "global_step is -5, not a whole number >= 0"),
+        ({"global_step": "4"}, "global_step is '4', not a whole number >= 0"),
+        ({"epoch": 1.5}, "epoch is 1.5, not a whole number"),
+        ({"num_processes": 0}, "num_processes is 0, not a whole number >= 1"),
+        ({"training_args": []}, "training_args is not an object"),
+        ([1, 2], "it holds a JSON list, not an object"),
+    ],
+)
+def test_a_trainer_state_of_impossible_values_is_refused_naming_them(tmp_path, values, problem):
+    """A crafted (or pre-manifest) trainer_state.json with a negative or text step made checkpoint--4 folders, or a
+    TypeError traceback."""
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    state = {"global_step": 4, **values} if isinstance(values, dict) else values
+    (checkpoint / TRAINER_STATE_NAME).write_text(json.dumps(state))
+    write_manifest(str(checkpoint))
+    with pytest.raises(CheckpointError, match=re.escape(problem)):
+        verify_checkpoint(str(checkpoint))

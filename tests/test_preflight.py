@@ -344,7 +344,7 @@ def test_a_named_checkpoint_is_verified_when_resolved(tmp_path):
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
     save_file({"weight": torch.zeros(4)}, str(checkpoint / "model.safetensors"))
-    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
     write_manifest(str(checkpoint))
     assert resolve_resume_checkpoint(str(tmp_path), str(checkpoint)) == str(checkpoint)
     save_file({"weight": torch.ones(4)}, str(checkpoint / "model.safetensors"))  # same size, other bytes

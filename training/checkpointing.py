@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-_INCOMPLETE_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)(\..+)?$")
+_INCOMPLETE_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)(\.tmp|\.old)?$")  # ours: a `.bak` copy is the user's
 RESUME_INVARIANTS = ("dataset_name", "dataset_config_name", "train_data_dir", "streaming", "resolution", "seed")
 RESUME_INVARIANTS += ("train_batch_size", "gradient_accumulation_steps")
 """Flags that fix the data order and position: resuming with other values cannot continue exactly."""
@@ -99,10 +99,23 @@ class TrainerState:
 
     @classmethod
     def load(cls, path: str) -> TrainerState:
+        """
+        Raises:
+            `ValueError`: not a JSON object, or a count that is not a whole number in its range.
+        """
         with open(path, encoding="utf-8") as file:
             values = json.load(file)
+        if not isinstance(values, dict):
+            raise ValueError(f"it holds a JSON {type(values).__name__}, not an object")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        values = {key: value for key, value in values.items() if key in known}  # a key of another version: unused
+        for name, value in values.items():
+            if name == "training_args":
+                if not isinstance(value, dict):
+                    raise ValueError("training_args is not an object")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < (name == "num_processes"):
+                raise ValueError(f"{name} is {value!r}, not a whole number >= {int(name == 'num_processes')}")
+        return cls(**values)
 
 
 # State of ours, saved beside accelerate's: safetensors for tensors, JSON for the rest, never pickle ----------------
@@ -269,6 +282,13 @@ def verify_checkpoint(path: str) -> None:
     elif not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
         raise CheckpointError(f"{os.path.join(path, MANIFEST_NAME)} is missing: the checkpoint is incomplete")
     _check_readable(path)
+    named = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    step = _read_trainer_state(path).global_step
+    if named and int(named.group(1)) != step:  # a copy under another step's name would be taken for that step
+        raise CheckpointError(
+            f"{path} holds step {step} ({TRAINER_STATE_NAME}), not the step its name says: a renamed or copied "
+            f"checkpoint. Rename it {CHECKPOINT_PREFIX}{step}, or move it out of the output folder."
+        )
 
 
 def checkpoint_path(output_dir: str, step: int) -> str:
@@ -465,18 +485,18 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     candidates = [resume_from_checkpoint, os.path.join(output_dir, os.path.basename(resume_from_checkpoint))]
     for path in candidates:
         if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):  # complete, whatever its name (a backup copy)
+                verify_checkpoint(path)  # now, not after the data cache is built
+                return path
             if not _INCOMPLETE_RE.match(os.path.basename(os.path.normpath(path))):
                 raise CheckpointError(
                     f"'{path}' is not a checkpoint (a checkpoint is a folder named {CHECKPOINT_PREFIX}<step> in "
                     "--output_dir, written by train_ddpm.py). Pass one of those, or --resume_from_checkpoint latest."
                 )
-            if not is_complete_checkpoint(path):
-                raise CheckpointError(
-                    f"'{path}' is not a complete checkpoint (no {TRAINER_STATE_NAME}): its run was probably "
-                    "interrupted while writing it. Resume from another one, or pass --resume_from_checkpoint latest."
-                )
-            verify_checkpoint(path)  # now, not after the data cache is built
-            return path
+            raise CheckpointError(
+                f"'{path}' is not a complete checkpoint (no {TRAINER_STATE_NAME}): its run was probably "
+                "interrupted while writing it. Resume from another one, or pass --resume_from_checkpoint latest."
+            )
     available = [os.path.basename(path) for _, path in find_checkpoints(output_dir)]
     raise CheckpointError(
         f"Checkpoint '{resume_from_checkpoint}' not found (checkpoints in '{output_dir}': {available or 'none'}). "
@@ -589,8 +609,9 @@ def _finish_checkpoint(
     else:
         os.rename(temporary, final)
     fsync_dir(output_dir)
-    if total_limit is not None:
-        for _, path in find_checkpoints(output_dir)[:-total_limit]:
+    if total_limit is not None:  # the newest up to this step: a higher one (an earlier run's, maybe damaged) stays
+        kept = [path for step, path in find_checkpoints(output_dir) if step <= state.global_step]
+        for path in kept[:-total_limit]:
             logger.info("Removing %s (--checkpoints_total_limit %d).", path, total_limit)
             shutil.rmtree(path, ignore_errors=True)
 

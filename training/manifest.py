@@ -108,4 +108,6 @@ def verify_manifest(folder: str) -> None:
             raise ManifestError(f"{path} does not match the SHA-256 in the manifest (damaged or altered)")
     extra = [relative for relative in present if relative not in expected]
     if extra:
-        raise ManifestError(f"{os.path.join(folder, extra[0])} is not in the manifest (added after the checkpoint)")
+        raise ManifestError(
+            f"{os.path.join(folder, extra[0])} is not in the manifest (added after the checkpoint was written, or its entry removed)"
+        )
