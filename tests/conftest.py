@@ -144,3 +144,24 @@ class _ReportWriter:
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         with open(self.path, "a") as file:
             file.write(json.dumps(data) + "\n")
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """A real tmpfs of the size and options asked, mounted under tmp_path and unmounted at the end (skipped where
+    not allowed)."""
+    mounted = []
+
+    def mount(kilobytes: int, options: str = "") -> Path:
+        folder = tmp_path / f"disk-{kilobytes}k{options.replace(',', '-')}"
+        folder.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k{options}", "tmpfs", str(folder)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

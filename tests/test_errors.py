@@ -239,24 +239,9 @@ CHECKPOINTED_RUN = [*TINY_RUN, "--checkpointing_steps", "2"]
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real tmpfs of the size asked, mounted under tmp_path and unmounted at the end (skipped where not allowed)."""
-    mounted = []
-
-    def mount(kilobytes: int) -> Path:
-        folder = tmp_path / f"disk-{kilobytes}k"
-        folder.mkdir()
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(folder)], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+def small_disk(mount_tmpfs):
+    """A real tmpfs of the size asked (`mount_tmpfs` of tests/conftest.py)."""
+    return mount_tmpfs
 
 
 @pytest.fixture(scope="module")

@@ -38,27 +38,6 @@ def refusal(argv: list[str]) -> str:
     return message.removeprefix(PREFIX)
 
 
-@pytest.fixture
-def mount_tmpfs(tmp_path):
-    """A real tmpfs of the size and options asked, mounted under tmp_path and unmounted at the end (skipped where
-    not allowed)."""
-    mounted = []
-
-    def mount(kilobytes: int, options: str = "") -> Path:
-        folder = tmp_path / f"disk-{kilobytes}k{options.replace(',', '-')}"
-        folder.mkdir()
-        command = ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k{options}", "tmpfs", str(folder)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 # 1. --output_dir -------------------------------------------------------------------------------------------------------
 def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_any_work(tmp_path, before_any_work):
     pipeline = export(tmp_path / "export")
