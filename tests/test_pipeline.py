@@ -86,13 +86,15 @@ def test_x0_trajectory_is_the_progressive_generation():
 
 STOCK_SCRIPT = textwrap.dedent(
     """
-    import sys, importlib.abc
+    import os, sys, importlib.abc
     class Block(importlib.abc.MetaPathFinder):  # this project must not be importable
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in {"schedulers", "pipelines", "training"}:
                 raise ImportError("project module " + name)
     sys.meta_path.insert(0, Block())
-    sys.path = [p for p in sys.path if p not in ("", ".") and "PROJECT_ROOT" not in p]
+    # Drop the checkout itself (whole paths compared: a .venv inside the checkout keeps its site-packages).
+    root = os.path.realpath(sys.argv[4])
+    sys.path = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != root]
     try:
         import schedulers
         raise SystemExit("the project is importable")
@@ -113,11 +115,11 @@ STOCK_SCRIPT = textwrap.dedent(
 def sample_with_stock_diffusers(folder, tmp_path, num_inference_steps: int) -> np.ndarray:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "stock.py"
-    script.write_text(STOCK_SCRIPT.replace("PROJECT_ROOT", root))
+    script.write_text(STOCK_SCRIPT)
     out = tmp_path / "stock.npy"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(
-        [sys.executable, str(script), str(folder), str(out), str(num_inference_steps)],
+        [sys.executable, str(script), str(folder), str(out), str(num_inference_steps), root],
         cwd=tmp_path,
         env=env,
         check=True,
