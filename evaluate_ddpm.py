@@ -44,13 +44,18 @@ from diffusers import UNet2DModel
 from diffusers.utils import make_image_grid, numpy_to_pil
 from transformers import HfArgumentParser
 
+from checkpoints.checkpointing import CHECKPOINT_PREFIX
 from evaluation import evaluate, load_feature_extractor, reference_id
 from evaluation.features import FeatureExtractorUnavailableError
 from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, model_range_and_bits, stream_generators
 from evaluation.sample_quality import sample_quality_metrics
+from hub_access.atomic_folder import INDEX_NAME
+from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full
+from hub_access.secrets import flags_holding_tokens, mask_logs_and_errors, redact, register, token_in_flags_message
+from image_data.image_modes import channels_of_data
+from image_data.pixels import load_pixels
+from image_data.sources import DatasetUnavailableError, ImageDataError, load_image_dataset
 from pipelines import DDPMPaperPipeline, model_range_to_unit
-from pipelines.atomic_folder import INDEX_NAME
-from pipelines.disk_space import first_line, format_bytes, free_bytes, is_disk_full
 from pipelines.export import TRAINING_DATA_FILE, TrainingDataError, read_training_data
 from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
@@ -58,12 +63,7 @@ from pipelines.utils import upscale
 from schedulers import DDPMPaperScheduler
 from training import flag_ranges
 from training.args import default_feature_extractor, parse_flags_or_file
-from training.checkpointing import CHECKPOINT_PREFIX
-from training.data import DatasetUnavailableError, ImageDataError, load_image_dataset
-from training.image_modes import channels_of_data
 from training.launch import ensure_one_job
-from training.pixels import load_pixels
-from training.secrets import flags_holding_tokens, mask_logs_and_errors, redact, register, token_in_flags_message
 
 logger = logging.getLogger(__name__)
 

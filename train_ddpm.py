@@ -36,13 +36,7 @@ from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 
-from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
-from pipelines import DDPMPaperPipeline, DiskFullError, ModelCardInfo, PublishError, image_grid
-from pipelines.disk_space import first_line, format_bytes, free_bytes, is_disk_full
-from pipelines.export import create_hub_repo
-from schedulers import DDPMPaperScheduler
-from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
-from training.checkpointing import (
+from checkpoints.checkpointing import (
     CheckpointError,
     TrainerState,
     changed_objective,
@@ -57,23 +51,29 @@ from training.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from training.data import (
+from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
+from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full
+from hub_access.secrets import known_tokens, mask_logs_and_errors, public_argv, public_dataset_name, redact, register
+from image_data.image_modes import channels_of_data
+from image_data.pixels import PixelBatches, collate_pixel_batch, collate_pixels, images_to_model_input, load_pixels
+from image_data.sources import (
     DatasetUnavailableError,
     ImageDataError,
     held_out_images,
     split_held_out,
     training_data_record,
 )
+from pipelines import DDPMPaperPipeline, DiskFullError, ModelCardInfo, PublishError, image_grid
+from pipelines.export import create_hub_repo
+from schedulers import DDPMPaperScheduler
+from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
 from training.ema import EMA
-from training.image_modes import channels_of_data
 from training.launch import LaunchError, ensure_one_job
 from training.losses import diffusion_loss  # the loop calls it by this name (tests wrap it)
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
 from training.monitor import StepMonitor
 from training.output_lock import OutputDirLockedError, lock_output_dir, release_output_locks
-from training.pixels import PixelBatches, collate_pixel_batch, collate_pixels, images_to_model_input, load_pixels
 from training.preflight import check_output_paths, check_step_memory
-from training.secrets import known_tokens, mask_logs_and_errors, public_argv, public_dataset_name, redact, register
 from training.sync import adamw, step_unless_nonfinite
 
 logger = get_logger(__name__)

@@ -1,4 +1,4 @@
-"""Seconds to load a cached image folder: `training.data.load_image_dataset(train_data_dir=...)` (one walk of the
+"""Seconds to load a cached image folder: `image_data.sources.load_image_dataset(train_data_dir=...)` (one walk of the
 folder, `plain_image_folder`) against `datasets.load_dataset("imagefolder", data_dir=...)` (its split detection
 globs the folder once per pattern), both from their caches, alternating, medians of `--repeats`.
 
@@ -25,7 +25,7 @@ LOAD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 import datasets
-from training.data import load_image_dataset
+from image_data.sources import load_image_dataset
 
 
 def anonymous_mib():

@@ -1,7 +1,7 @@
 """Peak resident memory of train_ddpm.py on a dataset and on one 10 times larger.
 
 The uint8 cache is memory-mapped Arrow, so the peak should grow by far less than the larger dataset's uint8 size
-(issue 6's target: by less than that size). Each run is a fresh `python train_ddpm.py` process; its peak memory is
+(the target: by less than that size). Each run is a fresh `python train_ddpm.py` process; its peak memory is
 polled from /proc while it runs, with its anonymous and file-backed parts apart: pages of the memory-mapped
 cache count in RSS once read, but they are clean file pages the kernel can drop, not memory the process holds.
 

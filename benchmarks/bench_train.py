@@ -49,8 +49,8 @@ from diffusers.training_utils import EMAModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ddpm  # noqa: E402
+from image_data.pixels import PixelBatches, collate_pixel_batch, images_to_model_input, load_pixels  # noqa: E402
 from training.models import build_unet  # noqa: E402
-from training.pixels import PixelBatches, collate_pixel_batch, images_to_model_input, load_pixels  # noqa: E402
 from training.sync import adamw  # noqa: E402
 
 

@@ -19,12 +19,12 @@ from accelerate import Accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ddpm  # noqa: E402
+from checkpoints.checkpointing import TrainerState  # noqa: E402
+from image_data.pixels import images_to_model_input  # noqa: E402
 from schedulers import DDPMPaperScheduler  # noqa: E402
-from training.checkpointing import TrainerState  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.models import build_unet  # noqa: E402
 from training.monitor import StepMonitor  # noqa: E402
-from training.pixels import images_to_model_input  # noqa: E402
 from training.sync import adamw  # noqa: E402
 
 

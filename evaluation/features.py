@@ -121,12 +121,14 @@ class DigitsFeatures(torch.nn.Module):
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
-    digits = load_digits()  # the rule of `training.data.digits_dataset` (tests/test_sample_quality.py compares them)
+    digits = (
+        load_digits()
+    )  # the rule of `image_data.sources.digits_dataset` (tests/test_sample_quality.py compares them)
     return np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
 
 
 def digits_pixels() -> tuple[torch.Tensor, torch.Tensor]:
-    """The embedded dataset (as `training.data.digits_dataset` holds it) as uint8 (1797, 1, 8, 8) in 0..255, and its labels."""
+    """The embedded dataset (as `image_data.sources.digits_dataset` holds it) as uint8 (1797, 1, 8, 8) in 0..255, and its labels."""
     images, labels = _digits_arrays()
     return torch.tensor(images).unsqueeze(1), torch.tensor(labels, dtype=torch.long)
 

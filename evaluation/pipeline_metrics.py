@@ -133,7 +133,7 @@ def evaluate(
         pipeline ([`DDPMPaperPipeline`]):
             The model, on its device (EMA weights if those are evaluated); its UNet is in eval mode during the call.
         images (`torch.Tensor` or `datasets.Dataset`):
-            Real images, uint8 (N, C, H, W), or the (non-streaming) output of `training.pixels.preprocess_images`.
+            Real images, uint8 (N, C, H, W), or the (non-streaming) output of `image_data.pixels.preprocess_images`.
             uint16 images (`preserve_input_precision`) get bits/dim over 65,536 levels a value (decoder bins of
             2/65535) and are compared with the samples, for FID and the like, as 8-bit images.
         num_images (`int`, defaults to 256):

@@ -25,10 +25,11 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
+from hub_access.atomic_folder import INDEX_NAME, atomic_folder
+from hub_access.disk_space import DiskFullError, first_line, format_bytes, free_bytes, is_disk_full
+from hub_access.secrets import known_tokens, redact
 from schedulers import DIFFUSERS_PREDICTION_TYPES
 
-from .atomic_folder import INDEX_NAME, atomic_folder
-from .disk_space import DiskFullError, first_line, format_bytes, free_bytes, is_disk_full
 from .utils import image_grid
 
 if TYPE_CHECKING:
@@ -435,14 +436,15 @@ def _publish_errors(repo_id: str, token: str | None):
         status = error.response.status_code if error.response is not None else None
         raise PublishError(
             f"Publishing to the Hub repo {repo_id!r} failed (HTTP {status}): "
-            f"{error.server_message or _redact(str(error), token)}.{_HTTP_HINTS.get(status, '')} "
+            f"{error.server_message or redact(str(error), [token or '', *known_tokens()])}."
+            f"{_HTTP_HINTS.get(status, '')} "
             "Nothing local was changed; publish again once this is fixed."
         ) from None
     except Exception as error:  # network and offline errors come from several libraries
         raise PublishError(
             f"Publishing to the Hub repo {repo_id!r} failed: {type(error).__name__}: "
-            f"{_redact(str(error), token)}. Check the network and HF_ENDPOINT / HF_HUB_OFFLINE; nothing local was "
-            "changed."
+            f"{redact(str(error), [token or '', *known_tokens()])}. Check the network and HF_ENDPOINT / "
+            "HF_HUB_OFFLINE; nothing local was changed."
         ) from None
 
 
@@ -450,7 +452,3 @@ _HTTP_HINTS = {
     401: " Check the token (--hub_token, HF_TOKEN or `hf auth login`).",
     403: " The token has no write access to that namespace.",
 }
-
-
-def _redact(message: str, token: str | None) -> str:
-    return message.replace(token, "***") if token else message

@@ -1,4 +1,4 @@
-"""Issue 13, item 2: a damaged or hostile checkpoint is refused, never half-loaded; an export killed midway leaves the
+"""A damaged or hostile checkpoint is refused, never half-loaded; an export killed midway leaves the
 previous one loadable. Real checkpoints of real short runs of train_ddpm.py (the small U-Net of test_train.py on the
 embedded digits), damaged on disk, then resumed by real runs."""
 
@@ -17,14 +17,14 @@ from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 from test_train import FAST, REPO, RUN_TIMEOUT, SMALL_UNET, _command, _env, run_training, trainer_state
 
-from training.checkpointing import (
+from checkpoints.checkpointing import (
     TRAINER_STATE_NAME,
     CheckpointError,
     read_object_state,
     resolve_resume_checkpoint,
     verify_checkpoint,
 )
-from training.manifest import MANIFEST_NAME, file_digest, write_manifest
+from checkpoints.manifest import MANIFEST_NAME, file_digest, write_manifest
 
 RUN = ["--model_config_name_or_path", "unet.json", "--train_batch_size", "8", "--checkpointing_steps", "2", *FAST]
 EXPORT = [Path("model_index.json"), Path("unet") / "config.json", Path("unet") / "diffusion_pytorch_model.safetensors"]

@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from training.checkpointing import (
+from checkpoints.checkpointing import (
     TRAINER_STATE_NAME,
     CheckpointError,
     TrainerState,
@@ -20,8 +20,8 @@ from training.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
+from checkpoints.manifest import write_manifest
 from training.ema import EMA
-from training.manifest import write_manifest
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""training.data: the embedded digits, local and Hub datasets, the uint8 image cache and per-batch model input."""
+"""image_data.sources: the embedded digits, local and Hub datasets, the uint8 image cache and per-batch model input."""
 
 import os
 import time
@@ -12,16 +12,17 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import hub_access
-from training import data, image_folder
-from training import pixels as pixel_cache
-from training.data import (
+from image_data import folder_listing as image_folder
+from image_data import pixels as pixel_cache
+from image_data import sources as data
+from image_data.pixels import collate_pixels, images_to_model_input, preprocess_images
+from image_data.sources import (
     DatasetUnavailableError,
     ImageDataError,
     digits_dataset,
     find_image_column,
     load_image_dataset,
 )
-from training.pixels import collate_pixels, images_to_model_input, preprocess_images
 
 
 def banded_image() -> Image.Image:

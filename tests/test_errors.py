@@ -1,4 +1,4 @@
-"""Issue 13, item 5: errors that say what happened. Each case is a failure a user meets (unusable data, a full disk,
+"""Errors that say what happened. Each case is a failure a user meets (unusable data, a full disk,
 a checkpoint of another model, a flag out of range), and each test pins down how the run ends: the exit status, the
 one-line message that names the problem and what to do, and what is left on disk."""
 
@@ -20,13 +20,13 @@ from test_train import FAST, REPO, SMALL_UNET, _env, _random_images, run_trainin
 from transformers import HfArgumentParser
 
 import evaluate_ddpm
-from pipelines.atomic_folder import STAGING_NAME
-from pipelines.disk_space import is_disk_full
+from checkpoints.checkpointing import verify_checkpoint
+from checkpoints.model_fit import model_mismatch
+from hub_access.atomic_folder import STAGING_NAME
+from hub_access.disk_space import is_disk_full
+from image_data.pixels import load_pixels
+from image_data.sources import ImageDataError, load_image_dataset
 from training.args import FLAG_RANGES, make_parser, parse_args
-from training.checkpoint_fit import model_mismatch
-from training.checkpointing import verify_checkpoint
-from training.data import ImageDataError, load_image_dataset
-from training.pixels import load_pixels
 
 TINY_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4", *FAST]
 
@@ -121,7 +121,7 @@ def test_a_link_to_a_folder_is_skipped_with_a_warning_naming_it(tmp_path, caplog
     save_images(elsewhere)
     (folder / "more").symlink_to(elsewhere, target_is_directory=True)
     (folder / "loop").symlink_to(".", target_is_directory=True)
-    with caplog.at_level(logging.WARNING, logger="training.image_folder"):
+    with caplog.at_level(logging.WARNING, logger="image_data.folder_listing"):
         dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
     assert len(dataset) == 3  # as `datasets` loads it: the linked folders' images are not trained on
     warnings = sorted(record.getMessage() for record in caplog.records)

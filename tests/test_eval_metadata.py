@@ -17,9 +17,9 @@ from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 
 import evaluate_ddpm
+from image_data.sources import training_data_record
 from pipelines import DDPMPaperPipeline, ModelCardInfo
 from schedulers import DDPMPaperScheduler
-from training.data import training_data_record
 
 REPO = Path(__file__).resolve().parents[1]
 T = 20
@@ -249,7 +249,7 @@ def test_the_channels_of_the_data_are_read_from_the_split_evaluated(tmp_path):
     assert report["settings"]["split"] == "test" and math.isfinite(report["bits_per_dim"])
 
 
-# 4. Checkpoints and missing folders (issue 13) -------------------------------------------------------------------------
+# 4. Checkpoints and missing folders -----------------------------------------------------------------------------------
 def test_a_checkpoint_folder_names_the_export_to_pass(tmp_path):
     run = export(tmp_path / "run")
     (run / "checkpoint-4").mkdir()

@@ -1,4 +1,4 @@
-"""Every image mode a user brings (issue 14): the channel count follows the data, 16-bit images are scaled (or kept
+"""Every image mode a user brings: the channel count follows the data, 16-bit images are scaled (or kept
 with --preserve_input_precision), float images are refused, alpha/palette/1-bit/CMYK are converted as PIL shows them,
 an embedded ICC profile is applied. Real PNG/TIFF files in temporary folders, read with `load_pixels`."""
 
@@ -23,9 +23,9 @@ from datasets import Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from training.data import ImageDataError
-from training.image_modes import decide_channels
-from training.pixels import PixelBatches, collate_pixels, images_to_model_input, load_pixels, preprocess_images
+from image_data.image_modes import decide_channels
+from image_data.pixels import PixelBatches, collate_pixels, images_to_model_input, load_pixels, preprocess_images
+from image_data.sources import ImageDataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def test_the_channel_count_follows_the_data(tmp_path):
 def test_a_mixed_folder_takes_the_majority_mode_and_says_so(tmp_path, caplog):
     images = {f"g{i}.png": gray(50) for i in range(3)} | {f"c{i}.png": rgb((200, 0, 0)) for i in range(2)}
     folder = save_all(tmp_path / "mixed", images)
-    with caplog.at_level(logging.WARNING, logger="training.image_modes"):
+    with caplog.at_level(logging.WARNING, logger="image_data.image_modes"):
         pixels = cached(folder, tmp_path)
     assert pixels.shape == (5, 1, 6, 6)
     assert "Mixed image modes" in caplog.text and "3 L" in caplog.text and "2 RGB" in caplog.text
@@ -157,7 +157,7 @@ def test_a_mixed_folder_takes_the_majority_mode_and_says_so(tmp_path, caplog):
 def test_the_channel_decision_reads_a_bounded_sample(tmp_path):
     images = {f"{i:02d}.png": gray(1) for i in range(3)} | {f"{i + 3:02d}.png": rgb((1, 2, 3)) for i in range(5)}
     folder = save_all(tmp_path / "many", images)
-    from training.data import find_image_column, load_image_dataset
+    from image_data.sources import find_image_column, load_image_dataset
 
     dataset = load_image_dataset(None, None, str(folder), cache_dir=str(tmp_path / "cache"))
     column = find_image_column(dataset)
@@ -288,7 +288,7 @@ DEEP_KINDS = {
 
 @pytest.mark.parametrize("kind", list(DEEP_KINDS))
 def test_16_bit_files_pil_reads_at_8_bits_count_as_what_they_store(tmp_path, kind):
-    from training.data import find_image_column, load_image_dataset
+    from image_data.sources import find_image_column, load_image_dataset
 
     name, write, count, pil_mode, stored, channels, twin_mode = DEEP_KINDS[kind]
     values = sixteen_bit_channels(count)

@@ -1,5 +1,5 @@
-"""The layout of README's "Layout" section: imports run one way, hub_access <- schedulers <- pipelines <- evaluation /
-training <- the two scripts, and a script never imports the other."""
+"""The layout of README's "Layout" section: imports run one way, hub_access <- schedulers <- pipelines <- image_data <-
+checkpoints / evaluation <- training <- the two scripts, and a script never imports the other."""
 
 import ast
 from pathlib import Path
@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-LEVEL = {"hub_access": 0, "schedulers": 1, "pipelines": 2, "evaluation": 3, "training": 3}
+LEVEL = {
+    "hub_access": 0,
+    "schedulers": 1,
+    "pipelines": 2,
+    "image_data": 3,
+    "checkpoints": 4,
+    "evaluation": 4,
+    "training": 5,
+}
 SCRIPTS = ("train_ddpm", "evaluate_ddpm")
 
 
@@ -39,8 +47,8 @@ def test_imports_run_one_way(room, path):
 
 def test_the_check_sees_a_wrong_way_import(tmp_path):
     module = tmp_path / "module.py"
-    module.write_text("def f():\n    from training.data import digits_dataset\n    import evaluate_ddpm\n")
-    assert first_party_imports(module) == {"training", "evaluate_ddpm"}
+    module.write_text("def f():\n    from image_data.sources import digits_dataset\n    import evaluate_ddpm\n")
+    assert first_party_imports(module) == {"image_data", "evaluate_ddpm"}
 
 
 def test_no_test_touches_accelerates_private_state():

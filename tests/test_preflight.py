@@ -15,8 +15,7 @@ from safetensors.torch import save_file
 from test_train import FAST, SMALL_UNET, run_training
 
 import evaluate_ddpm
-from training.args import ArgumentError, parse_args, public_config
-from training.checkpointing import (
+from checkpoints.checkpointing import (
     CheckpointError,
     TrainerState,
     changed_objective,
@@ -24,7 +23,8 @@ from training.checkpointing import (
     prepare_output_dir,
     resolve_resume_checkpoint,
 )
-from training.manifest import write_manifest
+from checkpoints.manifest import write_manifest
+from training.args import ArgumentError, parse_args, public_config
 from training.preflight import check_output_paths, check_step_memory, device_memory
 
 TOKEN = "hf_" + "Q" * 34

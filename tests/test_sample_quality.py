@@ -156,8 +156,8 @@ def test_unknown_feature_extractor_lists_the_known_ones():
 
 def test_digits_pixels_are_the_training_data_the_embedded_run_sees():
     # evaluation/ reads the digits from scikit-learn itself (it does not import training/): the same uint8 images and
-    # labels as training.data.digits_dataset.
-    from training.data import digits_dataset
+    # labels as image_data.sources.digits_dataset.
+    from image_data.sources import digits_dataset
 
     pixels, labels = digits_pixels()
     digits = digits_dataset().with_format("numpy")[:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from training.checkpointing import TRAINER_STATE_NAME, TrainerState
+from checkpoints.checkpointing import TRAINER_STATE_NAME, TrainerState
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -239,7 +239,7 @@ import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
 from accelerate import Accelerator
-from training.checkpointing import TrainerState
+from checkpoints.checkpointing import TrainerState
 from training.models import build_unet
 from training.monitor import StepMonitor
 

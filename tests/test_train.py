@@ -27,12 +27,12 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_ddpm
+from checkpoints.checkpointing import TRAINER_STATE_NAME, TrainerState
+from image_data.pixels import PixelBatches, preprocess_images
+from image_data.sources import DatasetUnavailableError, ImageDataError, digits_dataset, split_held_out
 from schedulers import DDPMPaperScheduler
 from training.args import DIGITS_DEFAULTS, make_parser, parse_args, public_config
-from training.checkpointing import TRAINER_STATE_NAME, TrainerState
-from training.data import DatasetUnavailableError, ImageDataError, digits_dataset, split_held_out
 from training.output_lock import LOCK_FILE_NAME
-from training.pixels import PixelBatches, preprocess_images
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_UNET = {

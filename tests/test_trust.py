@@ -1,4 +1,4 @@
-"""Issue 13, items 3, 4 and 5 (flags and columns): one run per output folder, credentials that never leak whatever
+"""One run per output folder, credentials that never leak whatever
 carried them, published text without local paths, and numeric flags / image columns checked before any work."""
 
 import dataclasses
@@ -22,9 +22,9 @@ from test_train import FAST, REPO, SMALL_UNET, _env, _random_images, run_trainin
 
 import evaluate_ddpm
 import train_ddpm
+from hub_access.secrets import mask_logs_and_errors, public_argv, register
 from training.args import parse_args, public_config
 from training.output_lock import LOCK_FILE_NAME, OutputDirLock
-from training.secrets import mask_logs_and_errors, public_argv, register
 
 TOKEN = "hf_trustFlagToken0123456789abcdefgh"
 ENV_TOKEN = "hf_trustEnvToken0123456789abcdefghi"

@@ -24,11 +24,7 @@ import yaml
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
-from schedulers import BETA_SCHEDULES, VARIANCE_TYPES
-from training import flag_ranges
-from training.losses import LOSS_TYPES, check_objective
-from training.models import MODEL_PRESETS
-from training.secrets import (
+from hub_access.secrets import (
     flags_holding_tokens,
     known_tokens,
     parse_strictly,
@@ -37,6 +33,10 @@ from training.secrets import (
     redact_values,
     token_in_flags_message,
 )
+from schedulers import BETA_SCHEDULES, VARIANCE_TYPES
+from training import flag_ranges
+from training.losses import LOSS_TYPES, check_objective
+from training.models import MODEL_PRESETS
 
 # The names of `evaluation.FEATURE_EXTRACTORS`, as plain argparse choices: training/ does not import evaluation/
 # (tests/test_evaluate_cli.py keeps the two equal).

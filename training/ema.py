@@ -33,7 +33,7 @@ class EMA:
         min_decay (`float`, defaults to 0.0):
             The smallest decay after the first update.
 
-    The object has `state_dict` / `load_state_dict`, so `training.checkpointing.register_checkpoint_state` saves it
+    The object has `state_dict` / `load_state_dict`, so `checkpoints.checkpointing.register_checkpoint_state` saves it
     (as safetensors) and restores it with the rest of the training state.
     """
 

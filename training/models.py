@@ -21,7 +21,7 @@ from diffusers import UNet2DModel
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from hub_access import work_offline
-from training.secrets import is_local_path
+from hub_access.secrets import is_local_path
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from training.checkpointing import TrainerState
+from checkpoints.checkpointing import TrainerState
 from training.sync import DeferredRead
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ import os
 import psutil
 import torch
 
-from pipelines.disk_space import format_bytes
+from hub_access.disk_space import format_bytes
+from hub_access.secrets import is_local_path
 from training.args import ArgumentError, TrainingArguments
-from training.secrets import is_local_path
 
 
 def _file_in_the_way(path: str) -> str | None:

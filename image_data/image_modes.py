@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageCms
 
-from training.data import ImageDataError
+from image_data.sources import ImageDataError
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def channels_of_data(
     sample_size: int = CHANNEL_SAMPLE_SIZE,
 ) -> int:
     """`decide_channels` of a dataset given as the training flags give it (loaded as `load_pixels` loads it)."""
-    from training.data import find_image_column, load_image_dataset
+    from image_data.sources import find_image_column, load_image_dataset
 
     dataset = load_image_dataset(
         dataset_name, dataset_config_name, train_data_dir, cache_dir=cache_dir, split=split, streaming=streaming

@@ -5,7 +5,7 @@ A checkpoint is the folder `checkpoint-{step}` under the output folder. It holds
 writes (the model in safetensors, the optimizer, GradScaler and sampler states, the RNG states of every process), the
 objects registered with `register_checkpoint_state` (the EMA in safetensors, the LR schedule in JSON: nothing of ours
 is pickled), `trainer_state.json` (the step, the data position and the resolved training flags) and, last,
-`manifest.json`: every file's size and SHA-256 (training/manifest.py).
+`manifest.json`: every file's size and SHA-256 (checkpoints/manifest.py).
 
 Writing goes to `checkpoint-{step}.tmp`; `trainer_state.json` and then the manifest are written last, every file is
 flushed to disk, and the folder is then renamed into place. A folder named `checkpoint-{step}` with a
@@ -42,12 +42,12 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipelines.atomic_folder import INDEX_NAME, fsync_dir, fsync_tree
-from pipelines.disk_space import folder_bytes, format_bytes, free_bytes, is_disk_full
+from checkpoints.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
+from checkpoints.model_fit import model_mismatch
+from hub_access.atomic_folder import INDEX_NAME, fsync_dir, fsync_tree
+from hub_access.disk_space import folder_bytes, format_bytes, free_bytes, is_disk_full
+from image_data.sources import held_out_images
 from pipelines.export import SAMPLE_GRID_FILE, TRAINING_DATA_FILE
-from training.checkpoint_fit import model_mismatch
-from training.data import held_out_images
-from training.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def check_model_fits(path: str, model: dict[str, torch.Tensor], config: dict[str
     flags of `config` (the resuming run's public flags) that differ; only the safetensors header is read.
 
     Raises:
-        `CheckpointError`: the message of `training.checkpoint_fit.model_mismatch`.
+        `CheckpointError`: the message of `checkpoints.model_fit.model_mismatch`.
     """
     mismatch = model_mismatch(path, model, _read_trainer_state(path).training_args, config)
     if mismatch is not None:
@@ -772,7 +772,7 @@ def load_checkpoint(accelerator: Accelerator, path: str, config: dict[str, Any] 
         accelerator (`Accelerator`): The run's, with its model, optimizer and objects prepared / registered.
         path (`str`): The checkpoint folder.
         config (`dict`, *optional*): The resuming run's public flags: a model of other shapes is refused before
-            anything is loaded, naming the flags that differ from the checkpoint's (`training.checkpoint_fit`).
+            anything is loaded, naming the flags that differ from the checkpoint's (`checkpoints.model_fit`).
 
     Raises:
         `CheckpointError`: the checkpoint does not verify, holds a model of other shapes, or a state cannot be

@@ -4,7 +4,7 @@ checkpoint that is exactly as written from one that was truncated, damaged or al
 `manifest.json` lists every file of the checkpoint folder (itself excepted). A checkpoint verifies when its manifest
 reads, names only plain relative paths inside the folder, and the folder holds exactly those files with those sizes
 and digests. The manifest proves integrity, not origin: whoever can write the folder can write a new manifest, which
-is why nothing of a checkpoint is ever unpickled with `weights_only=False` either (see training/checkpointing.py).
+is why nothing of a checkpoint is ever unpickled with `weights_only=False` either (see checkpoints/checkpointing.py).
 """
 
 from __future__ import annotations

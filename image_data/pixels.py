@@ -18,9 +18,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from PIL import Image
 
-from pipelines import pixels_to_model_range
-from training.data import ImageDataError, find_image_column, load_image_dataset
-from training.image_modes import (
+from image_data.image_modes import (
     CHANNEL_CHOICES,
     CONVERSION_VERSION,
     MAX_16_BIT,
@@ -29,6 +27,8 @@ from training.image_modes import (
     to_cache_array,
     to_cache_mode,
 )
+from image_data.sources import ImageDataError, find_image_column, load_image_dataset
+from pipelines import pixels_to_model_range
 
 
 def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -148,7 +148,7 @@ def preprocess_images(
             Side of the square output images.
         channels (`int`):
             1 converts the images to grayscale ("L"), 3 to "RGB" (transparency composited on white), 4 to "RGBA";
-            see `training.image_modes` for each PIL mode, 16-bit and float images.
+            see `image_data.image_modes` for each PIL mode, 16-bit and float images.
         center_crop (`bool`, defaults to `True`):
             Crop the center of the resized image; otherwise a random crop chosen once per image.
         seed (`int`, defaults to 0):
@@ -224,7 +224,7 @@ def load_pixels(
     r"""
     The uint8 `pixels` of a dataset split, as the training and evaluation scripts read it: `load_image_dataset`, then
     `find_image_column`, then (after keeping the first `limit` images, if given) `preprocess_images`. `channels=None`
-    takes the channel count from the data (`training.image_modes.decide_channels`); the result's
+    takes the channel count from the data (`image_data.image_modes.decide_channels`); the result's
     `features["pixels"].shape[0]` says which.
 
     Returns:

@@ -1,7 +1,7 @@
 """Where the training images come from: a Hub dataset, a local folder (a plain image folder through
-`training.image_folder`'s fast listing), or the embedded digits; the image column; the held-out images of the
+`image_data.folder_listing`'s fast listing), or the embedded digits; the image column; the held-out images of the
 evaluation; and the errors that say what is wrong with the data. The uint8 cache and the batches are in
-`training.pixels`.
+`image_data.pixels`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from PIL import Image
 
 from hub_access import forced_offline_mode, offline_mode_requested, work_offline
-from training.image_folder import (
+from hub_access.secrets import is_local_path
+from image_data.folder_listing import (
     accepted_extensions,
     broken_links,
     image_files,
     plain_image_folder,
     undecodable,
 )
-from training.secrets import is_local_path
 
 
 class DatasetUnavailableError(RuntimeError):

@@ -1,0 +1,2 @@
+"""Where images come from and how they become pixels: sources (Hub, folder, streaming), the fast folder listing,
+image modes and bit depth, the uint8 pixel cache and its batches. Training and evaluation both load images here."""
