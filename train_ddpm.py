@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import logging
 import math
@@ -73,7 +74,7 @@ from training.losses import diffusion_loss  # the loop calls it by this name (te
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
 from training.monitor import StepMonitor
 from training.output_lock import OutputDirLockedError, lock_output_dir, release_output_locks
-from training.preflight import check_output_paths, check_step_memory
+from training.preflight import check_output_paths, check_step_memory, lies_inside, unwritable, written_folders
 from training.sync import adamw, step_unless_nonfinite
 
 logger = get_logger(__name__)
@@ -686,6 +687,46 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     return TrainingOutcome(state.global_step, unet=model, ema=ema, stopped_by=monitor.stopped_by, metrics=metrics)
 
 
+DENIED_WRITE_ERRNOS = (errno.EACCES, errno.EROFS, errno.EPERM)
+"""A write refused (permissions, a read-only file system); a full disk (ENOSPC, EDQUOT) is `is_disk_full`'s."""
+
+
+def write_failure_message(args: TrainingArguments, error: BaseException) -> str | None:
+    """
+    The one-line error of a write that failed, or None for any other error: a full disk anywhere (the datasets cache,
+    the logs, a tracker), or a write refused under a folder of the run (`written_folders`: a file the error names lies
+    there, or it no longer takes new files, e.g. remounted read-only or its permissions changed during the run). Both
+    name the newest checkpoint that still verifies.
+    """
+    if is_disk_full(error):
+        folders = {
+            "the datasets cache": args.cache_dir or datasets.config.HF_DATASETS_CACHE,
+            "--output_dir": args.output_dir,
+        }
+        free = ", ".join(f"{name} '{folder}' {format_bytes(free_bytes(folder))}" for name, folder in folders.items())
+        return (
+            f"A disk is full: {first_line(error)}. Free now: {free}. Free space there (or set --cache_dir / "
+            f"--output_dir to a disk with room), then run again. {intact_checkpoint_sentence(args.output_dir)}"
+        )
+    chain, denied = error, None
+    while chain is not None and denied is None:
+        if isinstance(chain, OSError) and chain.errno in DENIED_WRITE_ERRNOS:
+            denied = chain
+        chain = chain.__cause__ or chain.__context__
+    if denied is None:
+        return None
+    named = [str(name) for name in (denied.filename, denied.filename2) if name is not None]
+    for flag, folder in sorted(written_folders(args), key=lambda found: -len(os.path.realpath(found[1]))):
+        why = unwritable(folder)  # the innermost folder first: --logging_dir lies under --output_dir
+        if why is not None or any(lies_inside(name, folder) for name in named):
+            return (
+                f"Cannot write under {flag} '{folder}': {first_line(denied)}"
+                f"{f'; {why}' if why else ''}. Make it writable (or copy it to a folder you can write, and pass "
+                f"that), then run again. {intact_checkpoint_sentence(args.output_dir)}"
+            )
+    return None
+
+
 def main(argv: list[str] | None = None) -> TrainingOutcome:
     """Parse the flags (`argv`, default `sys.argv[1:]`) and train. Expected failures exit with a one-line error."""
     args = parse_args(argv)
@@ -707,18 +748,10 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
         PublishError,
     ) as error:
         raise SystemExit(f"train_ddpm.py: error: {redact(str(error))}") from error
-    except Exception as error:  # a disk filled anywhere else: the datasets cache, the logs, a tracker
-        if not is_disk_full(error):
+    except Exception as error:  # a write failed: a full disk anywhere, or a folder of the run no longer writable
+        message = write_failure_message(args, error)
+        if message is None:
             raise
-        folders = {
-            "the datasets cache": args.cache_dir or datasets.config.HF_DATASETS_CACHE,
-            "--output_dir": args.output_dir,
-        }
-        free = ", ".join(f"{name} '{folder}' {format_bytes(free_bytes(folder))}" for name, folder in folders.items())
-        message = (
-            f"A disk is full: {first_line(error)}. Free now: {free}. Free space there (or set --cache_dir / "
-            f"--output_dir to a disk with room), then run again. {intact_checkpoint_sentence(args.output_dir)}"
-        )
         raise SystemExit(f"train_ddpm.py: error: {redact(message)}") from error
     finally:
         release_output_locks()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+import re
 import sys
 from argparse import ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
@@ -275,6 +277,48 @@ class ArgumentError(ValueError):
     """Flags that cannot be used together, or a value out of range."""
 
 
+PATH_FLAGS = (
+    "output_dir",
+    "logging_dir",
+    "train_data_dir",
+    "dataset_name",
+    "cache_dir",
+    "model_config_name_or_path",
+    "resume_from_checkpoint",
+)
+"""The flags that name (or may name) a local path. `~` and `$VARIABLE` in them are expanded by `resolve_args`, as a
+shell expands them on a command line and nothing does in a file of flags (a Hub id starts with neither, `latest` holds
+neither); `public_config` publishes them by their public names."""
+
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def _expanded_path(name: str, value: str) -> str:
+    """`value` of the path flag `--name` with `~` and `$VARIABLE` expanded; refused where either stays literal."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    unset = _VARIABLE.search(expanded)
+    if unset is not None:
+        raise ArgumentError(
+            f"--{name} '{value}' names the environment variable {unset.group(0)}, which is not set: set it, or pass "
+            "the path itself."
+        )
+    if expanded.startswith("~"):
+        raise ArgumentError(
+            f"--{name} '{value}': '{expanded.split(os.sep)[0]}' is no user's home folder here: pass the path itself."
+        )
+    return expanded
+
+
+def _blank_string_flag(args: TrainingArguments) -> str | None:
+    """The one-line error for the first text flag given as an empty (or blank) value, or None."""
+    for item in dataclasses.fields(args):
+        value = getattr(args, item.name)
+        if isinstance(value, str) and not value.strip():
+            meaning = "a path or a name" if item.name in PATH_FLAGS or item.name.startswith("hub_") else "a value"
+            return f"--{item.name} '{value}' is empty: pass {meaning}, or leave the flag out for its default."
+    return None
+
+
 FLAG_RANGES: dict[str, flag_ranges.Range] = {
     # Data
     "resolution": flag_ranges.POSITIVE,
@@ -357,6 +401,13 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
     holding = flags_holding_tokens(dataclasses.asdict(args), allowed=("hub_token",))
     if holding:
         raise ArgumentError(token_in_flags_message(holding))
+    blank = _blank_string_flag(args)
+    if blank is not None:
+        raise ArgumentError(blank)
+    args = dataclasses.replace(
+        args,
+        **{name: _expanded_path(name, getattr(args, name)) for name in PATH_FLAGS if getattr(args, name) is not None},
+    )
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ArgumentError("Pass either --dataset_name or --train_data_dir, not both.")
     if args.model_preset is not None and args.model_config_name_or_path is not None:
@@ -572,15 +623,7 @@ def public_config(args: TrainingArguments) -> dict[str, Any]:
     config = dataclasses.asdict(args)
     config.pop("hub_token")
     config.pop("local_rank")
-    for name in (
-        "output_dir",
-        "logging_dir",
-        "train_data_dir",
-        "dataset_name",
-        "cache_dir",
-        "model_config_name_or_path",
-    ):
-        config[name] = public_path(config[name])
-    if config["resume_from_checkpoint"] != "latest":
-        config["resume_from_checkpoint"] = public_path(config["resume_from_checkpoint"])
+    for name in PATH_FLAGS:
+        if config[name] != "latest":  # --resume_from_checkpoint latest is no path
+            config[name] = public_path(config[name])
     return redact_values(config, known_tokens(args.hub_token))

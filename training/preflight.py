@@ -1,7 +1,8 @@
 """What train_ddpm.py checks of the file system and the machine before any long work starts.
 
 Each check raises `ArgumentError` with one line that names the flag, the fault and what to do; none writes anything.
-- `check_output_paths`: `--output_dir` and `--logging_dir` can be folders (no file in the way), and `--output_dir`
+- `check_output_paths`: the folders the run writes (`--output_dir`, which holds the checkpoints, `--logging_dir` and
+  `--cache_dir`) can be folders (no file in the way) that this process can write (`unwritable`), and `--output_dir`
   does not lie inside the training images (the next run would read its samples and checkpoints as images).
 - `check_step_memory`: one training step of `--train_batch_size` images at `--resolution` can fit the device at all
   (a lower bound: one feature map of the net's first layer), before the data cache is built at that resolution.
@@ -10,6 +11,7 @@ Each check raises `ArgumentError` with one line that names the flag, the fault a
 from __future__ import annotations
 
 import os
+import pwd
 
 import psutil
 import torch
@@ -32,7 +34,40 @@ def _file_in_the_way(path: str) -> str | None:
         current = parent
 
 
-def _inside(path: str, folder: str) -> bool:
+def unwritable(path: str) -> str | None:
+    """
+    Why this process cannot create `path` or write in it, or None: the nearest existing folder on the way to it (itself
+    included) must take new files. `os.access` asks the kernel, so a read-only file system counts for root too (a
+    mode bit does not stop root, and does not count here); nothing is written.
+    """
+    current = os.path.realpath(path)
+    while not os.path.exists(current) and os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+    if os.access(current, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(current).f_flag & os.ST_RDONLY:
+        return f"'{current}' is on a read-only file system"
+    return f"this user ({_user()}) may not create files in '{current}' (its permissions or attributes)"
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def written_folders(args: TrainingArguments) -> list[tuple[str, str]]:
+    """(flag, folder) of every folder the run writes: the output folder (checkpoints, samples, exports), the
+    tracker's logs and, when given, the datasets cache."""
+    folders = [("--output_dir", args.output_dir), ("--logging_dir", os.path.join(args.output_dir, args.logging_dir))]
+    if args.cache_dir is not None:
+        folders.append(("--cache_dir", args.cache_dir))
+    return folders
+
+
+def lies_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it, links followed."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -40,11 +75,11 @@ def _inside(path: str, folder: str) -> bool:
 def check_output_paths(args: TrainingArguments) -> None:
     """
     Raises:
-        `ArgumentError`: a file where `--output_dir` or `--logging_dir` must be a folder, or an `--output_dir` inside
-            the folder of training images (`--train_data_dir`, or a local `--dataset_name`).
+        `ArgumentError`: a file where `--output_dir`, `--logging_dir` or `--cache_dir` must be a folder, one of them
+            this process cannot write, or an `--output_dir` inside the folder of training images (`--train_data_dir`,
+            or a local `--dataset_name`).
     """
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    for flag, path in (("--output_dir", args.output_dir), ("--logging_dir", logging_dir)):
+    for flag, path in written_folders(args):
         if os.path.islink(path) and not os.path.exists(path):
             raise ArgumentError(
                 f"{flag} '{path}' is a link to '{os.readlink(path)}', which does not exist: create its target, or "
@@ -54,11 +89,16 @@ def check_output_paths(args: TrainingArguments) -> None:
         if blocking is not None:
             what = "is a file" if os.path.realpath(path) == blocking else f"lies under '{blocking}', which is a file"
             raise ArgumentError(f"{flag} '{path}' {what}, not a folder: pass a folder's path (it is created).")
+        why = unwritable(path)
+        if why is not None:
+            raise ArgumentError(
+                f"{flag} '{path}' cannot be written: {why}. Make it writable, or pass a folder you can write."
+            )
     data = [("--train_data_dir", args.train_data_dir)]
     if args.dataset_name is not None and is_local_path(args.dataset_name):
         data.append(("--dataset_name", args.dataset_name))
     for flag, folder in data:
-        if folder is not None and os.path.isdir(folder) and _inside(args.output_dir, folder):
+        if folder is not None and os.path.isdir(folder) and lies_inside(args.output_dir, folder):
             raise ArgumentError(
                 f"--output_dir '{args.output_dir}' lies inside the training images ({flag} '{folder}'): the sample "
                 "grids, checkpoints and export written there would be read as training images by the next run on "
