@@ -165,6 +165,7 @@ def test_the_seed_is_taken_from_the_checkpoint_and_every_record_shows_it(workdir
     assert [config["seed"] for config in hparams] == [0]
 
 
+@pytest.mark.slow
 @pytest.mark.fresh_process
 def test_resuming_with_the_same_flags_names_no_change_and_continues_the_schedule(workdir, base_run, steps, caplog):
     with caplog.at_level("INFO"):
