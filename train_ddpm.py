@@ -42,8 +42,10 @@ from checkpoints.checkpointing import (
     TrainerState,
     changed_objective,
     changed_settings,
+    changed_training,
     check_model_fits,
     checkpoint_path,
+    continue_schedule,
     intact_checkpoint_sentence,
     load_checkpoint,
     prepare_output_dir,
@@ -51,6 +53,7 @@ from checkpoints.checkpointing import (
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
+    settings_from_checkpoint,
 )
 from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
 from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full
@@ -408,18 +411,49 @@ def load_data(
     return loader, held_out, record
 
 
-def resume(accelerator: Accelerator, args: TrainingArguments, path: str | None) -> TrainerState:
-    """The state to start from: a new one, or the checkpoint at `path` restored (weights, optimizer, EMA, ...)."""
+def checkpoint_flags(args: TrainingArguments, path: str) -> TrainingArguments:
+    """`args` with the flags a resumed run takes from the checkpoint at `path` (`FROM_CHECKPOINT`), each change
+    warned; a flag that cannot be applied is refused (`settings_from_checkpoint`), before any long work."""
+    kept = settings_from_checkpoint(path, public_config(args))
+    for name, value in kept.items():
+        logger.warning(
+            "--%s %s is not applied: a resumed run keeps the checkpoint's --%s %s (it fixes the data order). Start a "
+            "new run in another --output_dir for another value.", name, getattr(args, name), name, value,
+        )  # fmt: skip
+    return dataclasses.replace(args, **kept)
+
+
+def resume(
+    accelerator: Accelerator, args: TrainingArguments, path: str | None, optimizer, lr_scheduler, max_train_steps: int
+) -> TrainerState:
+    """
+    The state to start from: a new one, or the checkpoint at `path` restored (weights, optimizer, EMA, ...), with this
+    run's optimizer flags written into the optimizer and the LR schedule rebuilt from this run's flags at the step
+    reached (`APPLIED_ON_RESUME`): one log line names each change.
+    """
     state = TrainerState()
     if path is not None:
         state = load_checkpoint(accelerator, path, public_config(args))
+        if state.global_step > max_train_steps:  # --num_epochs too few for the step reached (--max_train_steps is
+            raise CheckpointError(  # refused before the data, in settings_from_checkpoint)
+                f"--num_epochs {args.num_epochs} gives {max_train_steps} optimizer steps, below step "
+                f"{state.global_step}, which {path} has reached: there is nothing to train. Pass more --num_epochs or "
+                f"a --max_train_steps of at least {state.global_step}."
+            )
+        values = {
+            "lr": args.learning_rate,
+            "betas": (args.adam_beta1, args.adam_beta2),
+            "weight_decay": args.adam_weight_decay,
+            "eps": args.adam_epsilon,
+        }
+        lr = continue_schedule(lr_scheduler, optimizer.optimizer, values, state.global_step)
+        applied = changed_training(state, public_config(args))
         logger.info(
-            "Resumed from %s: step %d, epoch %d, batch %d",
-            path,
-            state.global_step,
-            state.epoch,
-            state.batches_in_epoch,
-        )
+            "Resumed from %s: step %d, epoch %d, batch %d; continuing with %s (lr now %.4g; %s over %d steps)",
+            path, state.global_step, state.epoch, state.batches_in_epoch,
+            ", ".join(applied) if applied else "the checkpoint's optimizer settings",
+            lr, args.lr_scheduler, max_train_steps,
+        )  # fmt: skip
         changed = changed_settings(state, public_config(args), accelerator.num_processes)
         if changed:
             logger.warning(
@@ -517,6 +551,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     lock_output_dir(accelerator, args.output_dir)  # one run per folder, held until `main` ends
     resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)  # verified
     prepare_output_dir(accelerator, args.output_dir, resume_path, args.overwrite_output_dir)
+    if resume_path is not None:  # flags that cannot be applied are refused now; those of the checkpoint replace ours
+        args = checkpoint_flags(args, resume_path)
     if args.push_to_hub and accelerator.is_main_process:  # as train_unconditional.py: the repo exists before training
         create_hub_repo(hub_repo_id(args), private=args.hub_private_repo or None, token=args.hub_token)
     feature_extractor = None
@@ -585,7 +621,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(args.output_dir)
-    state = resume(accelerator, args, resume_path)
+    state = resume(accelerator, args, resume_path, optimizer, lr_scheduler, max_train_steps)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("train_ddpm", config=tracker_config(args))

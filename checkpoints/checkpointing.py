@@ -61,6 +61,16 @@ RESUME_INVARIANTS += ("train_batch_size", "gradient_accumulation_steps")
 OBJECTIVE_FLAGS = ("prediction_type", "loss_type", "variance_type", "ddpm_num_steps", "ddpm_beta_schedule")
 """Flags that fix what the network learns (the diffusion process and the objective): resumed weights were trained for
 the checkpoint's values."""
+APPLIED_ON_RESUME = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_epochs")
+APPLIED_ON_RESUME += ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm")
+APPLIED_ON_RESUME += ("use_ema", "ema_inv_gamma", "ema_power", "ema_max_decay", "max_nonfinite_steps")
+"""Flags of the optimisation that a resumed run applies from its command line, over what the checkpoint restores: the
+optimizer's param groups take the new values, and the LR schedule is rebuilt from the new flags at the step reached.
+Each change is named, old -> new, in the line that starts the resumed run (`changed_training`)."""
+FROM_CHECKPOINT = ("seed",)
+"""Flags that a resumed run takes from the checkpoint whatever its command line says: the seed fixes the data order
+(accelerate restores the checkpoint's sampler seed) and the random crops of the data cache, so another value would mix
+two runs. A different value on the command line is named in a warning, and the records show the checkpoint's."""
 
 
 class CheckpointError(RuntimeError):
@@ -427,6 +437,64 @@ def changed_objective(saved: TrainerState, config: dict[str, Any]) -> list[str]:
         for name in OBJECTIVE_FLAGS
         if name in saved.training_args and saved.training_args[name] != config.get(name)
     ]
+
+
+def changed_training(saved: TrainerState, config: dict[str, Any]) -> list[str]:
+    """What differs between the checkpoint's run (`saved`) and the resuming one in `APPLIED_ON_RESUME`, as
+    `learning_rate 0.001 -> 0.0001` (the resumed run applies each of them)."""
+    return [
+        f"{name} {saved.training_args[name]} -> {config.get(name)}"
+        for name in APPLIED_ON_RESUME
+        if name in saved.training_args and saved.training_args[name] != config.get(name)
+    ]
+
+
+def settings_from_checkpoint(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    r"""
+    Check the resuming run's flags (its public `config`) against the checkpoint at `path` before any long work, and
+    return the flags it takes from the checkpoint (`FROM_CHECKPOINT`) where they differ, as `{name: checkpoint's}`.
+
+    Raises:
+        `CheckpointError`: a flag that cannot be applied: `--use_ema` for a checkpoint written without it (there is
+            no average to continue), or a `--max_train_steps` below the step the checkpoint reached.
+    """
+    state = _read_trainer_state(path)
+    saved = state.training_args
+    names = os.listdir(path)
+    has_ema = any(name in names for name in ("ema.safetensors", "ema.json")) or any(
+        _LEGACY_CUSTOM_RE.match(name) for name in names
+    )
+    if config.get("use_ema") and not has_ema:
+        raise CheckpointError(
+            f"{path} was written without --use_ema: it holds no average of the weights to continue. Resume with "
+            "--use_ema false, or train with EMA in a new --output_dir."
+        )
+    steps = config.get("max_train_steps")
+    if steps is not None and steps < state.global_step:
+        raise CheckpointError(
+            f"--max_train_steps {steps} is below step {state.global_step}, which {path} has reached: there is nothing "
+            f"to train. Pass a --max_train_steps of at least {state.global_step}."
+        )
+    return {name: saved[name] for name in FROM_CHECKPOINT if name in saved and saved[name] != config.get(name)}
+
+
+def continue_schedule(scheduler, optimizer: torch.optim.Optimizer, values: dict[str, Any], step: int) -> float:
+    r"""
+    After `load_state`, apply this run's optimizer flags: `values` (`lr`, `betas`, `weight_decay`, `eps`) are written
+    into every param group of `optimizer`, and `scheduler` (a `LambdaLR` built from this run's flags, whose
+    `last_epoch` and base rates the checkpoint restored) continues from `step` with `values["lr"]` as its base: the
+    learning rate becomes the new schedule's value at `step`. Returns it.
+    """
+    for group in optimizer.param_groups:
+        group.update(values)
+        group["initial_lr"] = values["lr"]
+    scheduler.base_lrs = [values["lr"] for _ in optimizer.param_groups]
+    scheduler.last_epoch = step
+    rates = [base * factor(step) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = list(rates)  # what get_last_lr() returns
+    return rates[0]
 
 
 def remove_checkpoints(output_dir: str) -> list[str]:

@@ -229,7 +229,9 @@ class TrainingArguments:
     checkpointing_steps: int = _arg(500, help="Write a resumable checkpoint every this many optimizer steps.")
     checkpoints_total_limit: int | None = _arg(help="Keep at most this many checkpoints (the oldest are removed).")
     resume_from_checkpoint: str | None = _arg(
-        help="`latest` (the newest complete checkpoint in --output_dir, if any) or a checkpoint path / name."
+        help="`latest` (the newest complete checkpoint in --output_dir, if any) or a checkpoint path / name. The "
+        "optimizer, LR-schedule, EMA and length flags of this command line are applied from the step reached (named "
+        "in the log); --seed is the checkpoint's; other model shapes, or --use_ema without an EMA, are refused."
     )
     save_images_epochs: int | None = _arg(help="Save a sample grid every this many epochs (0: never).")
     save_images_steps: int | None = _arg(help="(new) Save a sample grid every this many steps.")
