@@ -66,20 +66,26 @@ RUN_DEFAULTS: dict[str, tuple[Any, Any]] = {
 PEER_DEFAULTS: dict[str, Any] = {name: values[0] for name, values in RUN_DEFAULTS.items()}
 DIGITS_DEFAULTS: dict[str, Any] = {name: values[1] for name, values in RUN_DEFAULTS.items()}
 
-PAPER_CIFAR10_COMMAND = """accelerate launch --multi_gpu --num_processes 8 train_ddpm.py \\
-      --dataset_name uoft-cs/cifar10 --resolution 32 --model_preset ddpm-cifar10 --random_flip \\
-      --train_batch_size 16 --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 5000 \\
-      --adam_beta1 0.9 --adam_weight_decay 0 --max_train_steps 800000 --use_ema --ema_power 1 --ema_max_decay 0.9999"""
+PAPER_RECIPES = {
+    "configs/ddpm-cifar10.yaml": "CIFAR-10 32x32, the 35.7M net, batch 128, 800k steps",
+    "configs/ddpm-celebahq256.yaml": "CelebA-HQ 256x256, the 114M net, batch 64, 0.5M steps",
+    "configs/ddpm-lsun-church256.yaml": "LSUN Church 256x256, batch 64, 1.2M steps",
+    "configs/ddpm-lsun-bedroom256.yaml": "LSUN Bedroom 256x256, batch 64, 2.4M steps, no flips",
+    "configs/digits.yaml": "the no-flag default run on the embedded digits, written out",
+}
+"""The flag files of the paper's experiments (Ho et al. 2020, Appendix B), named in `--help`'s epilog."""
 
+_RECIPE_LINES = "\n".join(f"  {path:34} {what}" for path, what in PAPER_RECIPES.items())
 _EPILOG = f"""
 With a dataset (--dataset_name or --train_data_dir) every flag of diffusers' train_unconditional.py has that
 script's default. With no dataset the run trains on the embedded 8x8 digits, and the flags whose help says "with no
-dataset" take that value instead. The paper's CIFAR-10 run (Ho et al. 2020, Appendix B: batch 128, Adam 2e-4, 5000
-warm-up steps, dropout 0.1, random flips, EMA 0.9999, 800k steps) on 8 GPUs:
+dataset" take that value instead.
 
-  {PAPER_CIFAR10_COMMAND}
+Flags can come from a JSON or YAML file with the same keys, followed by flags that override it. The paper's runs:
 
-All flags can also come from one JSON or YAML file with the same keys: train_ddpm.py config.yaml
+{_RECIPE_LINES}
+
+  accelerate launch --multi_gpu --num_processes 8 train_ddpm.py configs/ddpm-cifar10.yaml --output_dir ddpm-cifar10
 """
 
 
@@ -106,10 +112,8 @@ class TrainingArguments:
     resolution: int | None = _arg(help="Images are resized (short side) and cropped to this size.")
     center_crop: bool = _arg(
         False,
-        help="Crop the center of the resized image. Without it a random crop, with one difference from "
-        "train_unconditional.py's RandomCrop, which draws a new crop every epoch: here it is drawn once per image "
-        "(from --seed and the image's row) when the cache is built, and kept for the whole run. Square images have "
-        "a single crop either way; a non-square one shows one of its windows (README: Training on your data).",
+        help="Crop the center of the resized image. Without it, one random crop per image, drawn once when the "
+        "cache is built (train_unconditional.py draws one every epoch: docs/differences.md).",
     )
     random_flip: bool = _arg(False, help="Flip images left-right at random (the paper does, on CIFAR-10 and LSUN).")
     dataloader_num_workers: int = _arg(0, help="Worker processes of the DataLoader (0: the main process).")
@@ -117,23 +121,20 @@ class TrainingArguments:
         help="(new) Processes that decode and resize the images once, before training."
     )
     num_channels: int | None = _arg(
-        help="(new) Channels of the model: 1 (grayscale), 3 (RGB) or 4 (RGBA, the only way to keep alpha). By default "
-        "they follow the data: the modes of the first 64 images are read (headers only) and the majority decides "
-        "between 1 and 3 (ties: 3); transparency is composited on white. Digits: 1.",
+        help="(new) Channels of the model: 1 (grayscale), 3 (RGB) or 4 (RGBA). By default the majority of the first "
+        "64 images' modes decides (docs/data.md). Digits: 1.",
         choices=[1, 3, 4],
     )
     preserve_input_precision: bool = _arg(
         False,
-        help="Preserve 16-bit image precision by avoiding the 8-bit conversion: the cache holds uint16 and the "
-        "bits/dim count 65,536 levels. Without it 16-bit images are scaled to 8 bits (value*255/65535, rounded). "
-        "Float (mode F) images are refused.",
+        help="Keep 16-bit images 16-bit (bits/dim over 65,536 levels); without it they are scaled to 8 bits "
+        "(docs/data.md).",
     )
 
     # Model and diffusion ---------------------------------------------------------------------------------------------
     model_preset: str | None = _arg(
-        help="(new) A UNet2DModel preset: ddpm-cifar10 (the paper's 35.7M CIFAR-10 net), ddpm-256 (the paper's "
-        "256x256 net, also the layout of train_unconditional.py's built-in model), tiny (0.7M, for CPUs). None with "
-        "--model_config_name_or_path.",
+        help="(new) A UNet2DModel preset: ddpm-cifar10 (the paper's 35.7M net), ddpm-256 (its 114M 256x256 net, the "
+        "layout of train_unconditional.py's model), tiny (0.7M, for CPUs).",
         choices=list(MODEL_PRESETS),
     )
     model_config_name_or_path: str | None = _arg(
@@ -141,9 +142,8 @@ class TrainingArguments:
     )
     prediction_type: Literal["epsilon", "sample", "v_prediction", "mean"] = _arg(
         "epsilon",
-        help="What the net predicts: epsilon (the paper's L_simple), sample (x0, with the loss weighted by "
-        "SNR(t) as in train_unconditional.py), v_prediction (new) or mean (new: the posterior mean mu-tilde, "
-        "Table 2 of the paper; trained with --loss_type vlb or mse; exported as a DDPMPaperPipeline folder).",
+        help="What the net predicts: epsilon (the paper's), sample (x0, SNR-weighted loss as in "
+        "train_unconditional.py), v_prediction (new) or mean (new: mu-tilde, Table 2; --loss_type vlb or mse).",
     )
     loss_type: str = _arg(
         "simple",
@@ -204,8 +204,7 @@ class TrainingArguments:
     ema_max_decay: float = _arg(0.9999, help="Largest EMA decay (the paper: 0.9999).")
     mixed_precision: Literal["no", "fp16", "bf16"] = _arg(
         "no",
-        help="Mixed precision. As in train_unconditional.py the value given to Accelerator wins over the accelerate "
-        "config's mixed_precision (and `accelerate launch --mixed_precision`): pass it here.",
+        help="Mixed precision; wins over the accelerate config's, as in train_unconditional.py: pass it here.",
     )
     allow_tf32: bool = _arg(True, help="(new) TF32 matmuls and convolutions on Ampere or newer GPUs.")
     cpu: bool = _arg(
@@ -218,10 +217,8 @@ class TrainingArguments:
     output_dir: str | None = _arg(help="Where checkpoints, samples and the exported pipeline go.")
     overwrite_output_dir: bool = _arg(
         False,
-        help="Start over in an --output_dir that holds checkpoints of an earlier run: its checkpoint-* folders are "
-        "removed before training (nothing else: an export, samples and logs there stay, and are overwritten as this "
-        "run writes them). Without it, a run without --resume_from_checkpoint stops at once when --output_dir holds "
-        "checkpoints. (In train_unconditional.py this flag has no effect.)",
+        help="Start over in an --output_dir with an earlier run's checkpoints: its checkpoint-* folders are removed "
+        "before training (docs/checkpoints.md).",
     )
     logger: Literal["tensorboard", "wandb"] = _arg("tensorboard", help="Experiment tracker.")
     logging_dir: str = _arg("logs", help="Tracker logs, under --output_dir.")
@@ -248,14 +245,12 @@ class TrainingArguments:
 
     # Evaluation during training (evaluation.evaluate on held-out images, with the EMA weights) ------------------
     eval_steps: int | None = _arg(
-        help="(new) Every this many optimizer steps, and at the end of training, compute bits/dim and sample quality "
-        "(FID, KID, precision/recall) on the held-out images, with the EMA weights, in model calls of --train_batch_size images; logged as eval/*, "
-        "and the last values go into the model card. 0 or unset: no evaluation."
+        help="(new) Evaluate bits/dim, FID, KID and precision/recall on held-out images every this many steps and "
+        "at the end (docs/evaluation.md). 0 or unset: never."
     )
     eval_split: str | None = _arg(
-        help="(new) A split of the dataset to evaluate on (e.g. test); its first --eval_holdout_images images are "
-        "used. Unset: the last --eval_holdout_images images of the training split are held out of training (for "
-        "the embedded digits, the last 256 digits)."
+        help="(new) The split to evaluate on (e.g. test). Unset: the last --eval_holdout_images training images are "
+        "held out of training."
     )
     eval_holdout_images: int = _arg(
         256, help="(new) Size of the held-out set (see --eval_split); the samples are compared with all of it."
@@ -267,7 +262,7 @@ class TrainingArguments:
     eval_num_samples: int = _arg(256, help="(new) Samples generated for FID, KID and precision/recall; 0 skips them.")
     eval_feature_extractor: str | None = _arg(
         help="(new) The feature network of FID/KID/precision/recall. Default: digits for the embedded digits, "
-        "inception otherwise (checked at start: an unavailable one fails before training).",
+        "inception otherwise.",
         choices=list(FEATURE_EXTRACTOR_NAMES),
     )
     eval_num_inference_steps: int | None = _arg(
@@ -493,7 +488,9 @@ def make_parser() -> HfArgumentParser:
 def parse_flags_or_file(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
     r"""
     The dataclasses of `parser` from the flags in `argv` (`sys.argv[1:]` by default), or from a single JSON or YAML
-    file with the same keys (`train_ddpm.py config.yaml`, `evaluate_ddpm.py evaluation.json`).
+    file with the same keys (`train_ddpm.py config.yaml`, `evaluate_ddpm.py evaluation.json`), optionally followed by
+    flags that override the file's (`train_ddpm.py config.yaml --output_dir run1`: a flag after the file wins over
+    the file's key of the same flag).
 
     A file's keys become flags (`learning_rate: 1e-4` is `--learning_rate=1e-4`), so its values are checked exactly
     as on the command line (types, choices); a file that cannot be read, is not a mapping, or has an unknown key
@@ -507,11 +504,24 @@ def parse_flags_or_file(parser: HfArgumentParser, argv: list[str] | None = None)
         `tuple`: One instance of each of the parser's dataclasses.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(CONFIG_FILE_SUFFIXES):
-        path = argv[0]
+    if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
+        path, given = argv[0], argv[1:]
+        overridden = {  # the fields the flags after the file set: the command line wins over the file's key
+            parser._option_string_actions[arg.partition("=")[0]].dest
+            for arg in given
+            if arg.partition("=")[0] in parser._option_string_actions
+        }
         report = parser.error
-        parser.error = lambda message: report(redact(f"{path}: {message}"))  # a key or path may hold a token
-        argv = flags_of_file(parser, path)
+
+        def error(message: str) -> None:  # a key or path may hold a token; name the file unless the flag is given
+            flag = re.search(r"--[\w-]+", message)
+            action = parser._option_string_actions.get(flag.group(0)) if flag else None
+            given_flags = {arg.partition("=")[0] for arg in given}
+            from_file = flag is None or (action.dest not in overridden if action else flag.group(0) not in given_flags)
+            report(redact(f"{path}: {message}" if from_file else message))
+
+        parser.error = error
+        argv = flags_of_file(parser, path, skip=overridden) + given
     return parse_strictly(parser, argv)  # no abbreviated flags, and no token in an error message
 
 
@@ -550,8 +560,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def flags_of_file(parser: HfArgumentParser, path: str) -> list[str]:
-    """The flags that the JSON or YAML file at `path` holds, as command-line arguments (`parser.error` on a fault)."""
+def flags_of_file(parser: HfArgumentParser, path: str, skip: set[str] = frozenset()) -> list[str]:
+    """
+    The flags that the JSON or YAML file at `path` holds, as command-line arguments (`parser.error` on a fault),
+    leaving out the keys in `skip` (those the command line sets after the file).
+    """
     kind = "JSON" if path.endswith(".json") else "YAML"
     try:
         with open(path, encoding="utf-8") as file:
@@ -592,6 +605,8 @@ def flags_of_file(parser: HfArgumentParser, path: str) -> list[str]:
             parser.error(f"the value of '{key}' must be a single value{' or a list of values' if takes_list else ''}.")
         if isinstance(value, list) and not takes_list:
             parser.error(f"the value of '{key}' is a list, but --{key} takes a single value.")
+        if key in skip:
+            continue  # a flag after the file sets it
         if isinstance(value, list):
             argv += [f"--{key}", *(_flag_value(item) for item in value)]
         else:
