@@ -39,6 +39,7 @@ from diffusers.optimization import get_scheduler
 from checkpoints.checkpointing import (
     CheckpointError,
     TrainerState,
+    VerifiedCheckpoint,
     changed_objective,
     changed_settings,
     check_model_fits,
@@ -407,14 +408,14 @@ def load_data(
     return loader, held_out, record
 
 
-def resume(accelerator: Accelerator, args: TrainingArguments, path: str | None) -> TrainerState:
-    """The state to start from: a new one, or the checkpoint at `path` restored (weights, optimizer, EMA, ...)."""
+def resume(accelerator: Accelerator, args: TrainingArguments, checkpoint: VerifiedCheckpoint | None) -> TrainerState:
+    """The state to start from: a new one, or the verified `checkpoint` restored (weights, optimizer, EMA, ...)."""
     state = TrainerState()
-    if path is not None:
-        state = load_checkpoint(accelerator, path, public_config(args))
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
         logger.info(
             "Resumed from %s: step %d, epoch %d, batch %d",
-            path,
+            checkpoint.path,
             state.global_step,
             state.epoch,
             state.batches_in_epoch,
@@ -514,7 +515,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     check_output_paths(args)
     accelerator = make_accelerator(args)
     lock_output_dir(accelerator, args.output_dir)  # one run per folder, held until `main` ends
-    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)  # verified
+    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, accelerator)  # verified once
+    resume_path = checkpoint.path if checkpoint is not None else None
     prepare_output_dir(accelerator, args.output_dir, resume_path, args.overwrite_output_dir)
     if args.push_to_hub and accelerator.is_main_process:  # as train_unconditional.py: the repo exists before training
         create_hub_repo(hub_repo_id(args), private=args.hub_private_repo or None, token=args.hub_token)
@@ -537,8 +539,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         args = dataclasses.replace(args, num_channels=channels)
     unet, noise_scheduler = build_model(args)
     check_step_memory(args, unet.config.block_out_channels, accelerator.device)
-    if resume_path is not None:  # a checkpoint of another model is refused before the data cache is built
-        check_model_fits(resume_path, unet.state_dict(), public_config(args))
+    if checkpoint is not None:  # a checkpoint of another model is refused before the data cache is built
+        check_model_fits(checkpoint, unet.state_dict(), public_config(args))
 
     # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------
     train_dataloader, held_out, training_data = load_data(args, accelerator)
@@ -584,7 +586,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(args.output_dir)
-    state = resume(accelerator, args, resume_path)
+    state = resume(accelerator, args, checkpoint)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("train_ddpm", config=tracker_config(args))
