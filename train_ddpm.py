@@ -40,6 +40,7 @@ from diffusers.optimization import get_scheduler
 from checkpoints.checkpointing import (
     CheckpointError,
     TrainerState,
+    VerifiedCheckpoint,
     changed_objective,
     changed_settings,
     changed_training,
@@ -411,10 +412,10 @@ def load_data(
     return loader, held_out, record
 
 
-def checkpoint_flags(args: TrainingArguments, path: str) -> TrainingArguments:
-    """`args` with the flags a resumed run takes from the checkpoint at `path` (`FROM_CHECKPOINT`), each change
+def checkpoint_flags(args: TrainingArguments, checkpoint: VerifiedCheckpoint) -> TrainingArguments:
+    """`args` with the flags a resumed run takes from the verified `checkpoint` (`FROM_CHECKPOINT`), each change
     warned; a flag that cannot be applied is refused (`settings_from_checkpoint`), before any long work."""
-    kept = settings_from_checkpoint(path, public_config(args))
+    kept = settings_from_checkpoint(checkpoint, public_config(args))
     for name, value in kept.items():
         logger.warning(
             "--%s %s is not applied: a resumed run keeps the checkpoint's --%s %s (it fixes the data order). Start a "
@@ -424,16 +425,22 @@ def checkpoint_flags(args: TrainingArguments, path: str) -> TrainingArguments:
 
 
 def resume(
-    accelerator: Accelerator, args: TrainingArguments, path: str | None, optimizer, lr_scheduler, max_train_steps: int
+    accelerator: Accelerator,
+    args: TrainingArguments,
+    checkpoint: VerifiedCheckpoint | None,
+    optimizer,
+    lr_scheduler,
+    max_train_steps: int,
 ) -> TrainerState:
     """
-    The state to start from: a new one, or the checkpoint at `path` restored (weights, optimizer, EMA, ...), with this
+    The state to start from: a new one, or the verified `checkpoint` restored (weights, optimizer, EMA, ...), with this
     run's optimizer flags written into the optimizer and the LR schedule rebuilt from this run's flags at the step
     reached (`APPLIED_ON_RESUME`): one log line names each change.
     """
     state = TrainerState()
-    if path is not None:
-        state = load_checkpoint(accelerator, path, public_config(args))
+    if checkpoint is not None:
+        path = checkpoint.path
+        state = load_checkpoint(accelerator, checkpoint)
         if state.global_step > max_train_steps:  # --num_epochs too few for the step reached (--max_train_steps is
             raise CheckpointError(  # refused before the data, in settings_from_checkpoint)
                 f"--num_epochs {args.num_epochs} gives {max_train_steps} optimizer steps, below step "
@@ -549,10 +556,11 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     check_output_paths(args)
     accelerator = make_accelerator(args)
     lock_output_dir(accelerator, args.output_dir)  # one run per folder, held until `main` ends
-    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)  # verified
+    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, accelerator)  # verified once
+    resume_path = checkpoint.path if checkpoint is not None else None
     prepare_output_dir(accelerator, args.output_dir, resume_path, args.overwrite_output_dir)
     if resume_path is not None:  # flags that cannot be applied are refused now; those of the checkpoint replace ours
-        args = checkpoint_flags(args, resume_path)
+        args = checkpoint_flags(args, checkpoint)
     if args.push_to_hub and accelerator.is_main_process:  # as train_unconditional.py: the repo exists before training
         create_hub_repo(hub_repo_id(args), private=args.hub_private_repo or None, token=args.hub_token)
     feature_extractor = None
@@ -574,8 +582,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         args = dataclasses.replace(args, num_channels=channels)
     unet, noise_scheduler = build_model(args)
     check_step_memory(args, unet.config.block_out_channels, accelerator.device)
-    if resume_path is not None:  # a checkpoint of another model is refused before the data cache is built
-        check_model_fits(resume_path, unet.state_dict(), public_config(args))
+    if checkpoint is not None:  # a checkpoint of another model is refused before the data cache is built
+        check_model_fits(checkpoint, unet.state_dict(), public_config(args))
 
     # 3. The data x_0 ~ q(x_0): decoded and resized once into cached uint8 arrays ------------------------------------
     train_dataloader, held_out, training_data = load_data(args, accelerator)
@@ -621,7 +629,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(args.output_dir)
-    state = resume(accelerator, args, resume_path, optimizer, lr_scheduler, max_train_steps)
+    state = resume(accelerator, args, checkpoint, optimizer, lr_scheduler, max_train_steps)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("train_ddpm", config=tracker_config(args))

@@ -1,1 +1,2 @@
-"""Checkpoints: save, verify (the manifest of sizes and SHA-256), resume and retention."""
+"""Checkpoints: save, resume and retention (checkpointing.py); verified once: manifest, parse checks, model fit
+(verify.py)."""

@@ -1,23 +1,9 @@
-"""Resumable checkpoints of train_ddpm.py, written so that a crash never leaves a half checkpoint behind, and read so
-that a damaged or hostile one is refused before anything of it is loaded.
+"""Saving, resuming and retention of train_ddpm.py's checkpoints (`checkpoint-{step}` folders in the output folder).
 
-A checkpoint is the folder `checkpoint-{step}` under the output folder. It holds what `accelerator.save_state`
-writes (the model in safetensors, the optimizer, GradScaler and sampler states, the RNG states of every process), the
-objects registered with `register_checkpoint_state` (the EMA in safetensors, the LR schedule in JSON: nothing of ours
-is pickled), `trainer_state.json` (the step, the data position and the resolved training flags) and, last,
-`manifest.json`: every file's size and SHA-256 (checkpoints/manifest.py).
-
-Writing goes to `checkpoint-{step}.tmp`; `trainer_state.json` and then the manifest are written last, every file is
-flushed to disk, and the folder is then renamed into place. A folder named `checkpoint-{step}` with a
-`trainer_state.json` is therefore complete; anything else (a `.tmp` or `.old` folder, or one without
-`trainer_state.json`) is the remains of an interrupted write, which `find_checkpoints` skips and
-`remove_incomplete_checkpoints` deletes.
-
-Reading verifies first (`verify_checkpoint`): the files must match the manifest, and every pickle the stack still
-writes (optimizer, RNG states, scaler, sampler) must load with `weights_only=True`, the only way any file of a
-checkpoint is unpickled, so that a crafted file cannot run code even under a regenerated manifest. Checkpoints written
-before manifests existed (no `manifest.json`) are accepted with a warning: their pickles, the EMA and LR schedule
-included, load with `weights_only=True` as well, but damage that still parses cannot be detected.
+A save goes to `checkpoint-{step}.tmp`, writes `trainer_state.json` and then `manifest.json` last, flushes and renames
+it into place: a `checkpoint-{step}` with a `trainer_state.json` is complete, anything else is removed as remains.
+Nothing of ours is pickled (EMA in safetensors, LR schedule in JSON). A resume verifies once, on the main process
+(`checkpoints.verify`), and every process loads from that verified result.
 """
 
 from __future__ import annotations
@@ -30,20 +16,30 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoints.manifest import MANIFEST_NAME, ManifestError, has_manifest, verify_manifest, write_manifest
-from checkpoints.model_fit import model_mismatch
+from checkpoints.verify import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_RE,
+    MANIFEST_NAME,
+    TRAINER_STATE_NAME,
+    CheckpointError,
+    TrainerState,
+    VerifiedCheckpoint,
+    model_mismatch,
+    safe_torch_load,
+    verify_checkpoint,
+    write_manifest,
+)
+from checkpoints.verify import first_line as _first_line
 from hub_access.atomic_folder import INDEX_NAME, fsync_dir, fsync_tree
 from hub_access.disk_space import folder_bytes, format_bytes, free_bytes, is_disk_full
 from image_data.sources import held_out_images
@@ -51,9 +47,6 @@ from pipelines.export import SAMPLE_GRID_FILE, TRAINING_DATA_FILE
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE_NAME = "trainer_state.json"
-_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 _INCOMPLETE_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)(\.tmp|\.old)?$")  # ours: a `.bak` copy is the user's
 RESUME_INVARIANTS = ("dataset_name", "dataset_config_name", "train_data_dir", "streaming", "resolution", "seed")
 RESUME_INVARIANTS += ("train_batch_size", "gradient_accumulation_steps")
@@ -73,66 +66,9 @@ FROM_CHECKPOINT = ("seed",)
 two runs. A different value on the command line is named in a warning, and the records show the checkpoint's."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read."""
-
-
-@dataclass
-class TrainerState:
-    r"""
-    Where training stands, beyond what `accelerator.save_state` holds.
-
-    Args:
-        global_step (`int`): Optimizer steps taken (including skipped non-finite ones).
-        epoch (`int`): The epoch in progress.
-        batches_in_epoch (`int`): Batches (per process) of `epoch` already consumed, skipped when resuming.
-        skipped_nonfinite_steps (`int`): Optimizer steps skipped because the gradient was not finite.
-        consecutive_nonfinite_steps (`int`): How many of those came last, in a row.
-        num_processes (`int`): Processes of the run that wrote the checkpoint (the data position depends on it).
-        training_args (`dict`): The resolved flags of the run that wrote the checkpoint.
-    """
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    skipped_nonfinite_steps: int = 0
-    consecutive_nonfinite_steps: int = 0
-    num_processes: int = 1
-    training_args: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(dataclasses.asdict(self), file, indent=2, sort_keys=True)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-
-    @classmethod
-    def load(cls, path: str) -> TrainerState:
-        """
-        Raises:
-            `ValueError`: not a JSON object, or a count that is not a whole number in its range.
-        """
-        with open(path, encoding="utf-8") as file:
-            values = json.load(file)
-        if not isinstance(values, dict):
-            raise ValueError(f"it holds a JSON {type(values).__name__}, not an object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {key: value for key, value in values.items() if key in known}  # a key of another version: unused
-        for name, value in values.items():
-            if name == "training_args":
-                if not isinstance(value, dict):
-                    raise ValueError("training_args is not an object")
-            elif not isinstance(value, int) or isinstance(value, bool) or value < (name == "num_processes"):
-                raise ValueError(f"{name} is {value!r}, not a whole number >= {int(name == 'num_processes')}")
-        return cls(**values)
-
-
 # State of ours, saved beside accelerate's: safetensors for tensors, JSON for the rest, never pickle ----------------
 _REGISTERED: weakref.WeakKeyDictionary[Accelerator, dict[str, Any]] = weakref.WeakKeyDictionary()
 _TENSOR_KEY = "__tensor__"
-_LEGACY_CUSTOM_RE = re.compile(r"^custom_checkpoint_(\d+)\.pkl$")
-_PICKLE_SUFFIXES = (".bin", ".pkl", ".pt")
 
 
 def register_checkpoint_state(accelerator: Accelerator, name: str, obj: Any) -> None:
@@ -141,11 +77,8 @@ def register_checkpoint_state(accelerator: Accelerator, name: str, obj: Any) -> 
     checkpoints of `accelerator`, as `{name}.safetensors` (its tensors, the rest of the state as JSON in the header)
     or `{name}.json` when it holds no tensor. It replaces `accelerator.register_for_checkpointing`, whose files are
     pickles that accelerate loads with `weights_only=False` (a checkpoint that runs code).
-
-    Objects are restored in the order registered (which must be the order the run that wrote a checkpoint of the
-    pickled format registered them with accelerate, for those checkpoints to load).
     """
-    if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name.startswith("custom_checkpoint"):
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise ValueError(f"'{name}' cannot name a checkpoint file: use letters, digits and '_'.")
     _REGISTERED.setdefault(accelerator, {})[name] = obj
 
@@ -224,83 +157,6 @@ def read_object_state(folder: str, name: str) -> dict[str, Any]:
     return state
 
 
-def _first_line(error: BaseException) -> str:
-    """The first line of an error's message (torch's weights_only errors go on to suggest weights_only=False)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
-def _safe_globals() -> list[Any]:
-    """The globals accelerate allows when it unpickles with weights_only=True (numpy arrays of the RNG states)."""
-    try:
-        from accelerate.utils.other import TORCH_SAFE_GLOBALS
-    except ImportError:  # another accelerate: torch's own allow-list
-        return []
-    return list(TORCH_SAFE_GLOBALS)
-
-
-def safe_torch_load(path: str) -> Any:
-    """`torch.load` with `weights_only=True` (no code can run), the globals accelerate allows, onto the CPU."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-# Verification -------------------------------------------------------------------------------------------------------
-def _read_trainer_state(path: str) -> TrainerState:
-    file = os.path.join(path, TRAINER_STATE_NAME)
-    try:
-        return TrainerState.load(file)
-    except Exception as error:  # missing, not JSON, not an object, unknown types
-        raise CheckpointError(f"{file} cannot be read: {_first_line(error)}") from error
-
-
-def _check_readable(path: str) -> None:
-    """Every file the resume reads parses: the trainer state, the safetensors headers, and every pickle with
-    weights_only=True (a pickle that needs more, such as one that would run code, is refused)."""
-    _read_trainer_state(path)
-    for name in sorted(os.listdir(path)):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                with safe_open(file, framework="pt", device="cpu") as opened:
-                    opened.keys()
-            elif name.endswith(_PICKLE_SUFFIXES):
-                safe_torch_load(file)
-            elif name.endswith(".json"):
-                with open(file, encoding="utf-8") as opened:
-                    json.load(opened)
-        except Exception as error:
-            raise CheckpointError(f"{file} cannot be loaded safely: {_first_line(error)}") from error
-
-
-def verify_checkpoint(path: str) -> None:
-    r"""
-    Check the checkpoint folder `path` before anything of it is loaded: its files match `manifest.json` (sizes and
-    SHA-256), and every file parses, pickles with `weights_only=True` only. A checkpoint without a manifest (written
-    before manifests existed) gets only the second check.
-
-    Raises:
-        `CheckpointError`: the first problem, naming the file.
-    """
-    if has_manifest(path):
-        try:
-            verify_manifest(path)
-        except ManifestError as error:
-            raise CheckpointError(str(error)) from error
-    elif not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-        raise CheckpointError(f"{os.path.join(path, MANIFEST_NAME)} is missing: the checkpoint is incomplete")
-    _check_readable(path)
-    named = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
-    step = _read_trainer_state(path).global_step
-    if named and int(named.group(1)) != step:  # a copy under another step's name would be taken for that step
-        raise CheckpointError(
-            f"{path} holds step {step} ({TRAINER_STATE_NAME}), not the step its name says: a renamed or copied "
-            f"checkpoint. Rename it {CHECKPOINT_PREFIX}{step}, or move it out of the output folder."
-        )
-
-
 def checkpoint_path(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
 
@@ -308,7 +164,7 @@ def checkpoint_path(output_dir: str, step: int) -> str:
 def is_complete_checkpoint(path: str) -> bool:
     """A `checkpoint-{step}` folder whose `trainer_state.json`, written last, exists."""
     name = os.path.basename(os.path.normpath(path))
-    return bool(_CHECKPOINT_RE.match(name)) and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME))
+    return bool(CHECKPOINT_RE.match(name)) and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME))
 
 
 def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -317,7 +173,7 @@ def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
+        match = CHECKPOINT_RE.match(name)
         path = os.path.join(output_dir, name)
         if match and is_complete_checkpoint(path):
             found.append((int(match.group(1)), path))
@@ -399,15 +255,15 @@ def prepare_output_dir(accelerator: Accelerator, output_dir: str, resume_path: s
         check_fresh_start(output_dir)
 
 
-def check_model_fits(path: str, model: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+def check_model_fits(checkpoint: VerifiedCheckpoint, model: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
     """
-    Refuse to resume from the checkpoint at `path` into a model of other shapes (`model`, a state dict), naming the
-    flags of `config` (the resuming run's public flags) that differ; only the safetensors header is read.
+    Refuse to resume from the verified `checkpoint` into a model of other shapes (`model`, a state dict), naming the
+    flags of `config` (the resuming run's public flags) that differ; nothing is read from disk again.
 
     Raises:
-        `CheckpointError`: the message of `checkpoints.model_fit.model_mismatch`.
+        `CheckpointError`: the message of `checkpoints.verify.model_mismatch`.
     """
-    mismatch = model_mismatch(path, model, _read_trainer_state(path).training_args, config)
+    mismatch = model_mismatch(checkpoint, model, config)
     if mismatch is not None:
         raise CheckpointError(mismatch)
 
@@ -449,21 +305,18 @@ def changed_training(saved: TrainerState, config: dict[str, Any]) -> list[str]:
     ]
 
 
-def settings_from_checkpoint(path: str, config: dict[str, Any]) -> dict[str, Any]:
+def settings_from_checkpoint(checkpoint: VerifiedCheckpoint, config: dict[str, Any]) -> dict[str, Any]:
     r"""
-    Check the resuming run's flags (its public `config`) against the checkpoint at `path` before any long work, and
+    Check the resuming run's flags (its public `config`) against the verified `checkpoint` before any long work, and
     return the flags it takes from the checkpoint (`FROM_CHECKPOINT`) where they differ, as `{name: checkpoint's}`.
 
     Raises:
         `CheckpointError`: a flag that cannot be applied: `--use_ema` for a checkpoint written without it (there is
             no average to continue), or a `--max_train_steps` below the step the checkpoint reached.
     """
-    state = _read_trainer_state(path)
+    path, state = checkpoint.path, checkpoint.state
     saved = state.training_args
-    names = os.listdir(path)
-    has_ema = any(name in names for name in ("ema.safetensors", "ema.json")) or any(
-        _LEGACY_CUSTOM_RE.match(name) for name in names
-    )
+    has_ema = any(os.path.isfile(os.path.join(path, name)) for name in ("ema.safetensors", "ema.json"))
     if config.get("use_ema") and not has_ema:
         raise CheckpointError(
             f"{path} was written without --use_ema: it holds no average of the weights to continue. Resume with "
@@ -512,22 +365,45 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+def resolve_resume_checkpoint(
+    output_dir: str, resume_from_checkpoint: str | None, accelerator: Accelerator | None = None
+) -> VerifiedCheckpoint | None:
     r"""
-    The checkpoint `--resume_from_checkpoint` names.
+    The checkpoint `--resume_from_checkpoint` names, verified. With an `accelerator` of several processes, the main
+    process alone resolves and verifies it (each file hashed once in all) and every process gets its result, or
+    raises the same `CheckpointError`.
 
     Args:
         output_dir (`str`): The run's output folder.
         resume_from_checkpoint (`str`, *optional*):
             `"latest"`: the newest complete checkpoint in `output_dir` that verifies (`verify_checkpoint`), each newer
             one skipped with a warning that says why; `None` (a fresh start) if there is no checkpoint at all, as in
-            train_unconditional.py. Otherwise a checkpoint folder, or the name of one in `output_dir`, verified
-            here too.
+            train_unconditional.py. Otherwise a checkpoint folder, or the name of one in `output_dir`.
+        accelerator (`Accelerator`, *optional*): The run's; every process calls this function.
 
     Raises:
         `CheckpointError`: the named checkpoint does not exist or is incomplete; or `latest` finds checkpoints but
             none verifies.
     """
+    if accelerator is None or accelerator.num_processes == 1:
+        return _resolve(output_dir, resume_from_checkpoint)
+    found, error, shared = None, None, [None, None]
+    if accelerator.is_main_process:
+        try:
+            found = _resolve(output_dir, resume_from_checkpoint)
+        except Exception as raised:
+            error = raised
+        message = f"Resolving the checkpoint failed on the main process: {_first_line(error)}" if error else None
+        shared = [found, str(error) if isinstance(error, CheckpointError) else message]
+    broadcast_object_list(shared)
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise CheckpointError(shared[1])
+    return shared[0]
+
+
+def _resolve(output_dir: str, resume_from_checkpoint: str | None) -> VerifiedCheckpoint | None:
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
@@ -540,12 +416,10 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
         problems = []
         for _, path in reversed(checkpoints):
             try:
-                verify_checkpoint(path)
+                return verify_checkpoint(path)
             except CheckpointError as error:
                 logger.warning("Skipping %s: it does not verify: %s", path, error)
                 problems.append(str(error))
-            else:
-                return path
         raise CheckpointError(
             f"None of the {len(checkpoints)} checkpoint(s) in '{output_dir}' verifies (the newest: {problems[0]}). "
             "Restore a good copy, or start a new run with --overwrite_output_dir and no --resume_from_checkpoint."
@@ -554,8 +428,7 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     for path in candidates:
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):  # complete, whatever its name (a backup copy)
-                verify_checkpoint(path)  # now, not after the data cache is built
-                return path
+                return verify_checkpoint(path)  # now, not after the data cache is built
             if not _INCOMPLETE_RE.match(os.path.basename(os.path.normpath(path))):
                 raise CheckpointError(
                     f"'{path}' is not a checkpoint (a checkpoint is a folder named {CHECKPOINT_PREFIX}<step> in "
@@ -769,48 +642,6 @@ def _accelerate_warnings(path: str) -> Iterator[list[str]]:
         source.propagate = propagate
 
 
-@contextlib.contextmanager
-def _without_legacy_pickles(path: str) -> Iterator[str]:
-    """`path`, or for a checkpoint of the pickled format a view of it (links) without its `custom_checkpoint_*.pkl`,
-    which accelerate would unpickle with weights_only=False: we read them ourselves, with weights_only=True."""
-    names = os.listdir(path)
-    if not any(_LEGACY_CUSTOM_RE.match(name) for name in names):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="checkpoint-view-") as view:
-        for name in names:
-            if not _LEGACY_CUSTOM_RE.match(name):
-                source, link = os.path.abspath(os.path.join(path, name)), os.path.join(view, name)
-                try:
-                    os.symlink(source, link)
-                except OSError:  # no symbolic links here
-                    (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, link)
-        yield view
-
-
-def _object_states(path: str, names: list[str]) -> dict[str, dict[str, Any]]:
-    """The saved state of each registered object: ours (safetensors / JSON) or, in a checkpoint of the pickled format,
-    its `custom_checkpoint_{i}.pkl` (the i-th registered object) read with weights_only=True."""
-    legacy = sorted(
-        (int(match.group(1)), name) for name in os.listdir(path) if (match := _LEGACY_CUSTOM_RE.match(name))
-    )
-    if not legacy:
-        return {name: read_object_state(path, name) for name in names}
-    if len(legacy) != len(names):
-        raise CheckpointError(
-            f"{path} holds {len(legacy)} custom_checkpoint_*.pkl file(s) for {len(names)} object(s) of this run "
-            f"({', '.join(names) or 'none'}): it was written with other flags (e.g. --use_ema)."
-        )
-    states = {}
-    for name, (_, file_name) in zip(names, legacy, strict=True):
-        file = os.path.join(path, file_name)
-        try:
-            states[name] = safe_torch_load(file)
-        except Exception as error:
-            raise CheckpointError(f"{file} cannot be loaded safely: {_first_line(error)}") from error
-    return states
-
-
 def _restored_random_states(path: str, process_index: int) -> str | None:
     """None if this process's RNGs now hold the states of `random_states_{process_index}.pkl` (or it has none), else
     what differs: accelerate swallows its failures to restore them (a resume that would silently diverge)."""
@@ -828,37 +659,26 @@ def _restored_random_states(path: str, process_index: int) -> str | None:
     return None if restored else f"{file} was not restored (the random states differ from the file's)"
 
 
-def load_checkpoint(accelerator: Accelerator, path: str, config: dict[str, Any] | None = None) -> TrainerState:
+def load_checkpoint(accelerator: Accelerator, checkpoint: VerifiedCheckpoint) -> TrainerState:
     r"""
     Restore what `save_checkpoint` wrote (every process calls it) and return the `TrainerState`.
 
-    The checkpoint is verified first (`verify_checkpoint`); then the trainer state and the registered objects'
-    states are read (JSON and safetensors); only then does accelerate load the model, optimizer and RNG states (its
-    pickles with `weights_only=True`), and finally the registered objects take their states.
+    Nothing is verified or re-read here: `checkpoint` comes from `verify_checkpoint` (through
+    `resolve_resume_checkpoint`), and `check_model_fits` has refused a model of other shapes. The registered
+    objects' states are read first (JSON and safetensors); then accelerate loads the model, optimizer and RNG states
+    (its pickles with `weights_only=True`), and finally the registered objects take their states.
 
     Args:
         accelerator (`Accelerator`): The run's, with its model, optimizer and objects prepared / registered.
-        path (`str`): The checkpoint folder.
-        config (`dict`, *optional*): The resuming run's public flags: a model of other shapes is refused before
-            anything is loaded, naming the flags that differ from the checkpoint's (`checkpoints.model_fit`).
+        checkpoint (`VerifiedCheckpoint`): The checkpoint, as verified.
 
     Raises:
-        `CheckpointError`: the checkpoint does not verify, holds a model of other shapes, or a state cannot be
-            restored; the message names the file. The run must stop: the model or optimizer may hold part of the
-            checkpoint.
+        `CheckpointError`: a state cannot be restored; the message names the file. The run must stop: the model or
+            optimizer may hold part of the checkpoint.
     """
-    if not has_manifest(path):
-        logger.warning(
-            "%s has no %s (it was written before checkpoints carried one): damage to its files cannot be detected. "
-            "Its pickles are loaded with weights_only=True; the next checkpoint will carry a manifest.",
-            path, MANIFEST_NAME,
-        )  # fmt: skip
-    verify_checkpoint(path)
-    state = _read_trainer_state(path)
-    if accelerator._models:  # the first prepared model is `model.safetensors`
-        check_model_fits(path, accelerator.unwrap_model(accelerator._models[0]).state_dict(), config or {})
+    path = checkpoint.path
     objects = registered_checkpoint_state(accelerator)
-    saved = _object_states(path, list(objects))
+    saved = {name: read_object_state(path, name) for name in objects}
     ours = {"model", TRAINER_STATE_NAME.split(".")[0], MANIFEST_NAME.split(".")[0], *objects}
     for name in sorted(os.listdir(path)):
         stem, suffix = os.path.splitext(name)
@@ -866,10 +686,8 @@ def load_checkpoint(accelerator: Accelerator, path: str, config: dict[str, Any] 
             logger.warning("%s holds the state of '%s', which this run does not use: it is not restored.", path, stem)
     problem = None
     try:
-        with _without_legacy_pickles(path) as readable, _accelerate_warnings(path) as messages:
-            accelerator.load_state(readable, load_kwargs={"weights_only": True})
-    except CheckpointError:
-        raise
+        with _accelerate_warnings(path) as messages:
+            accelerator.load_state(path, load_kwargs={"weights_only": True})
     except Exception as error:
         problem = f"{path} cannot be loaded: {_first_line(error)}"
     else:
@@ -888,4 +706,4 @@ def load_checkpoint(accelerator: Accelerator, path: str, config: dict[str, Any] 
             raise CheckpointError(
                 f"The state of '{name}' in {path} does not fit this run: {_first_line(error)}"
             ) from error
-    return state
+    return dataclasses.replace(checkpoint.state)  # the caller's to change

@@ -24,7 +24,7 @@ from checkpoints.checkpointing import (
     resolve_resume_checkpoint,
     verify_checkpoint,
 )
-from checkpoints.manifest import MANIFEST_NAME, file_digest, write_manifest
+from checkpoints.verify import MANIFEST_NAME, file_digest, write_manifest
 
 RUN = ["--model_config_name_or_path", "unet.json", "--train_batch_size", "8", "--checkpointing_steps", "2", *FAST]
 EXPORT = [Path("model_index.json"), Path("unet") / "config.json", Path("unet") / "diffusion_pytorch_model.safetensors"]
@@ -137,7 +137,8 @@ def test_latest_refuses_when_no_checkpoint_verifies(workdir, base_run):
     (output / "checkpoint-4" / MANIFEST_NAME).unlink()
     (output / "checkpoint-4" / "model.safetensors").write_bytes(b"{}")
     with pytest.raises(
-        CheckpointError, match=r"None of the 2 checkpoint\(s\) .*model.safetensors.*overwrite_output_dir"
+        CheckpointError,
+        match=r"None of the 2 checkpoint\(s\) .*checkpoint-4 has no manifest.json.*overwrite_output_dir",
     ):
         resolve_resume_checkpoint(str(output), "latest")
 
@@ -177,40 +178,15 @@ def test_each_planted_file_is_refused_under_a_regenerated_manifest(workdir, base
         shutil.rmtree(output)
 
 
-@pytest.mark.slow
-def test_the_old_format_exploit_a_crafted_custom_checkpoint_runs_nothing(workdir, base_run):
-    """The issue's exploit, on a checkpoint of the pickled format (no manifest, the LR schedule in
-    custom_checkpoint_1.pkl): accelerate would unpickle it with weights_only=False. Refused; nothing runs."""
-    output, marker = copy_run(base_run, workdir, "old-format-exploit"), workdir / "pwned-old"
-    checkpoint = legacy_checkpoint(output / "checkpoint-4")
-    plant(checkpoint / "custom_checkpoint_1.pkl", marker)
-    result = resume(workdir, output, "checkpoint-4", steps=6)
-    assert not marker.exists()
-    assert result.returncode == 1
-    assert error_line(result).startswith(f"train_ddpm.py: error: {checkpoint / 'custom_checkpoint_1.pkl'} cannot be")
-
-
-def legacy_checkpoint(checkpoint: Path) -> Path:
-    """Turn a checkpoint into what train_ddpm.py wrote before manifests: EMA and LR schedule pickled by accelerate
-    (`torch.save(obj.state_dict())`, in registration order), no manifest."""
-    torch.save(read_object_state(str(checkpoint), "ema"), checkpoint / "custom_checkpoint_0.pkl")
-    torch.save(read_object_state(str(checkpoint), "lr_scheduler"), checkpoint / "custom_checkpoint_1.pkl")
-    for name in ("ema.safetensors", "lr_scheduler.json", MANIFEST_NAME):
-        (checkpoint / name).unlink(missing_ok=True)
-    return checkpoint
-
-
-@pytest.mark.slow
-def test_a_checkpoint_without_manifest_resumes_with_a_warning_and_ends_bitwise_equal(workdir, base_run):
-    output = copy_run(base_run, workdir, "old-format")
-    shutil.rmtree(output / "checkpoint-4")
-    legacy_checkpoint(output / "checkpoint-2")
-    result = resume(workdir, output, "latest")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{output / 'checkpoint-2'} has no {MANIFEST_NAME} (it was written before" in result.stderr
-    for name in ("model.safetensors", "optimizer.bin", "ema.safetensors", "random_states_0.pkl"):
-        assert (output / "checkpoint-4" / name).read_bytes() == (base_run / "checkpoint-4" / name).read_bytes(), name
-    verify_checkpoint(str(output / "checkpoint-4"))
+def test_a_checkpoint_without_a_manifest_is_refused_in_one_line(workdir, base_run):
+    """Checkpoints written before the manifest (no manifest.json) are not read: the line says so and what to do."""
+    output = copy_run(base_run, workdir, "no-manifest")
+    (output / "checkpoint-4" / MANIFEST_NAME).unlink()
+    with pytest.raises(CheckpointError) as error:
+        verify_checkpoint(str(output / "checkpoint-4"))
+    message = str(error.value)
+    assert "\n" not in message and f"{output / 'checkpoint-4'} has no {MANIFEST_NAME}" in message
+    assert "written before the manifest are not read" in message and "--overwrite_output_dir" in message
 
 
 @pytest.mark.slow
@@ -228,6 +204,54 @@ def test_random_states_accelerate_cannot_restore_are_a_warning_and_an_error(work
     assert result.returncode == 1
     assert error_line(result).startswith(f"train_ddpm.py: error: {checkpoint / 'random_states_0.pkl'} cannot be")
     assert not (output / "checkpoint-6").exists()
+
+
+# Verified once ---------------------------------------------------------------------------------------------------------
+COUNT_HASHES = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import train_ddpm
+
+
+def counted(file_digest):
+    def digest(path):
+        with open({log!r}, "a") as log:  # one short line per write: appends of both processes do not mix
+            log.write(os.path.realpath(path) + "\\n")
+        return file_digest(path)
+
+    return digest
+
+
+for name, module in list(sys.modules.items()):  # wherever the checkpoint room keeps its SHA-256 of a file
+    if name.startswith("checkpoints.") and hasattr(module, "file_digest"):
+        module.file_digest = counted(module.file_digest)
+train_ddpm.main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [2, 0])
+def test_a_resume_hashes_each_checkpoint_file_once_in_all(workdir, base_run, processes):
+    """Every process verified the checkpoint it resumed, and the load verified it again: on 8 processes a resume
+    hashed each file 16 times. The main process verifies once and shares the result (2: `accelerate launch` on two
+    CPU processes; 0: one process)."""
+    log, script = workdir / f"hashed-{processes}.txt", workdir / f"count_hashes_{processes}.py"
+    script.write_text(COUNT_HASHES.format(repo=str(REPO), log=str(log)))
+    if processes:
+        output, step = workdir / "hashed-two", 2
+        run_training(workdir, [*RUN, "--cpu", "--max_train_steps", "2", "--output_dir", str(output)], processes=2)
+        args = [*RUN, "--cpu", "--max_train_steps", "4", "--output_dir", str(output), "--resume_from_checkpoint"]
+        result = run_training(workdir, [*args, "latest"], processes=2, script=script)
+        assert "MULTI_CPU: 2 process(es)" in result.stderr
+    else:
+        output, step = copy_run(base_run, workdir, "hashed-one"), 4
+        result = resume(workdir, output, "latest", steps=6, script=script)
+        assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = output / f"checkpoint-{step}"
+    assert f"Resumed from {checkpoint}: step {step}" in result.stderr
+    files = sorted(os.path.realpath(path) for path in checkpoint.iterdir() if path.name != MANIFEST_NAME)
+    read = [path for path in log.read_text().splitlines() if not os.path.dirname(path).endswith(".tmp")]
+    assert sorted(read) == files  # the checkpoints the run writes are hashed in checkpoint-N.tmp
 
 
 # The export ----------------------------------------------------------------------------------------------------------
@@ -310,7 +334,7 @@ def test_a_users_backup_copy_of_a_checkpoint_is_kept_and_can_be_resumed(workdir,
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from {output / 'checkpoint-4.bak'}: step 4" in result.stderr
     assert "Removing" not in result.stderr and snapshot(output / "checkpoint-4.bak") == before
-    assert resolve_resume_checkpoint(str(output), "latest") == str(output / "checkpoint-6")
+    assert resolve_resume_checkpoint(str(output), "latest").path == str(output / "checkpoint-6")
 
 
 @pytest.mark.slow
@@ -324,7 +348,7 @@ def test_the_total_limit_never_deletes_good_checkpoints_for_a_damaged_newer_one(
                           processes=0)  # fmt: skip
     assert f"Resumed from {output / 'checkpoint-2'}: step 2" in result.stderr
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
-    assert resolve_resume_checkpoint(str(output), "latest") == str(output / "checkpoint-3")
+    assert resolve_resume_checkpoint(str(output), "latest").path == str(output / "checkpoint-3")
 
 
 def test_a_checkpoint_under_another_steps_name_does_not_verify(workdir, base_run, caplog):
@@ -333,7 +357,7 @@ def test_a_checkpoint_under_another_steps_name_does_not_verify(workdir, base_run
     shutil.copytree(output / "checkpoint-2", output / "checkpoint-9")
     with pytest.raises(CheckpointError, match="checkpoint-9 holds step 2 .*Rename it checkpoint-2"):
         verify_checkpoint(str(output / "checkpoint-9"))
-    assert resolve_resume_checkpoint(str(output), "latest") == str(output / "checkpoint-4")
+    assert resolve_resume_checkpoint(str(output), "latest").path == str(output / "checkpoint-4")
     assert "Skipping" in caplog.text and "checkpoint-9 holds step 2" in caplog.text
 
 

@@ -20,7 +20,7 @@ from checkpoints.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from checkpoints.manifest import write_manifest
+from checkpoints.verify import verify_checkpoint, write_manifest
 from training.ema import EMA
 
 
@@ -74,7 +74,7 @@ def test_load_checkpoint_restores_model_optimizer_ema_and_trainer_state(tmp_path
     saved_ema = [p.clone() for p in ema.shadow_params]
     _train_step(model, optimizer, ema)
     _train_step(model, optimizer, ema)
-    state = load_checkpoint(accelerator, str(tmp_path / "checkpoint-1"))
+    state = load_checkpoint(accelerator, verify_checkpoint(str(tmp_path / "checkpoint-1")))
     assert state.global_step == 1 and state.skipped_nonfinite_steps == 2
     for restored, saved in zip(model.parameters(), saved_weights, strict=True):
         assert torch.equal(restored, saved)
@@ -129,7 +129,7 @@ def test_latest_skips_broken_and_temporary_folders_and_they_are_removed(tmp_path
     (tmp_path / "samples").mkdir()
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # numeric, not lexical, order
     with caplog.at_level("WARNING"):
-        assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-10")
+        assert resolve_resume_checkpoint(str(tmp_path), "latest").path == str(tmp_path / "checkpoint-10")
     assert "checkpoint-12" in caplog.text and "checkpoint-14.tmp" in caplog.text
     removed = remove_incomplete_checkpoints(str(tmp_path))
     assert sorted(os.path.basename(p) for p in removed) == ["checkpoint-12", "checkpoint-14.tmp"]
@@ -142,8 +142,8 @@ def test_resume_paths_latest_none_or_named(tmp_path):
     _fake_checkpoint(tmp_path, "checkpoint-5")
     _fake_checkpoint(tmp_path, "checkpoint-6", complete=False)
     expected = str(tmp_path / "checkpoint-5")
-    assert resolve_resume_checkpoint(str(tmp_path), "checkpoint-5") == expected  # a name inside output_dir
-    assert resolve_resume_checkpoint(str(tmp_path), expected) == expected
+    assert resolve_resume_checkpoint(str(tmp_path), "checkpoint-5").path == expected  # a name inside output_dir
+    assert resolve_resume_checkpoint(str(tmp_path), expected).path == expected
     with pytest.raises(CheckpointError, match=r"not found.*checkpoint-5"):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-7")
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):

@@ -21,7 +21,7 @@ from transformers import HfArgumentParser
 
 import evaluate_ddpm
 from checkpoints.checkpointing import verify_checkpoint
-from checkpoints.model_fit import model_mismatch
+from checkpoints.verify import TRAINER_STATE_NAME, TrainerState, model_mismatch, write_manifest
 from hub_access.atomic_folder import STAGING_NAME
 from hub_access.disk_space import is_disk_full
 from image_data.pixels import load_pixels
@@ -365,17 +365,18 @@ def test_a_model_of_other_shapes_is_named_by_the_flag_that_differs_from_the_head
     checkpoint.mkdir()
     save_file(small_unet(1).state_dict(), str(checkpoint / "model.safetensors"))
     saved_args = {"num_channels": None, "model_preset": None, "model_config_name_or_path": "unet.json"}
-    assert model_mismatch(str(checkpoint), small_unet(1).state_dict(), saved_args, saved_args) is None
-    message = model_mismatch(
-        str(checkpoint), small_unet(3).state_dict(), saved_args, {**saved_args, "num_channels": 3}
-    )
+    TrainerState(global_step=2, training_args=saved_args).save(str(checkpoint / TRAINER_STATE_NAME))
+    write_manifest(str(checkpoint))
+    verified = verify_checkpoint(str(checkpoint))  # the shapes come from the header, read when verifying
+    assert model_mismatch(verified, small_unet(1).state_dict(), saved_args) is None
+    message = model_mismatch(verified, small_unet(3).state_dict(), {**saved_args, "num_channels": 3})
     assert message == (
         f"{checkpoint} holds a model of another shape than this run's: it was written with --num_channels 1 (this "
         "run: --num_channels 3). Resume with the flags of the run that wrote it, or train this model in a new "
         "--output_dir (or start over with --overwrite_output_dir)."
     )
     # The same flags, another model: the config file changed in place; the parameters are named instead.
-    message = model_mismatch(str(checkpoint), small_unet(1, (8, 24)).state_dict(), saved_args, saved_args)
+    message = model_mismatch(verified, small_unet(1, (8, 24)).state_dict(), saved_args)
     assert "its parameters differ: " in message and " is [16] there, [24] here" in message
     assert "(has unet.json changed since?)" in message
 

@@ -23,7 +23,7 @@ from checkpoints.checkpointing import (
     prepare_output_dir,
     resolve_resume_checkpoint,
 )
-from checkpoints.manifest import write_manifest
+from checkpoints.verify import write_manifest
 from training.args import ArgumentError, parse_args, public_config
 from training.preflight import check_output_paths, check_step_memory, device_memory
 
@@ -346,7 +346,7 @@ def test_a_named_checkpoint_is_verified_when_resolved(tmp_path):
     save_file({"weight": torch.zeros(4)}, str(checkpoint / "model.safetensors"))
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
     write_manifest(str(checkpoint))
-    assert resolve_resume_checkpoint(str(tmp_path), str(checkpoint)) == str(checkpoint)
+    assert resolve_resume_checkpoint(str(tmp_path), str(checkpoint)).path == str(checkpoint)
     save_file({"weight": torch.ones(4)}, str(checkpoint / "model.safetensors"))  # same size, other bytes
     with pytest.raises(CheckpointError, match="model.safetensors"):
         resolve_resume_checkpoint(str(tmp_path), str(checkpoint))

@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from test_train import FAST, SMALL_UNET, one_thread, trainer_state
 
 import train_ddpm
-from checkpoints.manifest import write_manifest
+from checkpoints.verify import write_manifest
 
 BASE = ["--model_config_name_or_path", "unet.json", "--train_batch_size", "8", "--checkpointing_steps", "2"]
 BASE += ["--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--logging_steps", "1"]
