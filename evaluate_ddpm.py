@@ -31,7 +31,9 @@ import logging
 import math
 import os
 import re
+import signal
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -51,10 +53,25 @@ from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, mo
 from evaluation.sample_quality import sample_quality_metrics
 from hub_access.atomic_folder import INDEX_NAME
 from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full
-from hub_access.secrets import flags_holding_tokens, mask_logs_and_errors, redact, register, token_in_flags_message
+from hub_access.secrets import (
+    flags_holding_tokens,
+    is_local_path,
+    mask_logs_and_errors,
+    public_path,
+    redact,
+    register,
+    token_in_flags_message,
+)
 from image_data.image_modes import channels_of_data
 from image_data.pixels import load_pixels
-from image_data.sources import DatasetUnavailableError, ImageDataError, load_image_dataset
+from image_data.sources import (
+    FINGERPRINT_OF,
+    DatasetUnavailableError,
+    ImageDataError,
+    data_fingerprint,
+    find_image_column,
+    load_image_dataset,
+)
 from pipelines import DDPMPaperPipeline, model_range_to_unit
 from pipelines.export import TRAINING_DATA_FILE, TrainingDataError, read_training_data
 from pipelines.interpolation import interpolate
@@ -63,7 +80,7 @@ from pipelines.utils import upscale
 from schedulers import DDPMPaperScheduler
 from training import flag_ranges
 from training.args import default_feature_extractor, parse_flags_or_file
-from training.launch import ensure_one_job
+from training.launch import LaunchError, ensure_one_job
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +170,13 @@ class EvaluationArguments:
     output_dir: str = field(default="ddpm-evaluation", metadata={"help": "Where metrics.json and the plots go."})
     device: str | None = field(
         default=None, metadata={"help": "cpu, cuda, ...; defaults to CUDA when available (or accelerate's)."}
+    )
+    allow_other_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate data whose fingerprint differs from the one training_data.json records under the same "
+            "name (refused by default: the scores would be reported under the training data's name)."
+        },
     )
 
 
@@ -400,6 +424,61 @@ def check_data_count(args: EvaluationArguments, record: dict | None, from_export
     )
 
 
+def same_name_as_recorded(args: EvaluationArguments, record: dict | None, from_export: list[str]) -> bool:
+    """Whether the evaluation data goes by the name the training record gives its data: taken from the record, or
+    given by flags that name the same kind of source with the same (base) name, configuration and split."""
+    if record is None or args.split != record.get("split", "train"):
+        return False
+    if "dataset_name" in from_export:
+        return True
+    source = record.get("source")
+    if source == "image-folder":
+        return (
+            args.dataset_name is None
+            and args.train_data_dir is not None
+            and (_base_name(args.train_data_dir) == record.get("train_data_dir"))
+        )
+    if args.train_data_dir is not None or args.dataset_name is None:
+        return False
+    if source == "local-dataset":
+        return is_local_path(args.dataset_name) and _base_name(args.dataset_name) == record.get("dataset_name")
+    return source == "hub-dataset" and (args.dataset_name, args.dataset_config_name) == (
+        record.get("dataset_name"),
+        record.get("dataset_config_name"),
+    )
+
+
+def _base_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(path))))
+
+
+def check_data_fingerprint(args: EvaluationArguments, record: dict, fingerprint: str) -> None:
+    """
+    Fails when the data evaluated under the recorded name (see `same_name_as_recorded`) has another fingerprint
+    (`image_data.sources.data_fingerprint`) than the record's, unless --allow_other_data: other images of the same name
+    (and count), which metrics.json would report as the training data.
+    """
+    if args.allow_other_data or fingerprint == record["fingerprint"]:
+        return
+    if args.train_data_dir is not None:
+        where, name = f"--train_data_dir '{os.path.abspath(args.train_data_dir)}'", args.train_data_dir
+        what_to_pass = "--train_data_dir with the folder it was trained on (or a copy of it)"
+    elif args.dataset_name is not None:
+        local = is_local_path(args.dataset_name)
+        where = f"--dataset_name '{os.path.abspath(args.dataset_name) if local else args.dataset_name}'"
+        name = args.dataset_name
+        what_to_pass = "--dataset_name with the dataset it was trained on"
+    else:
+        where, name = "the embedded digits of this machine's scikit-learn", "embedded digits"
+        what_to_pass = "--dataset_name or --train_data_dir with the data it was trained on"
+    raise EvaluationInputError(
+        f"The model was trained on images with fingerprint {record['fingerprint']} ({TRAINING_DATA_FILE} of "
+        f"--pipeline {args.pipeline}), but {where} (split '{args.split}') has fingerprint {fingerprint} "
+        f"({FINGERPRINT_OF}): other images under the name {name!r}. Pass {what_to_pass}, or add --allow_other_data "
+        "to evaluate these images anyway."
+    )
+
+
 PRECISION_RECALL_K = inspect.signature(sample_quality_metrics).parameters["k"].default
 """The nearest neighbours of precision and recall: each set of images needs more."""
 
@@ -622,9 +701,10 @@ def main(argv: list[str] | None = None) -> dict:
         EvaluationInputError,
         FeatureExtractorUnavailableError,
         ImageDataError,
+        LaunchError,
         TrainingDataError,
     ) as error:  # expected failures: one line, as train_ddpm.py ends them
-        raise SystemExit(f"evaluate_ddpm.py: error: {redact(str(error))}") from error
+        exit_with_one_line(f"evaluate_ddpm.py: error: {redact(str(error))}", error)
     except Exception as error:  # a disk filled: the metrics and plots, or the datasets cache
         if not is_disk_full(error):
             raise
@@ -634,7 +714,36 @@ def main(argv: list[str] | None = None) -> dict:
         }
         free = ", ".join(f"{name} '{folder}' {format_bytes(free_bytes(folder))}" for name, folder in folders.items())
         message = f"A disk is full: {first_line(error)}. Free now: {free}. Free space there, then run again."
-        raise SystemExit(f"evaluate_ddpm.py: error: {redact(message)}") from error
+        exit_with_one_line(f"evaluate_ddpm.py: error: {redact(message)}", error)
+
+
+def launch_rank() -> int:
+    """This process's rank among those a launcher started (`RANK`, which torchrun sets); 0 without a launcher. Read
+    from the environment, not the Accelerator: processes that each run alone all believe they are the main one."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+OTHERS_WAIT_S = 30.0
+"""How long a process other than the main one waits, before it reports an error itself, for the launcher to stop it."""
+
+
+def exit_with_one_line(message: str, error: BaseException) -> None:
+    """
+    Ends the run with `message` (exit status 1). Under a launcher the checks fail alike on every process, so only the
+    main one (rank 0) prints it: the others wait up to `OTHERS_WAIT_S` for the launcher, which stops the rest once
+    the main process has ended, and then exit with status 1 too, silently; one still running after that failed on
+    its own, and says so with its rank.
+    """
+    rank = launch_rank()
+    if rank != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.disable(logging.CRITICAL)
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(1))  # stopped by the launcher: the same status, quietly
+        time.sleep(OTHERS_WAIT_S)
+        message = message.replace("evaluate_ddpm.py: error:", f"evaluate_ddpm.py: error (process {rank}):", 1)
+    raise SystemExit(message) from error
 
 
 def evaluate_pipeline(args: EvaluationArguments) -> dict:
@@ -645,7 +754,7 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
     args = replace(args, **{name: COUNT_DEFAULTS[name] for name in COUNT_DEFAULTS if name not in given})
     check_pipeline_folder(args.pipeline)
     record = read_training_data(args.pipeline)
-    if record is None and args.dataset_name is None and args.train_data_dir is None:
+    if record is None and args.dataset_name is None and args.train_data_dir is None and launch_rank() == 0:
         logger.warning(
             "%s has no %s (an export older than the record): evaluating on the embedded digits unless "
             "--dataset_name or --train_data_dir says otherwise.", args.pipeline, TRAINING_DATA_FILE,
@@ -695,17 +804,20 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
             )
             check_model_fits_data(args, from_export, sample_size, in_channels, channels)
         # The images are listed (not decoded) to count them: other data behind the recorded name fails now.
-        count = len(
-            load_image_dataset(
-                args.dataset_name,
-                args.dataset_config_name,
-                args.train_data_dir,
-                cache_dir=args.cache_dir,
-                split=args.split,
-            )
+        listed = load_image_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            cache_dir=args.cache_dir,
+            split=args.split,
         )
+        count = len(listed)
     # Every process checks (none waits for another that failed).
     check_data_count(args, record, from_export, count)
+    fingerprint = None
+    if record is not None and record.get("fingerprint") and same_name_as_recorded(args, record, from_export):
+        fingerprint = data_fingerprint(listed, find_image_column(listed, args.image_column))  # bytes, not decoded
+        check_data_fingerprint(args, record, fingerprint)
     if args.num_samples:
         compared = min(args.num_reference_images or count, count)
         check_sample_count(compared, f"{describe_data(args)} has {count} images; {{count}} of them are")
@@ -754,7 +866,16 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         report = write_results(
-            args, pipeline, pixels, output_dir, metrics, used, extractor_name, from_export, accelerator.num_processes
+            args,
+            pipeline,
+            pixels,
+            output_dir,
+            metrics,
+            used,
+            extractor_name,
+            from_export,
+            accelerator.num_processes,
+            {"fingerprint": fingerprint, "training_fingerprint": (record or {}).get("fingerprint")},
         )
     except BaseException:  # a full disk, an interruption: no half-written folder of this run stays behind
         if created:
@@ -771,6 +892,10 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
     return report
 
 
+PUBLIC_PATH_FLAGS = ("pipeline", "dataset_name", "train_data_dir", "cache_dir", "output_dir")
+"""Flags whose values may be local paths: metrics.json holds them as `public_path` gives them."""
+
+
 def write_results(
     args: EvaluationArguments,
     pipeline: DDPMPaperPipeline,
@@ -781,8 +906,13 @@ def write_results(
     extractor_name: str,
     from_export: list[str],
     num_processes: int,
+    fingerprints: dict | None = None,
 ) -> dict:
-    """The plots and metrics.json in `output_dir`: the report, `metrics` with the settings and the curves."""
+    """
+    The plots and metrics.json in `output_dir`: the report, `metrics` with the settings and the curves. Local paths
+    in the settings are public, as training publishes them (`hub_access.secrets.public_path`): relative to the working
+    folder when under it, else the base name.
+    """
     curves = write_plots(
         pipeline,
         as_pixels(pixels, max(args.rate_distortion_images, 2)),
@@ -795,6 +925,7 @@ def write_results(
     )
     settings = {
         **asdict(args),
+        **{name: public_path(getattr(args, name)) for name in PUBLIC_PATH_FLAGS},
         "feature_extractor": extractor_name,
         "resolution": args.resolution,
         **{f"{name}_used": count for name, count in used.items()},
@@ -802,6 +933,9 @@ def write_results(
         "variance_type": pipeline.scheduler.config.variance_type,
         "num_processes": num_processes,
         "data_flags_from_export": from_export,
+        # The fingerprint of the data evaluated, when compared with the record's (same name), and the record's.
+        "data_fingerprint": (fingerprints or {}).get("fingerprint"),
+        "training_data_fingerprint": (fingerprints or {}).get("training_fingerprint"),
     }
     report = {**metrics, "settings": settings, **curves}
     (output_dir / METRICS_FILE).write_text(json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")

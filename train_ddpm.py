@@ -408,6 +408,7 @@ def load_data(
         random_flip=args.random_flip,
         held_out_images=held_out_images(public_config(args)),
         num_images=num_images,
+        cache_dir=args.cache_dir,
     )
     return loader, held_out, record
 

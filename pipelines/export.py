@@ -243,6 +243,7 @@ TRAINING_DATA_FIELDS: dict[str, tuple[type, ...]] = {
     "random_flip": (bool,),
     "held_out_images": (int,),
     "num_images": (int, type(None)),
+    "fingerprint": (str, type(None)),
 }
 """The type of each field of the record a reader relies on (a field absent from an older record is not checked)."""
 TRAINING_DATA_VALUES: dict[str, tuple] = {

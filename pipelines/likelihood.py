@@ -89,14 +89,56 @@ def _check_generator(generator: Generator, batch_size: int) -> None:
         raise ValueError(f"Got {len(generator)} generators for {batch_size} images; pass one per image, or one.")
 
 
+def exact_head(num_timesteps: int) -> int:
+    """
+    How many of the K timesteps of an estimate are the first ones, t = 0..k-1, evaluated exactly: K // 2. The bound's
+    mass sits there (the decoder L_0 and the first KL terms are orders of magnitude above the rest), so a uniform
+    draw that misses or hits them makes a heavy-tailed estimate whose standard error over a few hundred images is far
+    too narrow.
+    """
+    return num_timesteps // 2
+
+
+def _strata(num_train_timesteps: int, k: int) -> torch.Tensor:
+    """
+    The K - k + 1 bounds of the strata that split the timesteps k..T-1 (k = `exact_head(K)`, at least 1 for the
+    spacing): spaced geometrically, as the terms fall steeply with t (a stratum of equal size near the head would
+    weigh a term of 0.2 bits/dim and one of 0.005 alike), each stratum at least one timestep wide; K = T gives
+    strata of one timestep each, the exact sum.
+    """
+    head, draws = exact_head(k), k - exact_head(k)
+    start = max(head, 1)
+    bounds = [head]
+    for j in range(1, draws + 1):
+        geometric = round(start * (num_train_timesteps / start) ** (j / draws))
+        bounds.append(min(max(geometric, bounds[-1] + 1), num_train_timesteps - (draws - j)))
+    return torch.tensor(bounds)
+
+
 def _draw_timesteps(generator: Generator, batch_size: int, num_train_timesteps: int, k: int) -> torch.Tensor:
-    """K distinct timesteps per image, uniform without replacement: each t is drawn with probability K/T."""
+    """
+    K distinct timesteps per image: t = 0..k-1 (k = `exact_head(K)`), then one uniform draw in each of the K - k
+    strata (`_strata`) that split k..T-1. Term t of stratum j is drawn with probability 1 / n_j (n_j its size).
+    """
+    head, draws = exact_head(k), k - exact_head(k)
     if isinstance(generator, list):
-        keys = torch.stack([torch.rand(num_train_timesteps, generator=g, device=g.device).cpu() for g in generator])
+        uniform = torch.stack(
+            [torch.rand(draws, generator=g, device=g.device, dtype=torch.float64).cpu() for g in generator]
+        )
     else:
         device = generator.device if generator is not None else "cpu"
-        keys = torch.rand(batch_size, num_train_timesteps, generator=generator, device=device).cpu()
-    return keys.argsort(dim=1)[:, :k]
+        uniform = torch.rand(batch_size, draws, generator=generator, device=device, dtype=torch.float64).cpu()
+    bounds = _strata(num_train_timesteps, k)
+    sizes = bounds.diff()
+    drawn = bounds[:-1] + (uniform * sizes).floor().long().clamp(max=sizes - 1)
+    return torch.cat([torch.arange(head).expand(batch_size, head), drawn], dim=1)
+
+
+def _timestep_weights(num_train_timesteps: int, k: int) -> torch.Tensor:
+    """The weight of each of the K terms of an estimate (the columns of `_draw_timesteps`): 1 for the exact head, the
+    stratum's size for each stratified draw, so that the weighted sum is an unbiased estimate of the sum of all T."""
+    head = exact_head(k)
+    return torch.cat([torch.ones(head, dtype=torch.float64), _strata(num_train_timesteps, k).diff().double()])
 
 
 @torch.no_grad()
@@ -126,8 +168,11 @@ def bits_per_dim(
         images (`torch.Tensor` of shape `(batch_size, channels, height, width)`):
             Data x_0 in [-1, 1], 8-bit values (the decoder integrates over bins of width 2/255).
         num_timesteps (`int`, *optional*):
-            `None`: sum all T terms. K: draw K distinct timesteps uniformly per image (independently for every image)
-            and weight their sum by T/K, an unbiased estimate of the sum.
+            `None`: sum all T terms. K: an unbiased estimate of the sum from K terms per image (independently for
+            every image): the first `exact_head(K)` = K // 2 terms exactly (t = 0, 1, ...: where the bound's mass
+            sits), and one term drawn uniformly from each of K - K // 2 strata that split the rest (geometrically spaced),
+            weighted by its stratum's size. The spread of the per-image estimates is then a fair error bar: a uniform
+            draw of K terms makes rare huge values (whenever it hits t = 0) that a few hundred images mostly miss.
         generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
             Source of the timesteps and of the noise; one per image makes each image's result independent of the
             batching and of the process split.
@@ -175,7 +220,11 @@ def bits_per_dim(
             drawn_mse[batch, k] = _mean_over_dims((vlb.pred_original_sample - x0[batch]) ** 2).cpu()
 
     prior = scheduler.prior_bpd(x0).cpu()  # L_T
-    total = prior + drawn_terms.sum(dim=1) * (T / num_drawn)  # T/K: each term is drawn with probability K/T
+    if num_timesteps is None:
+        total = prior + drawn_terms.sum(dim=1)
+    else:  # the exact head plus each stratum's draw times its size: unbiased for the sum of all T terms
+        weights = _timestep_weights(T, num_timesteps)
+        total = prior + (drawn_terms.double() * weights).sum(dim=1).float()
     terms = torch.full((num_images, T), float("nan")).scatter_(1, timesteps, drawn_terms)
     mse = torch.full((num_images, T), float("nan")).scatter_(1, timesteps, drawn_mse)
     return BitsPerDimOutput(

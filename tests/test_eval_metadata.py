@@ -17,7 +17,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 
 import evaluate_ddpm
-from image_data.sources import training_data_record
+from image_data.sources import data_fingerprint, load_image_dataset, training_data_record
 from pipelines import DDPMPaperPipeline, ModelCardInfo
 from schedulers import DDPMPaperScheduler
 
@@ -72,9 +72,11 @@ def rgb_folder(folder: Path, count: int = 4) -> Path:
 def test_record_names_local_folders_by_base_name_and_keeps_hub_ids(tmp_path):
     flags = {"dataset_config_name": None, "image_column": "image", "resolution": 32, "channels": 3}
     flags |= {"preserve_input_precision": False, "center_crop": False, "random_flip": True}
-    folder = tmp_path / "secret-place" / "my-images"
+    folder = rgb_folder(tmp_path / "secret-place" / "my-images", count=12)
     record = training_data_record(dataset_name=None, train_data_dir=str(folder), **flags, num_images=12)
+    assert isinstance(record["fingerprint"], str) and len(record["fingerprint"]) == 32  # of the images' bytes
     assert record == {
+        "fingerprint": record["fingerprint"],
         "source": "image-folder",
         "dataset_name": None,
         "dataset_config_name": None,
@@ -93,6 +95,7 @@ def test_record_names_local_folders_by_base_name_and_keeps_hub_ids(tmp_path):
     assert (local["source"], local["dataset_name"]) == ("local-dataset", "my-images")
     hub = training_data_record(dataset_name="uoft-cs/cifar10", train_data_dir=None, **flags)
     assert (hub["source"], hub["dataset_name"], hub["num_images"]) == ("hub-dataset", "uoft-cs/cifar10", None)
+    assert hub["fingerprint"] is None  # a split streamed (no count): not read twice
     digits = training_data_record(
         dataset_name=None, train_data_dir=None, **{**flags, "channels": 1, "preserve_input_precision": True}
     )
@@ -142,7 +145,8 @@ def test_training_run_records_its_image_folder_by_base_name(tmp_path, monkeypatc
         ]
     )
     record = json.loads((work / "run" / "training_data.json").read_text())
-    assert record == {**RGB_RECORD, "num_images": 6}  # the images of the split, for evaluate_ddpm.py to compare
+    assert record == {**RGB_RECORD, "num_images": 6, "fingerprint": record["fingerprint"]}  # for evaluate_ddpm.py
+    assert record["fingerprint"] == data_fingerprint(load_image_dataset(train_data_dir=str(images)), "image")
     metadata = yaml.safe_load((work / "run" / "README.md").read_text().split("---\n", 2)[1])
     assert metadata["training_data"] == record
 

@@ -128,7 +128,7 @@ def test_multi_process_launch_seen_as_one_process_fails_before_any_work(tmp_path
     # runs alone (DistributedType.NO) and would believe it is the main one.
     monkeypatch.setenv("WORLD_SIZE", "2")
     output_dir = tmp_path / "evaluation"
-    with pytest.raises(RuntimeError, match="2 processes were launched but each one runs alone.*--device cpu"):
+    with pytest.raises(SystemExit, match="error: 2 processes were launched but each one runs alone.*--device cpu"):
         evaluate_ddpm.main(["--pipeline", str(pipeline_folder), "--output_dir", str(output_dir)])
     assert not output_dir.exists()
 
