@@ -1,19 +1,7 @@
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
-"""
-Sample quality of generated images against real ones, on the features of a pluggable network (`features.py`):
-
-- FID, the Frechet distance of Gaussians fitted to the two feature sets (Heusel et al. 2017), and KID, an unbiased
-  polynomial-kernel MMD^2 averaged over random subsets (Binkowski et al. 2018), both computed by torchmetrics;
-- precision and recall of Kynkaenniemi et al. 2019 ("Improved Precision and Recall Metric for Assessing Generative
-  Models", arXiv:1904.06991): the fraction of generated samples inside the k-NN manifold of the real ones, and of
-  real samples inside that of the generated ones (k = 3);
-- the Inception Score of Salimans et al. 2016 (arXiv:1606.03498), exp(E_x KL(p(y|x) || p(y))) over the class
-  probabilities of the network's classifier head (Inception's 1008 logits, or the digits classifier's 10), as the
-  mean and standard deviation over 10 splits as the original code (and the DDPM paper's IS 9.46) reports it.
-
-The feature networks run once per image set; the metrics take the features. Real-image features are cached
-(`reference_features`), keyed by the images' content and the extractor's name and weights.
-"""
+"""Sample quality of generated images against real ones on a pluggable feature network: FID and KID (torchmetrics),
+precision/recall (Kynkaanniemi et al. 2019, k = 3) and the Inception Score (Salimans et al. 2016, 10 splits).
+Real-image features are cached by content and extractor (`reference_features`); docs/evaluation.md has the details."""
 
 from __future__ import annotations
 

@@ -1,29 +1,6 @@
-"""What every PIL image mode becomes in the pixel cache: its channels and its bit depth.
-
-Channels. The channel count of a run follows the data (`decide_channels`, from a bounded sample of the images) unless
-`--num_channels` is given. Each image is then converted to that count (`to_cache_mode`):
-
-- grayscale ("L", "1", "LA", 16-bit "I;16"/"I;16B"/"I", and the 16-bit grayscale+alpha PNG, which PIL opens as
-  "RGBA": `stored_mode` calls it "LA;16") counts as 1 channel; everything else ("RGB", "RGBA", "P", "PA", "CMYK",
-  "YCbCr", ...) as 3. RGBA counts as 3: alpha is kept only with an explicit `--num_channels 4`.
-- An image with transparency ("RGBA", "LA", "PA", a palette or "L"/"RGB" image with a transparency key) is converted to
-  RGBA and composited on white, as image viewers show it, unless the run has 4 channels (RGBA kept as it is).
-- Palette images go through their palette (PIL's `convert`), "1" becomes 0 / 255, CMYK goes through PIL's CMYK to RGB
-  conversion.
-- A colour image ("RGB", "RGBA", "CMYK") that embeds an ICC profile is first converted through it to sRGB
-  (LittleCMS through PIL's `ImageCms`, relative colorimetric), as colour-managed viewers show it: an Adobe RGB photo
-  or a CMYK print keeps its colours instead of being read as sRGB numbers. A profile LittleCMS cannot read is
-  ignored with a warning naming the file. Grayscale images keep their values.
-
-Bit depth. 16-bit images ("I;16", "I;16L", "I;16B", "I;16N", and "I" with values in 0..65535) are scaled to 8 bits as
-`round(value * 255 / 65535)` (PIL's own `convert` clips them to 255: a white image). With `preserve_input_precision`
-the cache keeps 16 bits: 16-bit images as they are, 8-bit ones times 257 (255 -> 65535). Float images ("F") have no
-agreed range and are refused, with an error that names the file and the mode. Colour and grayscale+alpha images of
-16 bits a channel (48-bit RGB, 64-bit RGBA or CMYK, 32-bit LA: PNG or TIFF) are decoded by PIL to 8 bits a channel
-(the high byte); with `preserve_input_precision` they are refused, naming the file and what it stores, rather than
-kept silently at 8 bits. A 16-bit TIFF with its channels in separate planes, which PIL decodes into wrong pixels, is
-refused; PIL cannot open a 16-bit grayscale+alpha TIFF at all ("cannot identify image file": the decoding error).
-"""
+"""What every PIL image mode becomes in the pixel cache: its channel count (`decide_channels`, `to_cache_mode`) and its
+bit depth (16-bit scaled to 8, or kept with `preserve_input_precision`; float images refused). The rules, mode by
+mode, are in docs/data.md."""
 
 from __future__ import annotations
 

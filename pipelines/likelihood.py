@@ -1,22 +1,8 @@
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
-"""
-The likelihood evaluations of Ho et al. 2020 (arXiv:2006.11239) over a trained noise predictor.
-
-Pure functions of `(unet, scheduler, images)`, images being float tensors in [-1, 1] of shape (B, C, H, W):
-
-- `bits_per_dim`: the negative log-likelihood bound L = L_T + sum_{t>1} L_{t-1} + L_0 of Eq. 5 in bits/dim (Table 2),
-  summed over all T terms or estimated without bias from K of them;
-- `rate_distortion` / `rate_distortion_curve`: progressive lossy compression (Sec. 4.3, Fig. 5, Table 4).
-
-(Interpolation, Sec. 4.3 and Fig. 8, is not a likelihood: it lives in `interpolation.py`.)
-
-Timesteps are 0-based as in the scheduler: model timestep t takes x_{t+1} of the paper, and term t is the paper's
-L_t (t = 0 the decoder -log p(x_0|x_1), t > 0 the KL of x_t given x_{t+1}).
-
-Randomness comes from `generator`, which may be a list with one generator per image (as in diffusers pipelines): each
-image then draws its timesteps and noise from its own generator only, so its result does not depend on the batch size
-or on how the images are split across processes.
-"""
+"""The likelihood evaluations of Ho et al. 2020 over a trained noise predictor: `bits_per_dim` (the bound of Eq. 5,
+Table 2, over all T terms or estimated without bias from K) and `rate_distortion` (Sec. 4.3, Fig. 5). Images are
+floats in [-1, 1]; term t is the paper's L_t (0-based timesteps); a list of generators, one per image, makes each
+image's result independent of the batch and of the process it runs on."""
 
 from __future__ import annotations
 

@@ -1,17 +1,7 @@
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
-"""
-The training objectives of Ho et al. 2020 (arXiv:2006.11239), Table 2, for every parameterisation of the net:
-
-| `--loss_type` | what it is                                                                  | parameterisations  |
-|---------------|-----------------------------------------------------------------------------|--------------------|
-| `simple`      | L_simple (Eq. 14): unweighted MSE of the net's target                       | epsilon, sample, v |
-| `vlb`         | the true variational bound (Eq. 5): T * L_{t-1} at a uniform t, L_0 at t=0  | all, mean included |
-| `mse`         | unweighted MSE of the posterior mean mu-tilde_t(x_t, x_0) (Table 2, row 2)  | mean               |
-
-The bound's terms come from the scheduler's own `vlb_terms`, the function the bits/dim evaluation calls, so training
-and evaluation share one implementation. With a learned variance (`learned_range`) `vlb` trains mean and variance
-together; `simple` and `mse` add the variance's L_vlb with the mean held fixed (L_hybrid, Nichol & Dhariwal 2021).
-"""
+"""The training objectives of Ho et al. 2020, Table 2: `--loss_type simple` (L_simple, Eq. 14), `vlb` (the true bound,
+Eq. 5, from the scheduler's own `vlb_terms`, as the bits/dim evaluation) and `mse` (the MSE of the posterior mean);
+with a learned variance, the variance's L_vlb is added (L_hybrid, Nichol & Dhariwal 2021)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""One run per output folder: the main process holds an exclusive `flock` on a lock file inside it for the whole run.
-
-The operating system releases the lock when the process ends, however it ends (a crash, SIGKILL, a lost node), so a
-killed run never leaves a stale lock: the file may stay behind, but the next run takes its lock at once. A second run
-into a locked folder stops within seconds, before any data is read, with an error naming the PID and host that hold
-it. Only the main process locks; it broadcasts the outcome, so that the other processes of its job stop with it.
-
-The lock file lives in the output folder only while the run holds it: a run that ends (normally or with an error)
-removes it, and removes the output folder as well if the run created it and left nothing else in it. Exports are
-written and pushed from their own folders (`save_pretrained` writes model files only; `push_to_hub` uploads a fresh
-temporary folder), so the lock file is never published.
-"""
+"""One run per output folder: the main process holds an OS lock (`flock`) on a file inside it for the whole run, which
+the OS releases however the run ends; a second run stops within seconds naming the PID and host that hold it. The
+lock file is removed at the end and is never exported or pushed."""
 
 from __future__ import annotations
 

@@ -1,16 +1,5 @@
-"""An optimizer step without host syncs: non-finite steps are skipped on the device, and the few numbers the host needs
-every step (was the step skipped, how many in a row, was a stop asked) are read one step late.
-
-On a GPU the host queues work ahead of the device; any read of a device value (`.item()`, `.tolist()`, `if tensor:`)
-makes it wait until the device has caught up, and then the device idles while the host queues the next step. Here:
-
-- `step_unless_nonfinite` skips a step whose gradient norm is not finite inside the optimizer's kernel: a fused
-  optimizer takes a `found_inf` tensor (the protocol `torch.amp.GradScaler` uses for them) and leaves the weights, its
-  moments and its step count untouched where it is 1. Optimizers without a fused kernel for the device fall back to one
-  host read of the flag.
-- `DeferredRead` starts a non-blocking copy of a small tensor to the host and hands back the previous one, whose copy
-  finished long ago: the host learns of step n while the device runs step n + 1.
-"""
+"""An optimizer step without host syncs: `step_unless_nonfinite` skips a non-finite step inside a fused optimizer's
+kernel (its `found_inf` flag), and `DeferredRead` hands the host step n's numbers while the device runs step n + 1."""
 
 from __future__ import annotations
 
