@@ -23,6 +23,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -76,7 +77,7 @@ from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
 from training.losses import diffusion_loss  # the loop calls it by this name (tests wrap it)
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
-from training.monitor import StepMonitor
+from training.monitor import StepMonitor, end_workers_at_exit, exit_on_signal, ignore_stop_signals, restores_signals
 from training.output_lock import OutputDirLockedError, lock_output_dir, release_output_locks
 from training.preflight import check_output_paths, check_step_memory, lies_inside, unwritable, written_folders
 from training.sync import adamw, step_unless_nonfinite
@@ -393,9 +394,15 @@ def load_data(
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
-        # Its own generator, so that starting an epoch does not draw from the global RNG (exact resume).
-        generator=None if args.streaming else torch.Generator().manual_seed(args.seed),
+        # A signal to the whole process group (scancel, systemd, Ctrl-C) is the main process's to act on: the workers
+        # ignore it and keep serving batches until the stop checkpoint is written (kept by `accelerator.prepare`).
+        worker_init_fn=ignore_stop_signals if args.dataloader_num_workers > 0 else None,
+        # Its own generator, streamed or not, so that starting an epoch (or a resumed run's first, skipping `iter()`)
+        # does not draw from the global RNG: the noise and timesteps of a resumed run are the uninterrupted run's.
+        generator=torch.Generator().manual_seed(args.seed),
     )
+    if args.dataloader_num_workers > 0:
+        end_workers_at_exit()  # workers that absorb a SIGTERM are ended by the main process's exit, not waited for
     record = training_data_record(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
@@ -411,6 +418,17 @@ def load_data(
         cache_dir=args.cache_dir,
     )
     return loader, held_out, record
+
+
+def own_generator(loader: torch.utils.data.DataLoader, seed: int) -> None:
+    """
+    Give `loader` its own generator where it has none: Accelerate's loader of a stream (`DataLoaderDispatcher`, also
+    after `skip_first_batches`) drops the one `load_data` gives, and `iter()` would draw its base seed from the global
+    RNG, so that a resumed run's noise and timesteps would not be the uninterrupted run's.
+    """
+    loader = getattr(loader, "base_dataloader", loader)  # the torch DataLoader inside Accelerate's adapter
+    if getattr(loader, "generator", 0) is None:
+        loader.generator = torch.Generator().manual_seed(seed)
 
 
 def checkpoint_flags(args: TrainingArguments, checkpoint: VerifiedCheckpoint) -> TrainingArguments:
@@ -496,10 +514,12 @@ def clip_and_step(
 
 def save(accelerator: Accelerator, args: TrainingArguments, state: TrainerState, trained: Trained, monitor) -> str:
     """Write the checkpoint of `state.global_step` (every process calls it)."""
+    started = time.perf_counter()
     monitor.sync_state()
     ema = trained.ema
     weights = list(trained.model.parameters()) + (ema.shadow_params if ema is not None else [])
     path = save_checkpoint(accelerator, args.output_dir, state, weights, args.checkpoints_total_limit)
+    monitor.checkpoint_seconds = time.perf_counter() - started  # for the time a stop is expected to take
     logger.info("Saved checkpoint %s", path)
     return path
 
@@ -551,9 +571,11 @@ def every(period: int | None, count: int) -> bool:
     return bool(period) and count % period == 0
 
 
+@restores_signals
 def train(args: TrainingArguments) -> TrainingOutcome:
     # 1. Accelerator, output folder, the checkpoint to resume, the Hub repo and the evaluation's feature network:
     #    what can fail does so now, in seconds, not after the data cache or the training
+    exit_on_signal("during the set-up, before the first step: nothing to save yet; run the same command again")
     check_output_paths(args)
     accelerator = make_accelerator(args)
     lock_output_dir(accelerator, args.output_dir)  # one run per folder, held until `main` ends
@@ -647,7 +669,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     images, metrics = None, None  # the last sample grid and evaluation, for the model card
     trained = Trained(model, ema, noise_scheduler, training_data)
     monitor = StepMonitor(accelerator, state, max_train_steps, args.logging_steps, args.max_nonfinite_steps)
-    if accelerator.num_processes == 1 and args.gradient_accumulation_steps == 1 and not args.compile:
+    if accelerator.num_processes == 1 and not args.compile:
         monitor.interrupt_steps_of(model)  # a stop signal abandons the step at once (the launcher waits only 5 s)
     with monitor:
         for epoch in range(state.epoch, num_epochs):
@@ -657,9 +679,10 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             train_dataloader.set_epoch(epoch)
             skip = state.batches_in_epoch if epoch == state.epoch else 0
             batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            own_generator(batches, args.seed)  # a stream's loader, rebuilt by Accelerate without the generator
             state.epoch, state.batches_in_epoch = epoch, skip
             for pixels in batches:
-                with monitor.interruptible(optimizer):  # a stop signal in here abandons the step (StepMonitor)
+                with monitor.interruptible(optimizer, state):  # a stop signal in here abandons the step (StepMonitor)
                     x0 = images_to_model_input(pixels, args.random_flip)  # Algorithm 1, line 2: x_0 ~ q(x_0)
                     if args.channels_last:
                         x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -725,10 +748,16 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             monitor.stopped_by, state.global_step, path,
         )  # fmt: skip
     else:
+        # A signal now ends the run with one line (status 128 + the signal: the export asked for is missing).
+        exit_on_signal(
+            f"during the final evaluation, sample grid and export: {path} holds the trained weights (step "
+            f"{state.global_step}); finish with --resume_from_checkpoint latest and the same flags (it goes straight to "
+            "the export)"
+        )
         if args.eval_steps:
             metrics = evaluation(accelerator, args, trained, held_out, feature_extractor, state.global_step)
         samples_and_export(accelerator, args, trained, state.global_step, images, metrics, True, True, final=True)
-    accelerator.end_training()
+    teardown(accelerator)
     return TrainingOutcome(state.global_step, unet=model, ema=ema, stopped_by=monitor.stopped_by, metrics=metrics)
 
 
@@ -770,6 +799,17 @@ def write_failure_message(args: TrainingArguments, error: BaseException) -> str 
                 f"that), then run again. {intact_checkpoint_sentence(args.output_dir)}"
             )
     return None
+
+
+def teardown(accelerator: Accelerator) -> None:
+    """
+    The end of a run, explicit: every process reaches it, the trackers are closed, and the process group is destroyed
+    (a group left to the interpreter's exit was seen to hang a gloo job, whose launcher then reported a failure).
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> TrainingOutcome:

@@ -12,17 +12,37 @@ Stopping (SIGTERM, SIGINT, or the death of the `accelerate launch` process that 
   exits 0. Every later signal is absorbed until the checkpoint is written (Ctrl-C in a terminal under `accelerate
   launch` delivers two: the terminal's SIGINT, then the SIGTERM the launcher forwards);
 - `accelerate launch` kills its child 5 s after forwarding a signal (30 s with several processes, torch elastic's
-  grace). With one process (and no accumulation or compile), a signal during a step's forward or backward pass
-  abandons that step at the next U-Net block (`interruptible`): its random draws are rolled back and its batch is
-  read again on resume, so the checkpoint is written at once and the resumed run is the uninterrupted one, bit for
-  bit. With several processes the stop is agreed on through the step's report (all stop at the same step);
-- a child whose launcher died (it is re-parented) stops the same way, so that no orphan keeps training.
+  grace). With one process and no compile (with or without gradient accumulation), a signal during a forward or
+  backward pass abandons the whole optimizer step at the next U-Net block (`interruptible`): the gradients of its
+  micro-batches are dropped, its random draws and Accelerate's batch count are rolled back to its first
+  micro-batch, and the data position too, so a resumed run reads its batches again: the checkpoint is written at
+  once and the resumed run is the uninterrupted one, bit for bit;
+- with several processes (the stop is agreed on through the step's report, read one step late: all stop at the
+  same step) or with `--compile` (the hooks cannot run inside a compiled graph) the step is not abandoned: the
+  checkpoint comes after the rest of the current optimizer step and, the report being read one step late, one more
+  step. The grace needed is about (micro-batches left in the cycle + accumulation steps) x the micro-batch time + the
+  checkpoint's write time. Measured on 2 shared CPU cores (tiny U-Net slowed to ~1.5 s a micro-batch, two gloo
+  processes, accumulation 2, SIGTERM to the launcher early in step 2): the checkpoint of step 3 was written 6.4 s
+  after the signal, inside the launcher's 30 s; `--compile` (one process, 5 s) was not measured here: use the
+  formula. When a
+  signal comes under the launcher and that estimate exceeds its grace (5 s for one process, 30 s for several),
+  one warning line says so before the launcher kills the run (`StepMonitor.warn_if_late`);
+- a child whose launcher died (it is re-parented) stops the same way, so that no orphan keeps training;
+- outside the loop (the set-up before it, the final evaluation, sample grid and export after it) `exit_on_signal`
+  turns the first signal into one log line and exit status 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+
+Data-loading workers ignore SIGINT and their first SIGTERM (`ignore_stop_signals`, their `worker_init_fn`): a signal
+to the whole process group (Slurm's scancel, systemd, Ctrl-C) is the main process's to act on; the workers end with
+it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -41,6 +61,82 @@ from training.sync import DeferredRead
 logger = logging.getLogger(__name__)
 
 
+def _absorb_first_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next one ends the worker
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """
+    A DataLoader's `worker_init_fn`: the worker ignores SIGINT and its first SIGTERM, so that a signal to the whole
+    process group leaves the stop (and the checkpoint) to the main process. A second SIGTERM ends it: the one that
+    `multiprocessing` sends its daemon workers when the main process exits (ignored, the exit would wait forever).
+    """
+    signal.signal(signal.SIGTERM, _absorb_first_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _end_workers() -> None:
+    """At the main process's exit, before `multiprocessing` terminates its daemon children with a SIGTERM that a
+    worker may absorb: the DataLoader's check of its workers is put off, and each daemon child is ended at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a worker's end is no error now
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+_workers_ended_at_exit: list[bool] = [False]
+
+
+def end_workers_at_exit() -> None:
+    """In the main process, when it builds a DataLoader with workers that run `ignore_stop_signals` (once)."""
+    if not _workers_ended_at_exit[0]:
+        atexit.register(_end_workers)  # atexit runs last-registered first: before multiprocessing's own
+        _workers_ended_at_exit[0] = True
+
+
+_exit_message: list[str] = ["before the first step: nothing to save yet; run the same command again"]
+
+
+def _exit_handler(signum: int, frame: Any) -> None:
+    if _exit_message[0] == "":  # a later signal while the first one unwinds (the launcher's forwarded SIGTERM)
+        return
+    what, _exit_message[0] = _exit_message[0], ""
+    if os.environ.get("RANK", "0") == "0":
+        logger.warning("Stopped by %s %s.", signal.Signals(signum).name, what)
+    raise SystemExit(128 + signum)
+
+
+def exit_on_signal(what: str) -> None:
+    """
+    From now on (outside `StopSignal` blocks, which put these handlers back when they end) the first SIGTERM or SIGINT
+    logs "Stopped by SIG... {what}." (rank 0) and exits with status 128 + the signal; later ones are absorbed, so a
+    second signal cannot print a traceback while the first unwinds. `what` says where the run is and what to do.
+    """
+    _exit_message[0] = what
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _exit_handler)
+
+
+def restores_signals(function):
+    """Decorate a function that calls `exit_on_signal`: the SIGTERM and SIGINT handlers are put back when it ends."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return function(*args, **kwargs)
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return function(*args, **kwargs)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    return wrapper
+
+
 class StepInterrupted(Exception):
     """Raised inside an interruptible step after a stop signal: the step is abandoned."""
 
@@ -53,8 +149,8 @@ class StopSignal:
     install handlers, it does nothing.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-        self.signals = signals
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), on_first=None):
+        self.signals, self.on_first = signals, on_first
         self.received: int | None = None
         self.absorbed = 0
         self._previous: dict[int, Any] = {}
@@ -66,6 +162,8 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is None:
             self.received = signum
+            if self.on_first is not None:
+                self.on_first()
         else:
             self.absorbed += 1
 
@@ -134,10 +232,14 @@ class StepMonitor:
         self.loss_count, self.images_seen, self.last_log_time = 0, 0, time.perf_counter()
         self.deferred = DeferredRead(device)
         self.pending_logs: dict[int, dict[str, float]] = {}  # the host half of log lines whose device half is coming
-        self.signal = StopSignal()
+        self.signal = StopSignal(on_first=self.warn_if_late)
         self.launcher, self.orphaned = launcher_pid(), False
         self.interruptible_steps = False  # set by `interrupt_steps_of`
-        self.armed, self.abandoned, self._random_states = False, False, None
+        self.armed, self.abandoned, self._cycle_start = False, False, None
+        # For the estimate of the time a stop takes (`warn_if_late`): micro-batches of the current optimizer step so
+        # far, the time between the last two micro-batches, and the last checkpoint's write time.
+        self.batches_in_cycle, self.batch_seconds, self.checkpoint_seconds = 0, None, None
+        self._batch_start = None
         self.stopped_by: str | None = None
         self.nonfinite_error: str | None = None  # why to stop with an error, once too many steps in a row failed
         self.progress = tqdm(
@@ -159,8 +261,8 @@ class StepMonitor:
     def interrupt_steps_of(self, model: torch.nn.Module) -> None:
         """
         Let a stop signal abandon a step in the middle of `model`'s forward or backward pass: a check at every
-        top-level block of the U-Net, both ways. For one process without accumulation or compile only (see the module
-        docstring); call it once.
+        top-level block of the U-Net, both ways. For one process without compile only (with any accumulation; see the
+        module docstring); call it once.
         """
         blocks = [getattr(model, name) for name in ("down_blocks", "mid_block", "up_blocks") if hasattr(model, name)]
         blocks = [
@@ -182,25 +284,32 @@ class StepMonitor:
         self.interruptible_steps = bool(blocks)
 
     @contextlib.contextmanager
-    def interruptible(self, optimizer) -> Iterator[None]:
+    def interruptible(self, optimizer, state: TrainerState | None = None) -> Iterator[None]:
         """
-        The forward and backward pass of one batch. With `interrupt_steps_of`, a stop signal inside abandons the
-        batch: the random states (and Accelerate's batch count) are put back as they were when it began, the gradients are dropped, and `abandoned`
-        is set (the batch is not counted, so a resumed run reads it again).
+        The forward and backward pass of one micro-batch. With `interrupt_steps_of`, a stop signal inside abandons
+        the whole optimizer step it belongs to (every micro-batch of its accumulation cycle): the random states,
+        Accelerate's batch count and `state.batches_in_epoch` are put back as they were when its first micro-batch
+        began, the gradients are dropped, and `abandoned` is set (a resumed run reads the cycle's batches again).
         """
+        self._batch_start = time.perf_counter()
         if not self.interruptible_steps:
             yield
             return
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self._random_states = (torch.get_rng_state(), cuda, self.accelerator.step)  # step: Accelerate's batch count
+        if self._cycle_start is None:  # the first micro-batch of an optimizer step
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            batches = state.batches_in_epoch if state is not None else None
+            # step: Accelerate's batch count, which decides when the accumulated gradients are applied
+            self._cycle_start = (torch.get_rng_state(), cuda, self.accelerator.step, batches)
         self.armed = True
         try:
             yield
         except StepInterrupted:
-            cpu, cuda, self.accelerator.step = self._random_states
+            cpu, cuda, self.accelerator.step, batches = self._cycle_start
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
+            if state is not None:
+                state.batches_in_epoch = batches
             optimizer.zero_grad(set_to_none=True)
             self.abandoned = True
             self.stopped_by = self._stop_reason()
@@ -208,10 +317,41 @@ class StepMonitor:
         finally:
             self.armed = False
 
+    def warn_if_late(self) -> None:
+        """
+        On the first stop signal, under `accelerate launch`: when the checkpoint is expected later than the launcher
+        kills this process, one warning line saying so. The estimate: the micro-batches the stop still waits for
+        (none when steps are abandoned; else the rest of this optimizer step and, the report being read one step
+        late, one more) x the last micro-batch's time + the last checkpoint's write time.
+        """
+        if self.launcher is None or not self.accelerator.is_local_main_process:
+            return
+        processes, accumulation = self.accelerator.num_processes, self.accelerator.gradient_accumulation_steps
+        grace = 5.0 if processes == 1 else 30.0
+        batches = 0 if self.interruptible_steps else 2 * accumulation - self.batches_in_cycle
+        seconds = self.batch_seconds or 0.0
+        if self._batch_start is not None:  # the micro-batch under way has taken at least this long
+            seconds = max(seconds, time.perf_counter() - self._batch_start)
+        expected = batches * seconds + (self.checkpoint_seconds or 0.0)
+        if expected <= grace:
+            return
+        logger.warning(
+            "Stop asked: the checkpoint is expected in about %.0f s (%d micro-batches of %.1f s, a checkpoint of %.1f "
+            "s) but accelerate launch kills this run %.0f s after a signal (%d process(es), %d accumulation steps): "
+            "it will end without this checkpoint and resume from the previous one. Give the job a longer grace "
+            "(send the signal that long before the kill), fewer --gradient_accumulation_steps, or one process "
+            "without --compile (whose steps are abandoned at once).",
+            expected, batches, seconds, self.checkpoint_seconds or 0.0, grace, processes,
+            accumulation,
+        )  # fmt: skip
+
     def count_batch(self, loss: torch.Tensor, batch_size: int) -> None:
         """After each backward pass: the batch's loss (kept on the device) and images."""
         self.loss_sum += loss.detach()
         self.loss_count += 1
+        self.batches_in_cycle += 1
+        if self._batch_start is not None:
+            self.batch_seconds = time.perf_counter() - self._batch_start
         self.images_seen += batch_size * self.accelerator.num_processes
 
     def end_step(
@@ -232,6 +372,7 @@ class StepMonitor:
             log (`dict`): Host values for this step's log line (learning rate, epoch, ...), used on logging steps.
         """
         step = self.state.global_step
+        self._cycle_start, self.batches_in_cycle = None, 0  # the next micro-batch begins the next optimizer step
         self.progress.update(1)
         self.in_a_row.add_(1).mul_(nonfinite)
         self.in_all.add_(nonfinite)
