@@ -65,7 +65,7 @@ from image_data.pixels import PixelBatches, collate_pixel_batch, collate_pixels,
 from image_data.sources import (
     DatasetUnavailableError,
     ImageDataError,
-    held_out_images,
+    held_out_count,
     split_held_out,
     training_data_record,
 )
@@ -110,17 +110,9 @@ class TrainingOutcome:
     metrics: dict[str, float] | None = None
 
 
-def ema_pipeline(model: UNet2DModel, ema: EMA | None, noise_scheduler: DDPMPaperScheduler) -> DDPMPaperPipeline:
-    """A pipeline on a copy of the model holding the EMA weights (the model's own without EMA), in eval mode."""
-    copied = copy.deepcopy(model).eval()
-    if ema is not None:
-        ema.copy_to(copied.parameters())
-    return DDPMPaperPipeline(unet=copied, scheduler=DDPMPaperScheduler.from_config(noise_scheduler.config))
-
-
 @dataclass
-class Trained:
-    """What the sample grids, evaluations, checkpoints and exports read: the model, its EMA and its diffusion."""
+class ModelAndDiffusion:
+    """The model being trained, its EMA and its diffusion: what sample grids, evaluations, checkpoints and exports read."""
 
     model: UNet2DModel
     ema: EMA | None
@@ -136,7 +128,7 @@ class Trained:
         return DDPMPaperPipeline(unet=copied, scheduler=DDPMPaperScheduler.from_config(self.noise_scheduler.config))
 
 
-def sample_images(trained: Trained, args: TrainingArguments) -> list[PIL.Image.Image]:
+def sample_images(trained: ModelAndDiffusion, args: TrainingArguments) -> list[PIL.Image.Image]:
     """`args.eval_batch_size` samples of the EMA weights (the model's, without EMA), always from the same seed."""
     pipeline = trained.pipeline()
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -148,20 +140,22 @@ def sample_images(trained: Trained, args: TrainingArguments) -> list[PIL.Image.I
     ).images
 
 
-def evaluate_model(
-    trained: Trained,
+def evaluate_and_log(
+    accelerator: Accelerator,
     args: TrainingArguments,
+    trained: ModelAndDiffusion,
     held_out: torch.Tensor,
     feature_extractor: torch.nn.Module | None,
-    accelerator: Accelerator,
+    step: int,
 ) -> dict[str, float]:
     """
-    `evaluation.evaluate` of the EMA weights (the model's, without EMA) on the held-out uint8 images. Every process
-    calls it: the images and samples are split across them, and each one gets the same metrics.
+    `evaluation.evaluate` of the EMA weights (the model's, without EMA) on the held-out uint8 images, logged to the
+    tracker and the console. Every process calls it: the images and samples are split across them, and each one gets
+    the same metrics.
     """
     pipeline = trained.pipeline()
     split = args.eval_split or f"train-last-{args.eval_holdout_images}"
-    return evaluate(
+    metrics = evaluate(
         pipeline,
         held_out,
         num_images=args.eval_num_images,
@@ -174,6 +168,9 @@ def evaluate_model(
         seed=args.seed,
         accelerator=accelerator,
     )
+    accelerator.log({EVAL_LOG_PREFIX + name: value for name, value in metrics.items()}, step=step)
+    logger.info("Evaluation at step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+    return metrics
 
 
 def log_sample_grid(accelerator: Accelerator, args: TrainingArguments, images: list[PIL.Image.Image], step: int):
@@ -208,7 +205,7 @@ def hub_repo_id(args: TrainingArguments) -> str:
 
 
 def export_pipeline(
-    trained: Trained,
+    trained: ModelAndDiffusion,
     args: TrainingArguments,
     images: list[PIL.Image.Image] | None,
     step: int,
@@ -375,7 +372,7 @@ def load_data(
                 **data_flags,
             )
         if held_out is not None:
-            held_out = PixelBatches(held_out).__getitems__(list(range(len(held_out))))
+            held_out = PixelBatches(held_out).all()
     if not args.streaming:
         logger.info("Data: %d images from column '%s'", len(dataset), image_column)
     if held_out is not None:
@@ -413,7 +410,7 @@ def load_data(
         preserve_input_precision=args.preserve_input_precision,
         center_crop=args.center_crop,
         random_flip=args.random_flip,
-        held_out_images=held_out_images(public_config(args)),
+        held_out_images=held_out_count(public_config(args)),
         num_images=num_images,
         cache_dir=args.cache_dir,
     )
@@ -512,7 +509,9 @@ def clip_and_step(
     return grad_norm, nonfinite
 
 
-def save(accelerator: Accelerator, args: TrainingArguments, state: TrainerState, trained: Trained, monitor) -> str:
+def save(
+    accelerator: Accelerator, args: TrainingArguments, state: TrainerState, trained: ModelAndDiffusion, monitor
+) -> str:
     """Write the checkpoint of `state.global_step` (every process calls it)."""
     started = time.perf_counter()
     monitor.sync_state()
@@ -524,16 +523,8 @@ def save(accelerator: Accelerator, args: TrainingArguments, state: TrainerState,
     return path
 
 
-def evaluation(accelerator, args, trained: Trained, held_out, feature_extractor, step: int) -> dict[str, float]:
-    """`evaluate_model`, logged to the tracker and the console (every process calls it)."""
-    metrics = evaluate_model(trained, args, held_out, feature_extractor, accelerator)
-    accelerator.log({EVAL_LOG_PREFIX + name: value for name, value in metrics.items()}, step=step)
-    logger.info("Evaluation at step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
-    return metrics
-
-
 def samples_and_export(
-    accelerator, args, trained: Trained, step: int, images, metrics, grid: bool, export: bool, final: bool = False
+    accelerator, args, trained: ModelAndDiffusion, step: int, images, metrics, *, grid: bool, export: bool, final=False
 ) -> list[PIL.Image.Image] | None:
     """
     A sample grid and/or an export if asked (main process; the others wait). Returns the last grid's images, which
@@ -667,7 +658,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
     last_checkpoint_step = state.global_step if resume_path is not None else -1
     images, metrics = None, None  # the last sample grid and evaluation, for the model card
-    trained = Trained(model, ema, noise_scheduler, training_data)
+    trained = ModelAndDiffusion(model, ema, noise_scheduler, training_data)
     monitor = StepMonitor(accelerator, state, max_train_steps, args.logging_steps, args.max_nonfinite_steps)
     if accelerator.num_processes == 1 and not args.compile:
         monitor.interrupt_steps_of(model)  # a stop signal abandons the step at once (the launcher waits only 5 s)
@@ -720,15 +711,17 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                     break  # the last evaluation comes after the last checkpoint, below
                 step = state.global_step
                 if every(args.eval_steps, step):
-                    metrics = evaluation(accelerator, args, trained, held_out, feature_extractor, step)
+                    metrics = evaluate_and_log(accelerator, args, trained, held_out, feature_extractor, step)
                 grid, export = every(args.save_images_steps, step), every(args.save_model_steps, step)
-                images = samples_and_export(accelerator, args, trained, step, images, metrics, grid, export)
+                images = samples_and_export(
+                    accelerator, args, trained, step, images, metrics, grid=grid, export=export
+                )
             else:
                 # The epoch is complete: the epoch-based grids and exports of train_unconditional.py.
                 if epoch < num_epochs - 1 and state.global_step < max_train_steps:  # the end has its own
                     grid, export = every(args.save_images_epochs, epoch), every(args.save_model_epochs, epoch)
                     images = samples_and_export(
-                        accelerator, args, trained, state.global_step, images, metrics, grid, export
+                        accelerator, args, trained, state.global_step, images, metrics, grid=grid, export=export
                     )
         monitor.finish()  # the last step's report
 
@@ -755,8 +748,10 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             "the export)"
         )
         if args.eval_steps:
-            metrics = evaluation(accelerator, args, trained, held_out, feature_extractor, state.global_step)
-        samples_and_export(accelerator, args, trained, state.global_step, images, metrics, True, True, final=True)
+            metrics = evaluate_and_log(accelerator, args, trained, held_out, feature_extractor, state.global_step)
+        samples_and_export(
+            accelerator, args, trained, state.global_step, images, metrics, grid=True, export=True, final=True
+        )
     teardown(accelerator)
     return TrainingOutcome(state.global_step, unet=model, ema=ema, stopped_by=monitor.stopped_by, metrics=metrics)
 

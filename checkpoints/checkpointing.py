@@ -42,7 +42,7 @@ from checkpoints.verify import (
 from checkpoints.verify import first_line as _first_line
 from hub_access.atomic_folder import INDEX_NAME, fsync_dir, fsync_tree
 from hub_access.disk_space import folder_bytes, format_bytes, free_bytes, is_disk_full
-from image_data.sources import held_out_images
+from image_data.sources import held_out_count
 from pipelines.export import SAMPLE_GRID_FILE, TRAINING_DATA_FILE
 
 logger = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def changed_settings(saved: TrainerState, config: dict[str, Any], num_processes:
     ]
     if saved.num_processes != num_processes:
         changed.append(f"{saved.num_processes} -> {num_processes} processes")
-    before, now = held_out_images(saved.training_args), held_out_images(config)
+    before, now = held_out_count(saved.training_args), held_out_count(config)
     if before != now:
         changed.append(f"{before} -> {now} images held out of training for --eval_steps")
     return changed

@@ -322,6 +322,10 @@ class PixelBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.__getitems__([index])[0]
 
+    def all(self) -> torch.Tensor:
+        """Every image, as one uint8 tensor (N, C, H, W)."""
+        return self.__getitems__(list(range(len(self))))
+
 
 def collate_pixel_batch(batch: torch.Tensor) -> torch.Tensor:
     """`collate_fn` for [`PixelBatches`]: the batch is already one uint8 tensor (B, C, H, W)."""

@@ -338,7 +338,7 @@ def _not_an_image_column(feature_or_value: Any) -> str | None:
     return f"values of type {type(feature_or_value).__name__}"
 
 
-def held_out_images(config: dict) -> int:
+def held_out_count(config: dict) -> int:
     """How many images at the end of the training split the run with these (public) flags keeps out of training."""
     if config.get("eval_steps") and config.get("eval_split") is None:
         return config["eval_holdout_images"]

@@ -43,7 +43,7 @@ def scaled_to_8_bits(values: np.ndarray) -> np.ndarray:
 def cached(folder: Path, tmp_path: Path, **kwargs) -> torch.Tensor:
     kwargs.setdefault("channels", None)
     pixels, _ = load_pixels(None, None, str(folder), resolution=6, cache_dir=str(tmp_path / "cache"), **kwargs)
-    return PixelBatches(pixels).__getitems__(list(range(len(pixels))))
+    return PixelBatches(pixels).all()
 
 
 @pytest.fixture
