@@ -261,3 +261,79 @@ def test_short_vlb_mean_training_run_exports_a_loadable_paper_pipeline(tmp_path)
     assert type(custom).__name__ == "DDPMPaperPipeline" and torch.equal(again, images)
     bpd = pipeline.bits_per_dim(torch.zeros(2, 1, 8, 8), num_timesteps=5, generator=torch.manual_seed(0))
     assert torch.isfinite(bpd.total).all()
+
+
+def _eps_unet_and_batch():
+    """A tiny seeded epsilon net on 8x8 and a batch of digits-like images in [-1, 1] at t across the chain."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), norm_num_groups=4, layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    timesteps = torch.tensor([0, 1, 2, 10, 37, 250, 500, 998, 999])
+    x0 = torch.randint(0, 256, (len(timesteps), 1, 8, 8), generator=generator).float() / 127.5 - 1.0
+    noise = torch.randn(x0.shape, generator=generator)
+    return unet, x0, noise, timesteps
+
+
+def _mean_of_eps(scheduler: DDPMPaperScheduler, eps: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Eq. 11 in float64 from the scheduler's coefficient arrays: 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-abar_t) eps)."""
+    shape = (-1, 1, 1, 1)
+    alphas = scheduler.alphas.double()[t].view(shape)
+    betas = scheduler.betas.double()[t].view(shape)
+    sqrt_one_minus_abar = scheduler.sqrt_one_minus_alphas_cumprod.double()[t].view(shape)
+    return (xt.double() - betas / sqrt_one_minus_abar * eps.double()) / alphas.sqrt()
+
+
+def test_mean_prediction_bound_of_an_eq11_wrapped_eps_net_equals_the_eps_bound_in_value_and_gradient():
+    # Mean and epsilon prediction are one function class: mu_theta = Eq. 11 of eps_theta at each t. The true bound
+    # (--loss_type vlb) of the wrapped net must be the eps net's bound, and so must its gradient, for the same batch.
+    unet, x0, noise, t = _eps_unet_and_batch()
+    eps_scheduler = DDPMPaperScheduler(prediction_type="epsilon")
+    mean_scheduler = DDPMPaperScheduler(prediction_type="mean")
+    xt = eps_scheduler.add_noise(x0, noise, t)
+    assert torch.equal(xt, mean_scheduler.add_noise(x0, noise, t))
+
+    def loss_and_grads(scheduler, wrap):
+        unet.zero_grad()
+        eps = unet(xt, t).sample
+        output = _mean_of_eps(scheduler, eps, xt, t).float() if wrap else eps
+        loss = diffusion_loss(scheduler, output, x0, noise, xt, t, loss_type="vlb")
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten().double() for p in unet.parameters()])
+
+    eps_loss, eps_grads = loss_and_grads(eps_scheduler, wrap=False)
+    mean_loss, mean_grads = loss_and_grads(mean_scheduler, wrap=True)
+    assert math.isfinite(eps_loss) and eps_loss > 1.0  # an untrained net: far from the oracle
+    assert mean_loss == pytest.approx(eps_loss, rel=1e-5)
+    assert eps_grads.norm() > 0
+    assert (mean_grads - eps_grads).norm() <= 1e-4 * eps_grads.norm()
+    # Per example, not only on average: every term of the bound agrees.
+    with torch.no_grad():
+        eps = unet(xt, t).sample
+        eps_terms = eps_scheduler.vlb_terms(eps, x0, xt, t).bpd
+        mean_terms = mean_scheduler.vlb_terms(_mean_of_eps(mean_scheduler, eps, xt, t).float(), x0, xt, t).bpd
+    assert torch.allclose(mean_terms.double(), eps_terms.double(), rtol=1e-5, atol=0)
+
+
+def test_mean_prediction_kl_term_is_the_closed_form_squared_mean_error_over_two_sigma2_in_bits_per_dim():
+    # Eqs. 8 and 12: with sigma_t^2 = beta-tilde_t fixed, L_{t-1} = ||mu-tilde_t - mu_theta||^2 / (2 sigma_t^2) + C,
+    # and C = 0 because q and p_theta share the variance. Per dimension, in bits.
+    unet, x0, noise, t = _eps_unet_and_batch()
+    scheduler = DDPMPaperScheduler(prediction_type="mean")
+    xt = scheduler.add_noise(x0, noise, t)
+    with torch.no_grad():
+        mu_theta = _mean_of_eps(scheduler, unet(xt, t).sample, xt, t)
+    terms = scheduler.vlb_terms(mu_theta.float(), x0, xt, t).bpd.double()
+    tables = paper_tables()
+    i = t.numpy()
+    mu_tilde = oracle_mean(x0, xt, t)  # Eq. 7, float64 from this file's tables
+    sigma2 = torch.tensor(tables["beta_tilde"][i]).view(-1, 1, 1, 1)
+    expected = ((mu_tilde - mu_theta) ** 2 / (2 * sigma2)).flatten(1).mean(dim=1) / math.log(2)
+    positive = t > 0
+    assert positive.sum() >= 5
+    assert torch.allclose(terms[positive], expected[positive], rtol=1e-4, atol=0), (terms, expected)
+    assert (expected[positive] > 0).all()
