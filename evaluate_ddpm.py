@@ -44,24 +44,18 @@ import torch
 from accelerate import Accelerator
 from diffusers import UNet2DModel
 from diffusers.utils import make_image_grid, numpy_to_pil
-from transformers import HfArgumentParser
 
 from checkpoints.checkpointing import CHECKPOINT_PREFIX
+from command_line.fields import POSITIVE, SEED, ZERO_OR_MORE, default_feature_extractor, first_range_error
+from command_line.flag_files import parse_flags_or_file
+from command_line.parsing import FlagParser, flags_holding_tokens, token_in_flags_message
 from evaluation import evaluate, load_feature_extractor, reference_id
 from evaluation.features import FeatureExtractorUnavailableError
 from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, model_range_and_bits, stream_generators
 from evaluation.sample_quality import sample_quality_metrics
 from hub_access.atomic_folder import INDEX_NAME
 from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full
-from hub_access.secrets import (
-    flags_holding_tokens,
-    is_local_path,
-    mask_logs_and_errors,
-    public_path,
-    redact,
-    register,
-    token_in_flags_message,
-)
+from hub_access.secrets import is_local_path, mask_logs_and_errors, public_path, redact, register
 from image_data.image_modes import channels_of_data
 from image_data.pixels import load_pixels
 from image_data.sources import (
@@ -78,8 +72,6 @@ from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
 from pipelines.utils import upscale
 from schedulers import DDPMPaperScheduler
-from training import flag_ranges
-from training.args import default_feature_extractor, parse_flags_or_file
 from training.launch import LaunchError, ensure_one_job
 
 logger = logging.getLogger(__name__)
@@ -105,7 +97,8 @@ class EvaluationArguments:
         default=None, metadata={"help": "The split to evaluate on and to compare samples with (default: train)."}
     )
     resolution: int | None = field(
-        default=None, metadata={"help": "Image side; must be the model's (its sample_size), the default."}
+        default=None,
+        metadata={"help": "Image side; must be the model's (its sample_size), the default.", "range": POSITIVE},
     )
     num_channels: int | None = field(
         default=None,
@@ -134,25 +127,37 @@ class EvaluationArguments:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "The `datasets` cache folder."})
     num_images: int | None = field(
-        default=None, metadata={"help": "Dataset images whose bits/dim is computed (default: 256, or all if fewer)."}
+        default=None,
+        metadata={
+            "help": "Dataset images whose bits/dim is computed (default: 256, or all if fewer).",
+            "range": ZERO_OR_MORE,
+        },
     )
     bpd_timesteps: int = field(
         default=0,
-        metadata={"help": "K > 0: unbiased estimate of the bound from K random timesteps per image. 0: all T terms."},
+        metadata={
+            "help": "K > 0: unbiased estimate of the bound from K random timesteps per image. 0: all T terms.",
+            "range": ZERO_OR_MORE,
+        },
     )
     rate_distortion_images: int | None = field(
         default=None,
         metadata={
             "help": "Images for the rate-distortion and per-term plots (all T terms each); default: 16, or all if "
-            "fewer."
+            "fewer.",
+            "range": POSITIVE,
         },
     )
-    num_samples: int = field(default=1000, metadata={"help": "Samples generated for FID, KID, precision/recall."})
+    num_samples: int = field(
+        default=1000, metadata={"help": "Samples generated for FID, KID, precision/recall.", "range": ZERO_OR_MORE}
+    )
     num_inference_steps: int | None = field(
-        default=None, metadata={"help": "Sampling steps (respaced chain); defaults to the T of training."}
+        default=None,
+        metadata={"help": "Sampling steps (respaced chain); defaults to the T of training.", "range": POSITIVE},
     )
     num_reference_images: int | None = field(
-        default=None, metadata={"help": "Dataset images the samples are compared with; all by default."}
+        default=None,
+        metadata={"help": "Dataset images the samples are compared with; all by default.", "range": POSITIVE},
     )
     feature_extractor: str | None = field(
         default=None,
@@ -162,11 +167,12 @@ class EvaluationArguments:
         default=None,
         metadata={
             "help": "0-based timesteps of the interpolation rows; default T/20, T/4 and T/2 (minus 1): fine to coarse "
-            "as Fig. 9, the last one Fig. 8's 500 of 1000."
+            "as Fig. 9, the last one Fig. 8's 500 of 1000.",
+            "range": ZERO_OR_MORE,
         },
     )
-    batch_size: int = field(default=256, metadata={"help": "Images per model call."})
-    seed: int = field(default=0, metadata={"help": "Seed of every random draw."})
+    batch_size: int = field(default=256, metadata={"help": "Images per model call.", "range": POSITIVE})
+    seed: int = field(default=0, metadata={"help": "Seed of every random draw.", "range": SEED})
     output_dir: str = field(default="ddpm-evaluation", metadata={"help": "Where metrics.json and the plots go."})
     device: str | None = field(
         default=None, metadata={"help": "cpu, cuda, ...; defaults to CUDA when available (or accelerate's)."}
@@ -656,31 +662,14 @@ def _finite_or_null(value):
 
 
 # Command line ---------------------------------------------------------------------------------------------------------
-EVALUATION_RANGES: dict[str, flag_ranges.Range] = {
-    "resolution": flag_ranges.POSITIVE,
-    "num_channels": (1, 4, True, True),  # its choices (1, 3, 4) are argparse's, also in a JSON / YAML file
-    "num_images": flag_ranges.ZERO_OR_MORE,
-    "bpd_timesteps": flag_ranges.ZERO_OR_MORE,
-    "rate_distortion_images": flag_ranges.POSITIVE,
-    "num_samples": flag_ranges.ZERO_OR_MORE,
-    "num_inference_steps": flag_ranges.POSITIVE,
-    "num_reference_images": flag_ranges.POSITIVE,
-    "interpolation_timesteps": flag_ranges.ZERO_OR_MORE,
-    "batch_size": flag_ranges.POSITIVE,
-    "seed": flag_ranges.SEED,
-}
-"""The range of each numeric flag, checked by `parse_args` before any work starts."""
-
-
 def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
     """
     The flags in `argv` (`sys.argv[1:]` by default), or a single JSON or YAML file that holds them. Flags must be
-    spelled in full; a numeric flag out of its range (`EVALUATION_RANGES`) exits with status 2 and says why.
+    spelled in full; a numeric flag out of the range declared with its field exits with status 2 and says why.
     """
-    parser = HfArgumentParser(EvaluationArguments, description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
-    parser.prog = "evaluate_ddpm.py"
+    parser = FlagParser(EvaluationArguments, prog="evaluate_ddpm.py", description=__doc__.split("\n\n")[0].strip())
     (args,) = parse_flags_or_file(parser, argv)
-    message = flag_ranges.first_range_error(args, EVALUATION_RANGES)
+    message = first_range_error(args)
     holding = flags_holding_tokens(asdict(args))  # metrics.json's settings hold every flag
     if message is None and holding:
         message = token_in_flags_message(holding)

@@ -57,9 +57,10 @@ from checkpoints.checkpointing import (
     save_checkpoint,
     settings_from_checkpoint,
 )
+from command_line.parsing import one_line_exit
 from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
 from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full
-from hub_access.secrets import known_tokens, mask_logs_and_errors, public_argv, public_dataset_name, redact, register
+from hub_access.secrets import known_tokens, mask_logs_and_errors, public_argv, public_dataset_name, register
 from image_data.image_modes import channels_of_data
 from image_data.pixels import PixelBatches, collate_pixel_batch, collate_pixels, images_to_model_input, load_pixels
 from image_data.sources import (
@@ -827,12 +828,12 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
         OutputDirLockedError,
         PublishError,
     ) as error:
-        raise SystemExit(f"train_ddpm.py: error: {redact(str(error))}") from error
+        raise one_line_exit("train_ddpm.py", str(error)) from error
     except Exception as error:  # a write failed: a full disk anywhere, or a folder of the run no longer writable
         message = write_failure_message(args, error)
         if message is None:
             raise
-        raise SystemExit(f"train_ddpm.py: error: {redact(message)}") from error
+        raise one_line_exit("train_ddpm.py", message) from error
     finally:
         release_output_locks()
 

@@ -11,7 +11,6 @@ path (or one that climbs out with `..`) is reduced to its base name. Hub ids pas
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -45,50 +44,9 @@ def known_tokens(*explicit: str | None) -> list[str]:
     return sorted({token for token in tokens if len(token) >= MIN_TOKEN_LENGTH}, key=len, reverse=True)
 
 
-def tokens_in_argv(argv: Iterable[str]) -> list[str]:
-    """The values given to `--hub_token` in `argv`, in either spelling and either form (`--flag value`, `--flag=v`)."""
-    argv, found = list(argv), []
-    for index, arg in enumerate(argv):
-        flag, equals, value = arg.partition("=")
-        if flag in TOKEN_FLAGS:
-            if equals:
-                found.append(value)
-            elif index + 1 < len(argv):
-                found.append(argv[index + 1])
-    return found
-
-
 HUB_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{34}(?![A-Za-z0-9_])")
 """What a Hub access token looks like: `hf_` and 34 letters and digits, a word of its own. Masked wherever it
 appears (`redact`), known or not: a value refused by argparse is echoed in its error."""
-
-
-def flags_holding_tokens(values: dict[str, Any], allowed: Iterable[str] = ()) -> list[str]:
-    """
-    The names of the flags in `values` (other than `allowed`) whose string value holds a token: one that
-    `known_tokens` knows (with the values of the `allowed` flags, e.g. `--hub_token`), or anything that looks like a
-    Hub token. Such a value would be published: a repo id is a public name, and paths and settings go into the model
-    card, trackers and checkpoints.
-    """
-    allowed = set(allowed)
-    tokens = known_tokens(*(values[name] for name in allowed if isinstance(values.get(name), str)))
-    return [
-        name
-        for name, value in values.items()
-        if name not in allowed
-        and isinstance(value, str)
-        and (HUB_TOKEN_PATTERN.search(value) or any(token in value for token in tokens))
-    ]
-
-
-def token_in_flags_message(names: list[str]) -> str:
-    """The error for `flags_holding_tokens`: names the flags, never the values."""
-    flags = ", ".join(f"--{name}" for name in names)
-    return (
-        f"{flags} holds what looks like a Hub access token (not shown). Pass a token only with HF_TOKEN, `hf auth "
-        "login` or train_ddpm.py's --hub_token: every other value can be published (a repo id is a public name; "
-        "paths and settings go into the model card, metrics.json and the logs)."
-    )
 
 
 def register(*tokens: str | None) -> list[str]:
@@ -181,42 +139,6 @@ def _redact_record(record: logging.LogRecord, tokens: list[str]) -> None:
     if record.exc_info and not record.exc_text:
         text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         record.exc_text = redact(text, tokens)
-
-
-def parse_strictly(parser, argv: list[str], look_for_args_file: bool = False) -> tuple:
-    r"""
-    `parser.parse_args_into_dataclasses(argv)` (a `transformers.HfArgumentParser` built with `allow_abbrev=False`)
-    whose errors never show a token: unknown flags are named without their values (with the flag meant, when the
-    unknown one is an abbreviation or a typo), and every other argparse error is masked by value. Errors exit with
-    status 2, as argparse's.
-    """
-    tokens = known_tokens(*tokens_in_argv(argv))
-    report = parser.error
-    parser.error = lambda message: report(redact(message, tokens))
-    *outputs, remaining = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True, look_for_args_file=look_for_args_file
-    )
-    if remaining:
-        options = [option for option in parser._option_string_actions if option.startswith("--")]
-        options = [option for option in options if "-" not in option[2:]] or options  # not the --dash-aliases
-        unknown = []
-        for arg in remaining:
-            if not arg.startswith("-"):
-                continue
-            flag = arg.partition("=")[0]
-            meant = [option for option in options if option.startswith(flag)] or difflib.get_close_matches(
-                flag, options, n=1
-            )
-            unknown.append(f"{flag} (did you mean {' or '.join(meant[:3])}?)" if meant else flag)
-        values = sum(not arg.startswith("-") for arg in remaining)
-        parts = [f"unrecognized flag(s): {', '.join(unknown)}"] if unknown else []
-        if values:
-            parts.append(f"{values} value(s) that no flag takes (not shown)")
-        parser.error(
-            "; ".join(parts) + ". Flags must be spelled in full (abbreviations are not accepted); values of unknown "
-            "flags are not shown, as they may be credentials."
-        )
-    return tuple(outputs)
 
 
 _factory_installed = False

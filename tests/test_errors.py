@@ -2,6 +2,7 @@
 a checkpoint of another model, a flag out of range), and each test pins down how the run ends: the exit status, the
 one-line message that names the problem and what to do, and what is left on disk."""
 
+import dataclasses
 import errno
 import io
 import json
@@ -11,22 +12,23 @@ import re
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
 from diffusers import UNet2DModel
 from safetensors.torch import save_file
 from test_train import FAST, REPO, SMALL_UNET, _env, _random_images, run_training
-from transformers import HfArgumentParser
 
 import evaluate_ddpm
 from checkpoints.checkpointing import verify_checkpoint
 from checkpoints.verify import TRAINER_STATE_NAME, TrainerState, model_mismatch, write_manifest
+from command_line.fields import POSITIVE, RANGE, flag, flag_ranges
 from hub_access.atomic_folder import STAGING_NAME
 from hub_access.disk_space import is_disk_full
 from image_data.pixels import load_pixels
 from image_data.sources import ImageDataError, load_image_dataset
-from training.args import FLAG_RANGES, make_parser, parse_args
+from training.args import TrainingArguments, parse_args
 
 TINY_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4", *FAST]
 
@@ -410,37 +412,68 @@ def test_resuming_a_checkpoint_of_another_model_names_the_flag_and_loads_nothing
 
 
 # 2. Numeric flags out of range ---------------------------------------------------------------------------------------
-def numeric_actions(parser) -> list:
-    return [action for action in parser._actions if action.type in (int, float)]
+ARGUMENTS = {"train_ddpm.py": TrainingArguments, "evaluate_ddpm.py": evaluate_ddpm.EvaluationArguments}
 
 
-SCRIPTS = {
-    "train_ddpm.py": (make_parser, FLAG_RANGES),
-    "evaluate_ddpm.py": (lambda: HfArgumentParser(evaluate_ddpm.EvaluationArguments), evaluate_ddpm.EVALUATION_RANGES),
-}
+def number_type(hint) -> type | None:
+    """`int` or `float` for a field that holds numbers (`int`, `float | None`, `list[int] | None`), else `None`."""
+    if hint in (int, float):
+        return hint
+    return next(filter(None, map(number_type, typing.get_args(hint))), None)
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
-def test_every_numeric_flag_of_both_scripts_has_a_range(script):
-    make, ranges = SCRIPTS[script]
-    actions = numeric_actions(make())
-    assert len(actions) >= (30 if script == "train_ddpm.py" else 8)  # the enumeration sees the flags
-    assert [action.dest for action in actions if action.dest not in ranges] == []
-    assert sorted(set(ranges) - {action.dest for action in actions}) == []  # no entry for a flag that is gone
+def numeric_fields(arguments) -> dict[str, type]:
+    hints = typing.get_type_hints(arguments)
+    found = {item.name: number_type(hints[item.name]) for item in dataclasses.fields(arguments)}
+    return {name: kind for name, kind in found.items() if kind is not None}
 
 
-def out_of_range_values(bounds) -> list[float]:
-    low, high, _, _ = bounds
+def unbounded_numeric_fields(arguments) -> list[str]:
+    """The numeric fields of `arguments` that declare neither a range nor choices."""
+    bounded = {item.name for item in dataclasses.fields(arguments) if {RANGE, "choices"} & set(item.metadata)}
+    return [name for name in numeric_fields(arguments) if name not in bounded]
+
+
+@pytest.mark.parametrize("script", list(ARGUMENTS))
+def test_every_numeric_flag_of_both_scripts_declares_its_bounds(script):
+    arguments = ARGUMENTS[script]
+    assert len(numeric_fields(arguments)) >= (30 if script == "train_ddpm.py" else 8)  # the enumeration sees them
+    assert unbounded_numeric_fields(arguments) == []
+    assert sorted(set(flag_ranges(arguments)) - set(numeric_fields(arguments))) == []  # a range bounds a number
+
+
+def test_the_bounds_check_sees_a_numeric_field_without_a_range():
+    @dataclasses.dataclass
+    class Flags:
+        steps: int = flag(1, help="bounded", range=POSITIVE)
+        rate: float | None = flag(help="unbounded")
+        sizes: list[int] | None = flag(help="unbounded list")
+        channels: int = flag(3, help="bounded by its choices", choices=[1, 3])
+        name: str = flag("x", help="no number")
+        switch: bool = flag(False, help="no number")
+
+    assert unbounded_numeric_fields(Flags) == ["rate", "sizes"]
+
+
+def out_of_bounds_values(item: dataclasses.Field) -> list[float]:
+    low, high, _, _ = item.metadata.get(RANGE) or (min(item.metadata["choices"]), max(item.metadata["choices"]), 1, 1)
     return [
         value for value in (None if low is None else low - 1, None if high is None else high + 1) if value is not None
     ]
 
 
-TRAIN_CASES = [
-    (action.dest, value, action.type)
-    for action in numeric_actions(make_parser())
-    for value in out_of_range_values(FLAG_RANGES[action.dest])
-]
+def out_of_bounds_cases(arguments) -> list[tuple[str, float, type]]:
+    kinds = numeric_fields(arguments)
+    return [
+        (item.name, value, kinds[item.name])
+        for item in dataclasses.fields(arguments)
+        if item.name in kinds
+        for value in out_of_bounds_values(item)
+    ]
+
+
+TRAIN_CASES = out_of_bounds_cases(TrainingArguments)
+EVALUATION_CASES = out_of_bounds_cases(evaluate_ddpm.EvaluationArguments)
 
 
 @pytest.mark.parametrize("name, value, kind", TRAIN_CASES, ids=[f"{case[0]}={case[1]}" for case in TRAIN_CASES])
@@ -451,6 +484,19 @@ def test_each_numeric_training_flag_out_of_range_exits_2_naming_it(name, value, 
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"train_ddpm.py: error: --{name} ") or error.startswith(
         f"train_ddpm.py: error: argument --{name}"
+    )
+
+
+@pytest.mark.parametrize(
+    "name, value, kind", EVALUATION_CASES, ids=[f"{case[0]}={case[1]}" for case in EVALUATION_CASES]
+)
+def test_each_numeric_evaluation_flag_out_of_range_exits_2_naming_it(name, value, kind, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_ddpm.parse_args(["--pipeline", "ddpm-output", f"--{name}", str(kind(value))])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"evaluate_ddpm.py: error: --{name} ") or error.startswith(
+        f"evaluate_ddpm.py: error: argument --{name}"
     )
 
 

@@ -11,9 +11,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from offline_inception import torch_fidelity_without_cached_weights
 
 import evaluate_ddpm
+from command_line.fields import FEATURE_EXTRACTOR_NAMES, default_feature_extractor
 from evaluation import FEATURE_EXTRACTORS, FeatureExtractorUnavailableError, evaluate
 from pipelines import DDPMPaperPipeline
-from training.args import FEATURE_EXTRACTOR_NAMES, default_feature_extractor
 
 T = 20
 PLOTS = ["rate_distortion.png", "bpd_terms.png", "progressive.png", "interpolation.png"]

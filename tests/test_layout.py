@@ -1,5 +1,5 @@
-"""The layout of README's "Layout" section: imports run one way, hub_access <- schedulers <- pipelines <- image_data <-
-checkpoints / evaluation <- training <- the two scripts, and a script never imports the other."""
+"""The layout of README's "Layout" section: imports run one way, hub_access <- schedulers <- pipelines <- image_data /
+command_line <- checkpoints / evaluation <- training <- the two scripts, and a script never imports the other."""
 
 import ast
 from pathlib import Path
@@ -12,6 +12,7 @@ LEVEL = {
     "schedulers": 1,
     "pipelines": 2,
     "image_data": 3,
+    "command_line": 3,
     "checkpoints": 4,
     "evaluation": 4,
     "training": 5,

@@ -1,4 +1,5 @@
-"""The command line of train_ddpm.py: one typed dataclass, parsed by `transformers.HfArgumentParser`.
+"""The command line of train_ddpm.py: one typed dataclass (each numeric flag with its range), its run defaults and
+`resolve_args`; the parser and flag files are command_line's, shared with evaluate_ddpm.py.
 
 Every flag of diffusers' `examples/unconditional_image_generation/train_unconditional.py` keeps its name, default and
 meaning whenever a dataset is given (where the paper used another value, `--help` gives it); the flags it lacks are
@@ -13,36 +14,32 @@ The same keys work in one JSON or YAML file: `train_ddpm.py config.yaml`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import os
 import re
-import sys
 from argparse import ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import yaml
 from diffusers.optimization import SchedulerType
-from transformers import HfArgumentParser
 
-from hub_access.secrets import (
-    flags_holding_tokens,
-    known_tokens,
-    parse_strictly,
-    public_path,
-    redact,
-    redact_values,
-    token_in_flags_message,
+from command_line.fields import (
+    FEATURE_EXTRACTOR_NAMES,
+    POSITIVE,
+    SEED,
+    UNIT_CLOSED,
+    UNIT_OPEN_ABOVE,
+    ZERO_OR_MORE,
+    default_feature_extractor,
+    first_range_error,
+    flag,
+    no_dataset_given,
 )
+from command_line.flag_files import parse_flags_or_file
+from command_line.parsing import FlagParser, flags_holding_tokens, token_in_flags_message
+from hub_access.secrets import known_tokens, public_path, redact_values
 from schedulers import BETA_SCHEDULES, VARIANCE_TYPES
-from training import flag_ranges
 from training.losses import LOSS_TYPES, check_objective
 from training.models import MODEL_PRESETS
-
-# The names of `evaluation.FEATURE_EXTRACTORS`, as plain argparse choices: training/ does not import evaluation/
-# (tests/test_evaluate_cli.py keeps the two equal).
-FEATURE_EXTRACTOR_NAMES = ("digits", "inception")
 
 # The one place where a flag's default depends on the run. With --dataset_name or --train_data_dir every flag of
 # train_unconditional.py takes that script's default (the first value; for a flag it lacks, ours: `ddpm-256` has the
@@ -63,7 +60,6 @@ RUN_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "save_images_steps": (None, 1000),
     "save_model_epochs": (10, 0),
 }
-PEER_DEFAULTS: dict[str, Any] = {name: values[0] for name, values in RUN_DEFAULTS.items()}
 DIGITS_DEFAULTS: dict[str, Any] = {name: values[1] for name, values in RUN_DEFAULTS.items()}
 
 PAPER_RECIPES = {
@@ -89,184 +85,215 @@ Flags can come from a JSON or YAML file with the same keys, followed by flags th
 """
 
 
-def _arg(default: Any = None, help: str = "", **kwargs) -> Any:
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclass
 class TrainingArguments:
     """Flags of train_ddpm.py. Those marked "(new)" are not in diffusers' train_unconditional.py."""
 
     # Data ------------------------------------------------------------------------------------------------------------
-    dataset_name: str | None = _arg(
+    dataset_name: str | None = flag(
         help="A Hub dataset id, or a local folder laid out like a Hub dataset repo (data/train-*.parquet). With "
         "neither this nor --train_data_dir, the embedded 8x8 digits (no network needed)."
     )
-    dataset_config_name: str | None = _arg(help="The dataset's config, if it has several.")
-    train_data_dir: str | None = _arg(help="A folder of images (the `imagefolder` layout).")
-    image_column: str | None = _arg(help="(new) The column holding the images; by default the first image column.")
-    cache_dir: str | None = _arg(help="Where downloaded datasets and model configs are stored.")
-    streaming: bool = _arg(
+    dataset_config_name: str | None = flag(help="The dataset's config, if it has several.")
+    train_data_dir: str | None = flag(help="A folder of images (the `imagefolder` layout).")
+    image_column: str | None = flag(help="(new) The column holding the images; by default the first image column.")
+    cache_dir: str | None = flag(help="Where downloaded datasets and model configs are stored.")
+    streaming: bool = flag(
         False, help="(new) Read the dataset lazily, for data larger than memory or disk; needs --max_train_steps."
     )
-    resolution: int | None = _arg(help="Images are resized (short side) and cropped to this size.")
-    center_crop: bool = _arg(
+    resolution: int | None = flag(help="Images are resized (short side) and cropped to this size.", range=POSITIVE)
+    center_crop: bool = flag(
         False,
         help="Crop the center of the resized image. Without it, one random crop per image, drawn once when the "
         "cache is built (train_unconditional.py draws one every epoch: docs/differences.md).",
     )
-    random_flip: bool = _arg(False, help="Flip images left-right at random (the paper does, on CIFAR-10 and LSUN).")
-    dataloader_num_workers: int = _arg(0, help="Worker processes of the DataLoader (0: the main process).")
-    preprocessing_num_workers: int | None = _arg(
-        help="(new) Processes that decode and resize the images once, before training."
+    random_flip: bool = flag(False, help="Flip images left-right at random (the paper does, on CIFAR-10 and LSUN).")
+    dataloader_num_workers: int = flag(
+        0, help="Worker processes of the DataLoader (0: the main process).", range=ZERO_OR_MORE
     )
-    num_channels: int | None = _arg(
+    preprocessing_num_workers: int | None = flag(
+        help="(new) Processes that decode and resize the images once, before training.",
+        range=POSITIVE,
+    )
+    num_channels: int | None = flag(
         help="(new) Channels of the model: 1 (grayscale), 3 (RGB) or 4 (RGBA). By default the majority of the first "
         "64 images' modes decides (docs/data.md). Digits: 1.",
         choices=[1, 3, 4],
     )
-    preserve_input_precision: bool = _arg(
+    preserve_input_precision: bool = flag(
         False,
         help="Keep 16-bit images 16-bit (bits/dim over 65,536 levels); without it they are scaled to 8 bits "
         "(docs/data.md).",
     )
 
     # Model and diffusion ---------------------------------------------------------------------------------------------
-    model_preset: str | None = _arg(
+    model_preset: str | None = flag(
         help="(new) A UNet2DModel preset: ddpm-cifar10 (the paper's 35.7M net), ddpm-256 (its 114M 256x256 net, the "
         "layout of train_unconditional.py's model), tiny (0.7M, for CPUs).",
         choices=list(MODEL_PRESETS),
     )
-    model_config_name_or_path: str | None = _arg(
+    model_config_name_or_path: str | None = flag(
         help="A UNet2DModel config instead of a preset: a config.json, a model folder or a Hub id."
     )
-    prediction_type: Literal["epsilon", "sample", "v_prediction", "mean"] = _arg(
+    prediction_type: Literal["epsilon", "sample", "v_prediction", "mean"] = flag(
         "epsilon",
         help="What the net predicts: epsilon (the paper's), sample (x0, SNR-weighted loss as in "
         "train_unconditional.py), v_prediction (new) or mean (new: mu-tilde, Table 2; --loss_type vlb or mse).",
     )
-    loss_type: str = _arg(
+    loss_type: str = flag(
         "simple",
         help="(new) The objective (Table 2 of the paper, see training/losses.py): simple (L_simple, Eq. 14), vlb (the "
         "true variational bound, Eq. 5) or mse (mean prediction only: unweighted MSE of mu-tilde).",
         choices=list(LOSS_TYPES),
     )
-    variance_type: str = _arg(
+    variance_type: str = flag(
         "fixed_small",
         help="(new) sigma_t^2 of the reverse process: fixed_small (the paper), fixed_large, their _log variants, or "
         "learned_range (Nichol & Dhariwal 2021: twice the output channels, trained with L_simple + L_vlb/1000).",
         # `learned` (the extra channels are sigma_t^2 itself) has no training loss in train_ddpm.py.
         choices=[v for v in VARIANCE_TYPES if v != "learned"],
     )
-    ddpm_num_steps: int = _arg(1000, help="T, the number of diffusion steps.")
-    ddpm_num_inference_steps: int = _arg(1000, help="Sampling steps for the sample grids.")
-    ddpm_beta_schedule: str = _arg("linear", help="The beta schedule.", choices=list(BETA_SCHEDULES))
-    gradient_checkpointing: bool = _arg(False, help="(new) Recompute activations in backward to save memory.")
-    enable_xformers_memory_efficient_attention: bool = _arg(False, help="Use xformers attention (needs xformers).")
-    compile: bool = _arg(False, help="(new) torch.compile the U-Net.")
-    compile_mode: str | None = _arg(
+    ddpm_num_steps: int = flag(1000, help="T, the number of diffusion steps.", range=POSITIVE)
+    ddpm_num_inference_steps: int = flag(1000, help="Sampling steps for the sample grids.", range=POSITIVE)
+    ddpm_beta_schedule: str = flag("linear", help="The beta schedule.", choices=list(BETA_SCHEDULES))
+    gradient_checkpointing: bool = flag(False, help="(new) Recompute activations in backward to save memory.")
+    enable_xformers_memory_efficient_attention: bool = flag(False, help="Use xformers attention (needs xformers).")
+    compile: bool = flag(False, help="(new) torch.compile the U-Net.")
+    compile_mode: str | None = flag(
         help="(new) The torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune or "
         "max-autotune-no-cudagraphs.",
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
     )
-    channels_last: bool = _arg(False, help="(new) channels-last memory format (faster convolutions on GPUs).")
+    channels_last: bool = flag(False, help="(new) channels-last memory format (faster convolutions on GPUs).")
 
     # Optimisation ----------------------------------------------------------------------------------------------------
-    seed: int = _arg(0, help="(new) Seed of the initialisation, the data order, the noise and the sample grids.")
-    train_batch_size: int | None = _arg(help="Batch size per process.")
-    eval_batch_size: int = _arg(16, help="Images in each sample grid.")
-    num_epochs: int = _arg(100, help="Passes over the data (unless --max_train_steps is given).")
-    max_train_steps: int | None = _arg(help="(new) Optimizer steps to train for; overrides --num_epochs.")
-    gradient_accumulation_steps: int = _arg(1, help="Batches accumulated per optimizer step.")
-    learning_rate: float | None = _arg(help="Peak learning rate (the paper: 2e-4).")
-    lr_scheduler: str = _arg(
+    seed: int = flag(
+        0, help="(new) Seed of the initialisation, the data order, the noise and the sample grids.", range=SEED
+    )
+    train_batch_size: int | None = flag(help="Batch size per process.", range=POSITIVE)
+    eval_batch_size: int = flag(16, help="Images in each sample grid.", range=POSITIVE)
+    num_epochs: int = flag(100, help="Passes over the data (unless --max_train_steps is given).", range=POSITIVE)
+    max_train_steps: int | None = flag(
+        help="(new) Optimizer steps to train for; overrides --num_epochs.", range=POSITIVE
+    )
+    gradient_accumulation_steps: int = flag(1, help="Batches accumulated per optimizer step.", range=POSITIVE)
+    learning_rate: float | None = flag(help="Peak learning rate (the paper: 2e-4).", range=POSITIVE)
+    lr_scheduler: str = flag(
         "cosine",
         help="The learning rate schedule (the paper: constant_with_warmup).",
         choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
     )
-    lr_warmup_steps: int | None = _arg(help="Warm-up optimizer steps (the paper: 5000).")
-    adam_beta1: float = _arg(0.95, help="AdamW beta1 (the paper: 0.9).")
-    adam_beta2: float = _arg(0.999, help="AdamW beta2.")
-    adam_weight_decay: float = _arg(1e-6, help="AdamW weight decay (the paper: 0).")
-    adam_epsilon: float = _arg(1e-8, help="AdamW epsilon.")
-    max_grad_norm: float = _arg(1.0, help="(new) Clip the gradient norm to this (the paper: 1.0); 0 disables.")
-    max_nonfinite_steps: int = _arg(
-        100, help="(new) Stop with an error after this many optimizer steps in a row with a non-finite gradient."
+    lr_warmup_steps: int | None = flag(help="Warm-up optimizer steps (the paper: 5000).", range=ZERO_OR_MORE)
+    adam_beta1: float = flag(0.95, help="AdamW beta1 (the paper: 0.9).", range=UNIT_OPEN_ABOVE)
+    adam_beta2: float = flag(0.999, help="AdamW beta2.", range=UNIT_OPEN_ABOVE)
+    adam_weight_decay: float = flag(1e-6, help="AdamW weight decay (the paper: 0).", range=ZERO_OR_MORE)
+    adam_epsilon: float = flag(1e-8, help="AdamW epsilon.", range=POSITIVE)
+    max_grad_norm: float = flag(
+        1.0, help="(new) Clip the gradient norm to this (the paper: 1.0); 0 disables.", range=ZERO_OR_MORE
     )
-    use_ema: bool | None = _arg(
+    max_nonfinite_steps: int = flag(
+        100,
+        help="(new) Stop with an error after this many optimizer steps in a row with a non-finite gradient.",
+        range=POSITIVE,
+    )
+    use_ema: bool | None = flag(
         help="Keep an exponential moving average of the weights (the paper's, decay 0.9999) and export it. "
         "`--use_ema false` turns it off.",
         nargs="?",
         const=True,
     )
-    ema_inv_gamma: float = _arg(1.0, help="EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
-    ema_power: float = _arg(3 / 4, help="EMA warm-up power.")
-    ema_max_decay: float = _arg(0.9999, help="Largest EMA decay (the paper: 0.9999).")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _arg(
+    ema_inv_gamma: float = flag(1.0, help="EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.", range=POSITIVE)
+    ema_power: float = flag(3 / 4, help="EMA warm-up power.", range=POSITIVE)
+    ema_max_decay: float = flag(0.9999, help="Largest EMA decay (the paper: 0.9999).", range=UNIT_CLOSED)
+    mixed_precision: Literal["no", "fp16", "bf16"] = flag(
         "no",
         help="Mixed precision; wins over the accelerate config's, as in train_unconditional.py: pass it here.",
     )
-    allow_tf32: bool = _arg(True, help="(new) TF32 matmuls and convolutions on Ampere or newer GPUs.")
-    cpu: bool = _arg(
+    allow_tf32: bool = flag(True, help="(new) TF32 matmuls and convolutions on Ampere or newer GPUs.")
+    cpu: bool = flag(
         False,
         help="(new) Train on the CPU. With `accelerate launch --multi_gpu --num_processes N` it runs N CPU "
         "processes (gloo).",
     )
 
     # Outputs ---------------------------------------------------------------------------------------------------------
-    output_dir: str | None = _arg(help="Where checkpoints, samples and the exported pipeline go.")
-    overwrite_output_dir: bool = _arg(
+    output_dir: str | None = flag(help="Where checkpoints, samples and the exported pipeline go.")
+    overwrite_output_dir: bool = flag(
         False,
         help="Start over in an --output_dir with an earlier run's checkpoints: its checkpoint-* folders are removed "
         "before training (docs/checkpoints.md).",
     )
-    logger: Literal["tensorboard", "wandb"] = _arg("tensorboard", help="Experiment tracker.")
-    logging_dir: str = _arg("logs", help="Tracker logs, under --output_dir.")
-    logging_steps: int = _arg(10, help="(new) Log loss, lr, grad norm and images/s every this many steps.")
-    checkpointing_steps: int = _arg(500, help="Write a resumable checkpoint every this many optimizer steps.")
-    checkpoints_total_limit: int | None = _arg(help="Keep at most this many checkpoints (the oldest are removed).")
-    resume_from_checkpoint: str | None = _arg(
+    logger: Literal["tensorboard", "wandb"] = flag("tensorboard", help="Experiment tracker.")
+    logging_dir: str = flag("logs", help="Tracker logs, under --output_dir.")
+    logging_steps: int = flag(
+        10, help="(new) Log loss, lr, grad norm and images/s every this many steps.", range=POSITIVE
+    )
+    checkpointing_steps: int = flag(
+        500, help="Write a resumable checkpoint every this many optimizer steps.", range=POSITIVE
+    )
+    checkpoints_total_limit: int | None = flag(
+        help="Keep at most this many checkpoints (the oldest are removed).", range=POSITIVE
+    )
+    resume_from_checkpoint: str | None = flag(
         help="`latest` (the newest complete checkpoint in --output_dir, if any) or a checkpoint path / name. The "
         "optimizer, LR-schedule, EMA and length flags of this command line are applied from the step reached (named "
         "in the log); --seed is the checkpoint's; other model shapes, or --use_ema without an EMA, are refused."
     )
-    save_images_epochs: int | None = _arg(help="Save a sample grid every this many epochs (0: never).")
-    save_images_steps: int | None = _arg(help="(new) Save a sample grid every this many steps.")
-    save_model_epochs: int | None = _arg(help="Export the pipeline every this many epochs (0: never).")
-    save_model_steps: int | None = _arg(help="(new) Export the pipeline every this many steps.")
-    push_to_hub: bool = _arg(False, help="Push each export to the Hub.")
-    hub_token: str | None = _arg(
+    save_images_epochs: int | None = flag(
+        help="Save a sample grid every this many epochs (0: never).", range=ZERO_OR_MORE
+    )
+    save_images_steps: int | None = flag(help="(new) Save a sample grid every this many steps.", range=POSITIVE)
+    save_model_epochs: int | None = flag(
+        help="Export the pipeline every this many epochs (0: never).", range=ZERO_OR_MORE
+    )
+    save_model_steps: int | None = flag(help="(new) Export the pipeline every this many steps.", range=POSITIVE)
+    push_to_hub: bool = flag(False, help="Push each export to the Hub.")
+    hub_token: str | None = flag(
         help="Hub token; prefer HF_TOKEN or `huggingface-cli login` (the launcher prints a failed command line). "
         "Masked everywhere, never saved."
     )
-    hub_model_id: str | None = _arg(help="Hub repo to push to; by default the name of --output_dir.")
-    hub_private_repo: bool = _arg(False, help="Create the Hub repo as private.")
-    local_rank: int = _arg(-1, help="Accepted for compatibility; accelerate sets the rank.")
+    hub_model_id: str | None = flag(help="Hub repo to push to; by default the name of --output_dir.")
+    hub_private_repo: bool = flag(False, help="Create the Hub repo as private.")
+    local_rank: int = flag(
+        -1,
+        help="Accepted for compatibility; accelerate sets the rank.",
+        range=(-1, None, True, False),  # -1: not set
+    )
 
     # Evaluation during training (evaluation.evaluate on held-out images, with the EMA weights) ------------------
-    eval_steps: int | None = _arg(
+    eval_steps: int | None = flag(
         help="(new) Evaluate bits/dim, FID, KID and precision/recall on held-out images every this many steps and "
-        "at the end (docs/evaluation.md). 0 or unset: never."
+        "at the end (docs/evaluation.md). 0 or unset: never.",
+        range=POSITIVE,
     )
-    eval_split: str | None = _arg(
+    eval_split: str | None = flag(
         help="(new) The split to evaluate on (e.g. test). Unset: the last --eval_holdout_images training images are "
         "held out of training."
     )
-    eval_holdout_images: int = _arg(
-        256, help="(new) Size of the held-out set (see --eval_split); the samples are compared with all of it."
+    eval_holdout_images: int = flag(
+        256,
+        help="(new) Size of the held-out set (see --eval_split); the samples are compared with all of it.",
+        range=POSITIVE,
     )
-    eval_num_images: int = _arg(64, help="(new) Held-out images whose bits/dim is computed (the first ones).")
-    eval_bpd_timesteps: int = _arg(
-        50, help="(new) K: bits/dim as the unbiased estimate from K random timesteps per image; 0: all T terms."
+    eval_num_images: int = flag(
+        64, help="(new) Held-out images whose bits/dim is computed (the first ones).", range=ZERO_OR_MORE
     )
-    eval_num_samples: int = _arg(256, help="(new) Samples generated for FID, KID and precision/recall; 0 skips them.")
-    eval_feature_extractor: str | None = _arg(
+    eval_bpd_timesteps: int = flag(
+        50,
+        help="(new) K: bits/dim as the unbiased estimate from K random timesteps per image; 0: all T terms.",
+        range=ZERO_OR_MORE,
+    )
+    eval_num_samples: int = flag(
+        256, help="(new) Samples generated for FID, KID and precision/recall; 0 skips them.", range=ZERO_OR_MORE
+    )
+    eval_feature_extractor: str | None = flag(
         help="(new) The feature network of FID/KID/precision/recall. Default: digits for the embedded digits, "
         "inception otherwise.",
         choices=list(FEATURE_EXTRACTOR_NAMES),
     )
-    eval_num_inference_steps: int | None = _arg(
-        help="(new) Sampling steps of the evaluation samples. Default: --ddpm_num_inference_steps."
+    eval_num_inference_steps: int | None = flag(
+        help="(new) Sampling steps of the evaluation samples. Default: --ddpm_num_inference_steps.",
+        range=POSITIVE,
     )
 
 
@@ -316,69 +343,11 @@ def _blank_string_flag(args: TrainingArguments) -> str | None:
     return None
 
 
-FLAG_RANGES: dict[str, flag_ranges.Range] = {
-    # Data
-    "resolution": flag_ranges.POSITIVE,
-    "dataloader_num_workers": flag_ranges.ZERO_OR_MORE,
-    "preprocessing_num_workers": flag_ranges.POSITIVE,
-    "num_channels": (1, 4, True, True),  # its choices (1, 3, 4) are checked too, also in a JSON / YAML file
-    # Model and diffusion
-    "ddpm_num_steps": flag_ranges.POSITIVE,
-    "ddpm_num_inference_steps": flag_ranges.POSITIVE,
-    # Optimisation
-    "seed": flag_ranges.SEED,
-    "train_batch_size": flag_ranges.POSITIVE,
-    "eval_batch_size": flag_ranges.POSITIVE,
-    "num_epochs": flag_ranges.POSITIVE,
-    "max_train_steps": flag_ranges.POSITIVE,
-    "gradient_accumulation_steps": flag_ranges.POSITIVE,
-    "learning_rate": flag_ranges.POSITIVE,
-    "lr_warmup_steps": flag_ranges.ZERO_OR_MORE,
-    "adam_beta1": flag_ranges.UNIT_OPEN_ABOVE,
-    "adam_beta2": flag_ranges.UNIT_OPEN_ABOVE,
-    "adam_weight_decay": flag_ranges.ZERO_OR_MORE,
-    "adam_epsilon": flag_ranges.POSITIVE,
-    "max_grad_norm": flag_ranges.ZERO_OR_MORE,
-    "max_nonfinite_steps": flag_ranges.POSITIVE,
-    "ema_inv_gamma": flag_ranges.POSITIVE,
-    "ema_power": flag_ranges.POSITIVE,
-    "ema_max_decay": flag_ranges.UNIT_CLOSED,
-    # Outputs
-    "logging_steps": flag_ranges.POSITIVE,
-    "checkpointing_steps": flag_ranges.POSITIVE,
-    "checkpoints_total_limit": flag_ranges.POSITIVE,
-    "save_images_epochs": flag_ranges.ZERO_OR_MORE,
-    "save_images_steps": flag_ranges.POSITIVE,
-    "save_model_epochs": flag_ranges.ZERO_OR_MORE,
-    "save_model_steps": flag_ranges.POSITIVE,
-    "local_rank": (-1, None, True, False),  # -1: not set
-    # Evaluation (--eval_steps 0 means none: it becomes None before the check)
-    "eval_steps": flag_ranges.POSITIVE,
-    "eval_holdout_images": flag_ranges.POSITIVE,
-    "eval_num_images": flag_ranges.ZERO_OR_MORE,
-    "eval_bpd_timesteps": flag_ranges.ZERO_OR_MORE,
-    "eval_num_samples": flag_ranges.ZERO_OR_MORE,
-    "eval_num_inference_steps": flag_ranges.POSITIVE,
-}
-"""The range of every numeric flag, checked by `resolve_args` before any work starts (tests/test_errors.py fails for
-a numeric flag missing here)."""
-
-
-def uses_embedded_dataset(args: TrainingArguments) -> bool:
-    """Whether the run trains on the embedded digits (no dataset given)."""
-    return args.dataset_name is None and args.train_data_dir is None
-
-
 def image_channels(args: TrainingArguments) -> int | None:
     """`--num_channels`; else 1 for the embedded (grayscale) digits, None (decided from the data) for a dataset."""
     if args.num_channels is not None:
         return args.num_channels
-    return 1 if uses_embedded_dataset(args) else None
-
-
-def default_feature_extractor(dataset_name: str | None, train_data_dir: str | None) -> str:
-    """The feature network of FID/KID/precision/recall: `digits` for the embedded digits, `inception` otherwise."""
-    return "digits" if dataset_name is None and train_data_dir is None else "inception"
+    return 1 if no_dataset_given(args.dataset_name, args.train_data_dir) else None
 
 
 def resolve_args(args: TrainingArguments) -> TrainingArguments:
@@ -410,7 +379,7 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
     if args.model_preset is not None and args.model_config_name_or_path is not None:
         raise ArgumentError("Pass either --model_preset or --model_config_name_or_path, not both.")
     updates = {}
-    column = 1 if uses_embedded_dataset(args) else 0
+    column = 1 if no_dataset_given(args.dataset_name, args.train_data_dir) else 0
     for name, values in RUN_DEFAULTS.items():
         if getattr(args, name) is None and not (name == "model_preset" and args.model_config_name_or_path):
             updates[name] = values[column]
@@ -423,11 +392,9 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
         eval_num_inference_steps=args.eval_num_inference_steps or args.ddpm_num_inference_steps,
     )
 
-    message = flag_ranges.first_range_error(args, FLAG_RANGES)
+    message = first_range_error(args)  # the ranges declared with the fields; --num_channels's choices are argparse's
     if message is not None:
         raise ArgumentError(message)
-    if args.num_channels not in (None, 1, 3, 4):
-        raise ArgumentError(f"--num_channels {args.num_channels} is not one of 1 (grayscale), 3 (RGB), 4 (RGBA).")
     at_most_t = ["ddpm_num_inference_steps"]
     at_most_t += ["eval_num_inference_steps", "eval_bpd_timesteps"] if args.eval_steps else []
     for name in at_most_t:
@@ -440,7 +407,7 @@ def resolve_args(args: TrainingArguments) -> TrainingArguments:
             f"--eval_num_images ({args.eval_num_images}) cannot exceed the held-out set (--eval_holdout_images "
             f"{args.eval_holdout_images})."
         )
-    if args.eval_split is not None and uses_embedded_dataset(args):
+    if args.eval_split is not None and no_dataset_given(args.dataset_name, args.train_data_dir):
         raise ArgumentError(
             "The embedded digits have only a train split: leave --eval_split out, and the last "
             "--eval_holdout_images digits are held out of training for the evaluation."
@@ -473,149 +440,14 @@ class _HelpFormatter(ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter)
         return super()._get_help_string(action)
 
 
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
+def make_parser() -> FlagParser:
+    return FlagParser(
         TrainingArguments,
+        prog="train_ddpm.py",
         description="Train a DDPM (Ho et al. 2020, Algorithm 1) with Accelerate and export a diffusers pipeline.",
         epilog=_EPILOG,
         formatter_class=_HelpFormatter,
-        allow_abbrev=False,  # `--hub_tok hf_...` must not pass for --hub_token (nor go unmasked)
     )
-    parser.prog = "train_ddpm.py"
-    return parser
-
-
-def parse_flags_or_file(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
-    r"""
-    The dataclasses of `parser` from the flags in `argv` (`sys.argv[1:]` by default), or from a single JSON or YAML
-    file with the same keys (`train_ddpm.py config.yaml`, `evaluate_ddpm.py evaluation.json`), optionally followed by
-    flags that override the file's (`train_ddpm.py config.yaml --output_dir run1`: a flag after the file wins over
-    the file's key of the same flag).
-
-    A file's keys become flags (`learning_rate: 1e-4` is `--learning_rate=1e-4`), so its values are checked exactly
-    as on the command line (types, choices); a file that cannot be read, is not a mapping, or has an unknown key
-    exits with status 2 and one line that names the file (and the key meant, for a misspelled one).
-
-    Args:
-        parser (`transformers.HfArgumentParser`): The parser of the script's argument dataclasses.
-        argv (`list[str]`, *optional*): The arguments; `sys.argv[1:]` when `None`.
-
-    Returns:
-        `tuple`: One instance of each of the parser's dataclasses.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
-        path, given = argv[0], argv[1:]
-        overridden = {  # the fields the flags after the file set: the command line wins over the file's key
-            parser._option_string_actions[arg.partition("=")[0]].dest
-            for arg in given
-            if arg.partition("=")[0] in parser._option_string_actions
-        }
-        report = parser.error
-
-        def error(message: str) -> None:  # a key or path may hold a token; name the file unless the flag is given
-            flag = re.search(r"--[\w-]+", message)
-            action = parser._option_string_actions.get(flag.group(0)) if flag else None
-            given_flags = {arg.partition("=")[0] for arg in given}
-            from_file = flag is None or (action.dest not in overridden if action else flag.group(0) not in given_flags)
-            report(redact(f"{path}: {message}" if from_file else message))
-
-        parser.error = error
-        argv = flags_of_file(parser, path, skip=overridden) + given
-    return parse_strictly(parser, argv)  # no abbreviated flags, and no token in an error message
-
-
-CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
-
-
-class _FlagsLoader(yaml.SafeLoader):
-    """
-    YAML whose scalars all stay strings but `null` (merge keys `<<` still work), for argparse to type as it types the
-    command line: YAML 1.1 would read `010` as 8 and `12:30` as 750 (base 60), silently. A key given twice is an error.
-    """
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                if key.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"the key '{key.value}' is given twice", key.start_mark
-                    )
-                seen.add(key.value)
-        return super().construct_mapping(node, deep=deep)
-
-
-_FlagsLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag.endswith((":null", ":merge"))]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
-            raise ValueError(f"the key '{key}' is given twice")
-    return dict(pairs)
-
-
-def flags_of_file(parser: HfArgumentParser, path: str, skip: set[str] = frozenset()) -> list[str]:
-    """
-    The flags that the JSON or YAML file at `path` holds, as command-line arguments (`parser.error` on a fault),
-    leaving out the keys in `skip` (those the command line sets after the file).
-    """
-    kind = "JSON" if path.endswith(".json") else "YAML"
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        parser.error(f"cannot read this {kind} file of flags ({reason}).")
-    try:
-        if kind == "JSON":
-            values = json.loads(text, object_pairs_hook=_unique_keys)
-        else:
-            values = yaml.load(text, Loader=_FlagsLoader)  # a SafeLoader: no Python objects
-    except (ValueError, yaml.YAMLError) as error:
-        mark = getattr(error, "problem_mark", None)  # YAML's line and column; JSON's message holds its own
-        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        parser.error(f"not valid {kind}: {problem}{where}.")
-    if values is None or values == {}:
-        parser.error("holds no flags. Pass at least one, or run the script without arguments for its defaults.")
-    if not isinstance(values, dict):
-        parser.error(
-            f"holds a {kind} {type(values).__name__}, not a mapping of flag names to values (e.g. "
-            "`learning_rate: 0.0001`)."
-        )
-    fields = {field.name: field for dataclass in parser.dataclass_types for field in dataclasses.fields(dataclass)}
-    unknown = []
-    for key in (key for key in values if key not in fields):
-        meant = difflib.get_close_matches(str(key).lstrip("-").replace("-", "_"), list(fields), n=1)
-        unknown.append(f"'{key}' (did you mean {meant[0]}?)" if meant else f"'{key}'")
-    if unknown:
-        parser.error(f"unknown key(s): {', '.join(unknown)}. The keys are the flags' names, without the dashes.")
-    argv = []
-    for key, value in values.items():
-        takes_list = "list[" in str(fields[key].type)
-        if value is None:
-            continue  # the flag's default
-        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
-            parser.error(f"the value of '{key}' must be a single value{' or a list of values' if takes_list else ''}.")
-        if isinstance(value, list) and not takes_list:
-            parser.error(f"the value of '{key}' is a list, but --{key} takes a single value.")
-        if key in skip:
-            continue  # a flag after the file sets it
-        if isinstance(value, list):
-            argv += [f"--{key}", *(_flag_value(item) for item in value)]
-        else:
-            argv.append(f"--{key}={_flag_value(value)}")  # `=`: a value may start with a dash
-    return argv
-
-
-def _flag_value(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainingArguments:
