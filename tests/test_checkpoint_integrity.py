@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMPipeline
+from helpers import FAST, REPO, RUN_TIMEOUT, SMALL_UNET, launch_command, run_env, run_training, trainer_state
 from safetensors.torch import load_file
-from test_train import FAST, REPO, RUN_TIMEOUT, SMALL_UNET, _command, _env, run_training, trainer_state
 
 from checkpoints.checkpointing import (
     TRAINER_STATE_NAME,
@@ -281,9 +281,9 @@ def kill_in_export(workdir: Path, args: list[str], marker: Path) -> None:
     script = workdir / "pause_in_export.py"
     script.write_text(PAUSE_IN_EXPORT.format(repo=str(REPO), marker=str(marker)))
     process = subprocess.Popen(
-        _command(script, args, processes=0),
+        launch_command(script, args, processes=0),
         cwd=workdir,
-        env=_env(workdir),
+        env=run_env(workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,

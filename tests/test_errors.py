@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from diffusers import UNet2DModel
+from helpers import FAST, REPO, SMALL_UNET, random_images, run_env, run_training
 from safetensors.torch import save_file
-from test_train import FAST, REPO, SMALL_UNET, _env, _random_images, run_training
 
 import evaluate_ddpm
 from checkpoints.checkpointing import verify_checkpoint
@@ -47,13 +47,13 @@ def last_line(result) -> str:
 
 def save_images(folder: Path, count: int = 3, seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(_random_images(count, (8, 8), seed=seed)):
+    for index, image in enumerate(random_images(count, (8, 8), seed=seed)):
         image.save(folder / f"{index}.png")
 
 
 def png_bytes(seed: int = 0) -> bytes:
     buffer = io.BytesIO()
-    _random_images(1, (8, 8), seed=seed)[0].save(buffer, format="PNG")
+    random_images(1, (8, 8), seed=seed)[0].save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -173,7 +173,7 @@ def hub_layout(folder: Path, rows: dict[str, int]) -> Path:
     (folder / "data").mkdir(parents=True)
     features = datasets.Features({"image": datasets.Image()})
     for split, count in rows.items():
-        images = _random_images(count, (8, 8), seed=0) if count else []
+        images = random_images(count, (8, 8), seed=0) if count else []
         table = datasets.Dataset.from_dict({"image": images}, features=features)
         table.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
     return folder
@@ -528,7 +528,7 @@ def test_a_channel_count_out_of_the_choices_in_a_config_file_is_refused(tmp_path
 def test_a_flag_out_of_range_stops_the_script_at_once_with_one_line(workdir, script, flags, message):
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(REPO / script), *flags, "--output_dir", "never"], cwd=workdir,
-                            env=_env(workdir), capture_output=True, text=True, timeout=120)  # fmt: skip
+                            env=run_env(workdir), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last_line(result) == f"{script}: error: {message}"
     assert time.monotonic() - started < 60 and not (workdir / "never").exists()

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_train import FAST, REPO, SMALL_UNET, run_training
+from helpers import FAST, REPO, SMALL_UNET, run_training
 
 from checkpoints.checkpointing import verify_checkpoint
 from training.args import PATH_FLAGS, ArgumentError, TrainingArguments, parse_args

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import FAST, SMALL_UNET, run_training
 from safetensors.torch import save_file
-from test_train import FAST, SMALL_UNET, run_training
 
 import evaluate_ddpm
 from checkpoints.checkpointing import (

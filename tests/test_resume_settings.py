@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
-from test_train import FAST, SMALL_UNET, one_thread, trainer_state
+from helpers import FAST, SMALL_UNET, one_thread, trainer_state
 
 import train_ddpm
 from checkpoints.verify import write_manifest

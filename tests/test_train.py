@@ -2,27 +2,35 @@
 images, T = 50 and 5 sampling steps, so that each run takes seconds. Runs shared by several tests are module-scoped
 fixtures."""
 
-import contextlib
 import json
 import math
 import os
-import selectors
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
-from diffusers import DDPMPipeline
+from helpers import (
+    FAST,
+    REPO,
+    RUN_TIMEOUT,
+    SMALL_UNET,
+    assert_stock_pipeline_samples,
+    launch_command,
+    one_thread,
+    random_images,
+    read_until,
+    run_env,
+    run_training,
+    trainer_state,
+)
 from hub_server import LocalHub
 from huggingface_hub import ModelCard
-from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -34,22 +42,8 @@ from schedulers import DDPMPaperScheduler
 from training.args import DIGITS_DEFAULTS, make_parser, parse_args, public_config
 from training.output_lock import LOCK_FILE_NAME
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL_UNET = {
-    "_class_name": "UNet2DModel",
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": None,
-    "dropout": 0.1,  # so that exact resume also covers the dropout RNG
-}
-FAST = ["--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "5", "--eval_batch_size", "4", "--use_ema"]
-RUN_TIMEOUT = 240
 
-
-# Helpers ------------------------------------------------------------------------------------------------------------
+# Runs shared by several tests ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """The folder of the module's runs: the small U-Net config, the datasets, the `datasets` cache."""
@@ -58,101 +52,13 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
-def _env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_DATASETS_CACHE=str(workdir / "datasets-cache"),
-        OMP_NUM_THREADS="1",
-        CUDA_VISIBLE_DEVICES="",  # CPU runs on any machine: the bitwise-resume comparisons assume the same device
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-    )
-    return env
-
-
-def _command(script: str | Path, args: list[str], processes: int | None) -> list[str]:
-    """`accelerate launch` with the project's config (`processes=None`), or on N CPU processes; or plain python (0)."""
-    if processes == 0:
-        return [sys.executable, str(script), *args]
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    if processes is None:
-        launch += ["--config_file", str(REPO / "accelerate_config.yaml")]
-    else:
-        launch += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
-        launch += ["--dynamo_backend", "no", "--main_process_port", "0"]  # 0: a free port, never a busy 29500
-    return [*launch, str(script), *args]
-
-
-def run_training(workdir: Path, args: list[str], processes: int | None = None, script=None, check=True, env=None):
-    """Run train_ddpm.py (or a wrapper `script`) to completion; returns the CompletedProcess."""
-    command = _command(script or REPO / "train_ddpm.py", args, processes)
-    result = subprocess.run(
-        command, cwd=workdir, env={**_env(workdir), **(env or {})}, capture_output=True, text=True, timeout=RUN_TIMEOUT
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
-
-
-def read_until(stream, text: str, log: Path | None = None, timeout: float = RUN_TIMEOUT) -> str:
-    """Block on a child's output pipe until `text` appears in it (the child's signal that it reached a point); the
-    output read so far. `timeout` is a safety net against a hung run, not the wait itself."""
-    read, deadline = b"", time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        while text.encode() not in read:
-            ready = selector.select(deadline - time.monotonic())
-            chunk = os.read(stream.fileno(), 1 << 16) if ready else b""
-            if not chunk:
-                why = "the run ended" if ready else f"{timeout} s passed"
-                output = (read + (log.read_bytes() if log else b"")).decode(errors="replace")
-                raise AssertionError(f"{why} before it wrote {text!r}:\n{output[-3000:]}")
-            read += chunk
-    return read.decode(errors="replace")
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Sample in this process on one thread: two threads on a busy 2-core machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def assert_stock_pipeline_samples(output_dir: Path, channels: int, resolution: int = 8) -> None:
-    pipeline = DDPMPipeline.from_pretrained(output_dir)
-    assert type(pipeline.scheduler).__name__ == "DDPMScheduler"
-    assert pipeline.unet.config.in_channels == channels and pipeline.unet.config.sample_size == resolution
-    pipeline.set_progress_bar_config(disable=True)
-    with one_thread():
-        images = pipeline(batch_size=2, num_inference_steps=5, generator=torch.manual_seed(0)).images
-    assert len(images) == 2 and images[0].size == (resolution, resolution)
-    assert images[0].mode == ("L" if channels == 1 else "RGB")
-
-
-def trainer_state(checkpoint: Path) -> TrainerState:
-    return TrainerState.load(str(checkpoint / TRAINER_STATE_NAME))
-
-
-def _random_images(count: int, size: tuple[int, int], seed: int) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
-
-
 @pytest.fixture(scope="module")
 def hub_layout_dataset(workdir) -> Path:
     """20 RGB 12x10 images in a folder laid out like a Hub dataset repo, image column named `img`."""
     folder = workdir / "hub-dataset"
     (folder / "data").mkdir(parents=True)
     features = Features({"img": ImageFeature(), "label": Value("int64")})
-    dataset = Dataset.from_dict({"img": _random_images(20, (12, 10), seed=0), "label": list(range(20))}, features)
+    dataset = Dataset.from_dict({"img": random_images(20, (12, 10), seed=0), "label": list(range(20))}, features)
     dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
     return folder
 
@@ -160,7 +66,7 @@ def hub_layout_dataset(workdir) -> Path:
 @pytest.fixture(scope="module")
 def image_folder(workdir) -> Path:
     folder = workdir / "images"
-    for index, image in enumerate(_random_images(12, (9, 9), seed=1)):
+    for index, image in enumerate(random_images(12, (9, 9), seed=1)):
         (folder / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
         image.save(folder / f"class{index % 2}" / f"{index}.png")
     return folder
@@ -470,9 +376,9 @@ def test_resume_after_sigkill_mid_checkpoint_is_bitwise_exact(workdir, hub_layou
     args = ["--dataset_name", str(hub_layout_dataset), *HUB_RUN, "--output_dir", str(output)]
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            _command(script, args, processes=None),
+            launch_command(script, args, processes=None),
             cwd=workdir,
-            env=_env(workdir),
+            env=run_env(workdir),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -507,9 +413,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(workdir):
     args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "100000", "--checkpointing_steps", "3"]
     args += ["--train_batch_size", "8", "--output_dir", str(output), *FAST]
     process = subprocess.Popen(
-        _command(REPO / "train_ddpm.py", args, processes=0),
+        launch_command(REPO / "train_ddpm.py", args, processes=0),
         cwd=workdir,
-        env=_env(workdir),
+        env=run_env(workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -594,7 +500,7 @@ def in_process(request, workdir, monkeypatch):
 def test_error_names_the_corrupt_image(workdir, image_folder, in_process):
     broken = workdir / "broken-images"
     (broken / "a").mkdir(parents=True)
-    for index, image in enumerate(_random_images(3, (8, 8), seed=2)):
+    for index, image in enumerate(random_images(3, (8, 8), seed=2)):
         image.save(broken / "a" / f"{index}.png")
     (broken / "a" / "truncated.png").write_bytes((broken / "a" / "0.png").read_bytes()[:40])
     with pytest.raises(SystemExit, match=r"Cannot decode the image .*truncated\.png"):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
+from helpers import FAST, REPO, SMALL_UNET, random_images, run_env, run_training
 from hub_server import LocalHub
-from test_train import FAST, REPO, SMALL_UNET, _env, _random_images, run_training
 
 import evaluate_ddpm
 import train_ddpm
@@ -43,7 +43,7 @@ def images_elsewhere(tmp_path_factory) -> Path:
     """An image folder outside the runs' working folder: a card may name it by its base name only."""
     folder = tmp_path_factory.mktemp("elsewhere") / "my-images"
     folder.mkdir()
-    for index, image in enumerate(_random_images(8, (9, 9), seed=3)):
+    for index, image in enumerate(random_images(8, (9, 9), seed=3)):
         image.save(folder / f"{index}.png")
     return folder
 
@@ -97,7 +97,7 @@ def test_a_second_run_into_a_held_folder_fails_at_once_on_every_process_and_a_ki
     first = subprocess.Popen(
         [sys.executable, str(script), *SHORT_RUN, "--cpu", "--output_dir", "held"],
         cwd=workdir,
-        env=_env(workdir),
+        env=run_env(workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -307,7 +307,7 @@ def test_an_image_column_of_numbers_is_refused_naming_the_image_columns(workdir,
     folder = workdir / "labelled" / "data"
     folder.mkdir(parents=True)
     features = Features({"img": ImageFeature(), "label": Value("int64")})
-    dataset = Dataset.from_dict({"img": _random_images(4, (8, 8), seed=4), "label": [0, 1, 2, 3]}, features)
+    dataset = Dataset.from_dict({"img": random_images(4, (8, 8), seed=4), "label": [0, 1, 2, 3]}, features)
     dataset.to_parquet(str(folder / "train-00000-of-00001.parquet"))
     message = r"--image_column 'label' holds values of type int64, not images; its image columns are \['img'\]"
     with pytest.raises(SystemExit, match=message):
