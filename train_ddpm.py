@@ -74,6 +74,7 @@ from pipelines import DDPMPaperPipeline, DiskFullError, ModelCardInfo, PublishEr
 from pipelines.export import create_hub_repo
 from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
+from training.data_position import images_consumed, rest_of_epoch
 from training.ema import EMA
 from training.launch import LaunchError, ensure_one_job
 from training.losses import diffusion_loss  # the loop calls it by this name (tests wrap it)
@@ -478,6 +479,23 @@ def resume(
             ", ".join(applied) if applied else "the checkpoint's optimizer settings",
             lr, args.lr_scheduler, max_train_steps,
         )  # fmt: skip
+        if state.num_processes != accelerator.num_processes:
+            per_batch = args.train_batch_size * accelerator.num_processes
+            position = (
+                f"the stream goes on after {state.images_in_epoch // per_batch * per_batch} of its "
+                f"{state.images_in_epoch} images consumed (whole batches of this run: the rest are seen again)"
+                if args.streaming
+                else f"epoch {state.epoch} goes on after the first {state.images_in_epoch} images of its order, the "
+                "rest split among this run's processes (none twice, none skipped)"
+            )
+            logger.warning(
+                "Resuming on %d process(es) from a checkpoint written by %d: the batch of a step is now %d images (it "
+                "was %d); step %d, the LR schedule and the EMA continue; %s.",
+                accelerator.num_processes, state.num_processes,
+                per_batch * args.gradient_accumulation_steps,
+                args.train_batch_size * state.num_processes * args.gradient_accumulation_steps,
+                state.global_step, position,
+            )  # fmt: skip
         changed = changed_settings(state, public_config(args), accelerator.num_processes)
         if changed:
             logger.warning(
@@ -494,6 +512,36 @@ def resume(
         state.consecutive_nonfinite_steps = 0  # a resumed run gets a fresh --max_nonfinite_steps budget
     state.training_args, state.num_processes = public_config(args), accelerator.num_processes
     return state
+
+
+def epoch_batches(
+    accelerator: Accelerator,
+    args: TrainingArguments,
+    train_dataloader,
+    state: TrainerState,
+    epoch: int,
+    written_by: int,
+) -> tuple[object, int, int]:
+    """
+    The batches of `epoch` still to train on (this process's), the batches per process counted as consumed before
+    the first of them, and the images of the epoch consumed before those batches' count (`state.images_in_epoch`:
+    `start + batches x batch size x processes`). A resumed epoch on the checkpoint's number of processes skips its
+    batches (bit for bit); on another number, its images: the rest of its permutation is split among this run's
+    processes (`training.data_position`). A stream skips whole batches of this run: at most one batch of every
+    process is seen twice. `written_by`: the processes of the run that wrote `state` (the checkpoint's).
+    """
+    if epoch != state.epoch:
+        return train_dataloader, 0, 0
+    per_batch = args.train_batch_size * accelerator.num_processes
+    same_size = written_by == accelerator.num_processes
+    if args.streaming or (same_size and state.images_in_epoch == state.batches_in_epoch * per_batch):
+        skip = state.batches_in_epoch if same_size else state.images_in_epoch // per_batch
+        return (accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader), skip, 0
+    if state.images_in_epoch >= len(train_dataloader.dataset):  # the epoch is over: skip it as a same-size resume
+        skip = len(train_dataloader)
+        return accelerator.skip_first_batches(train_dataloader, skip), skip, 0
+    rest = rest_of_epoch(accelerator, train_dataloader, epoch, state.images_in_epoch, args.train_batch_size)
+    return rest, 0, state.images_in_epoch
 
 
 def clip_and_step(
@@ -645,6 +693,11 @@ def train(args: TrainingArguments) -> TrainingOutcome:
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(args.output_dir)
     state = resume(accelerator, args, checkpoint, optimizer, lr_scheduler, max_train_steps)
+    written_by = checkpoint.state.num_processes if checkpoint is not None else accelerator.num_processes
+    if args.max_train_steps and not args.streaming and written_by != accelerator.num_processes:
+        # The steps before the resume took other batches: enough epochs of this run's batches to reach the step count.
+        epochs_left = math.ceil((max_train_steps - state.global_step) / updates_per_epoch)
+        num_epochs = max(num_epochs, state.epoch + 1 + epochs_left)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("train_ddpm", config=tracker_config(args))
@@ -657,6 +710,8 @@ def train(args: TrainingArguments) -> TrainingOutcome:
 
     # 6. The loop: Algorithm 1 -----------------------------------------------------------------------------------------
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+    per_batch = args.train_batch_size * accelerator.num_processes  # images of one batch on every process
+    epoch_images = sys.maxsize if args.streaming else len(train_dataloader.dataset)
     last_checkpoint_step = state.global_step if resume_path is not None else -1
     images, metrics = None, None  # the last sample grid and evaluation, for the model card
     trained = ModelAndDiffusion(model, ema, noise_scheduler, training_data)
@@ -669,10 +724,9 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                 break
             unet.train()
             train_dataloader.set_epoch(epoch)
-            skip = state.batches_in_epoch if epoch == state.epoch else 0
-            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            batches, skip, start = epoch_batches(accelerator, args, train_dataloader, state, epoch, written_by)
             own_generator(batches, args.seed)  # a stream's loader, rebuilt by Accelerate without the generator
-            state.epoch, state.batches_in_epoch = epoch, skip
+            state.epoch, state.batches_in_epoch, state.images_in_epoch = epoch, skip, start
             for pixels in batches:
                 with monitor.interruptible(optimizer, state):  # a stop signal in here abandons the step (StepMonitor)
                     x0 = images_to_model_input(pixels, args.random_flip)  # Algorithm 1, line 2: x_0 ~ q(x_0)
@@ -691,6 +745,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
                     grad_norm, nonfinite = clip_and_step(accelerator, unet, optimizer, max_grad_norm)
                 monitor.count_batch(loss, x0.shape[0])
                 state.batches_in_epoch += 1
+                state.images_in_epoch = images_consumed(start, state.batches_in_epoch, per_batch, epoch_images)
                 if not accelerator.sync_gradients:
                     continue
 

@@ -271,15 +271,15 @@ def check_model_fits(checkpoint: VerifiedCheckpoint, model: dict[str, torch.Tens
 def changed_settings(saved: TrainerState, config: dict[str, Any], num_processes: int) -> list[str]:
     """
     What differs between the run that wrote a checkpoint (`saved`) and the resuming one (its public `config`) in the
-    settings that fix the data order and position (`RESUME_INVARIANTS`, the processes, the held-out images).
+    settings that fix the data order and position (`RESUME_INVARIANTS`, the held-out images). Another number of
+    processes is not among them: the position is kept in images (`TrainerState.images_in_epoch`), and train_ddpm.py
+    says what a resume on another number continues.
     """
     changed = [
         f"--{name} {saved.training_args.get(name)} -> {value}"
         for name, value in config.items()
         if name in RESUME_INVARIANTS and saved.training_args.get(name) != value
     ]
-    if saved.num_processes != num_processes:
-        changed.append(f"{saved.num_processes} -> {num_processes} processes")
     before, now = held_out_count(saved.training_args), held_out_count(config)
     if before != now:
         changed.append(f"{before} -> {now} images held out of training for --eval_steps")

@@ -42,7 +42,11 @@ class TrainerState:
     Args:
         global_step (`int`): Optimizer steps taken (including skipped non-finite ones).
         epoch (`int`): The epoch in progress.
-        batches_in_epoch (`int`): Batches (per process) of `epoch` already consumed, skipped when resuming.
+        batches_in_epoch (`int`): Batches (per process) of `epoch` consumed since it started on this many processes
+            (since the resume, when a resume changed the number mid-epoch).
+        images_in_epoch (`int`): Images of `epoch` consumed by all processes together: the first this many of the
+            epoch's permutation (`training.data_position`). The position a resume on another number of processes
+            continues from. A checkpoint written without it: `batches_in_epoch` x batch size x processes.
         skipped_nonfinite_steps (`int`): Optimizer steps skipped because the gradient was not finite.
         consecutive_nonfinite_steps (`int`): How many of those came last, in a row.
         num_processes (`int`): Processes of the run that wrote the checkpoint (the data position depends on it).
@@ -52,6 +56,7 @@ class TrainerState:
     global_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    images_in_epoch: int = 0
     skipped_nonfinite_steps: int = 0
     consecutive_nonfinite_steps: int = 0
     num_processes: int = 1
@@ -82,6 +87,9 @@ class TrainerState:
                     raise ValueError("training_args is not an object")
             elif not isinstance(value, int) or isinstance(value, bool) or value < (name == "num_processes"):
                 raise ValueError(f"{name} is {value!r}, not a whole number >= {int(name == 'num_processes')}")
+        if "images_in_epoch" not in values:  # written before the count was recorded
+            batch_size = values.get("training_args", {}).get("train_batch_size") or 0
+            values["images_in_epoch"] = values.get("batches_in_epoch", 0) * batch_size * values.get("num_processes", 1)
         return cls(**values)
 
 

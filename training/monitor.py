@@ -288,7 +288,7 @@ class StepMonitor:
         """
         The forward and backward pass of one micro-batch. With `interrupt_steps_of`, a stop signal inside abandons
         the whole optimizer step it belongs to (every micro-batch of its accumulation cycle): the random states,
-        Accelerate's batch count and `state.batches_in_epoch` are put back as they were when its first micro-batch
+        Accelerate's batch count and the data position in `state` are put back as they were when its first micro-batch
         began, the gradients are dropped, and `abandoned` is set (a resumed run reads the cycle's batches again).
         """
         self._batch_start = time.perf_counter()
@@ -297,19 +297,19 @@ class StepMonitor:
             return
         if self._cycle_start is None:  # the first micro-batch of an optimizer step
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-            batches = state.batches_in_epoch if state is not None else None
+            position = (state.batches_in_epoch, state.images_in_epoch) if state is not None else None
             # step: Accelerate's batch count, which decides when the accumulated gradients are applied
-            self._cycle_start = (torch.get_rng_state(), cuda, self.accelerator.step, batches)
+            self._cycle_start = (torch.get_rng_state(), cuda, self.accelerator.step, position)
         self.armed = True
         try:
             yield
         except StepInterrupted:
-            cpu, cuda, self.accelerator.step, batches = self._cycle_start
+            cpu, cuda, self.accelerator.step, position = self._cycle_start
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
             if state is not None:
-                state.batches_in_epoch = batches
+                state.batches_in_epoch, state.images_in_epoch = position
             optimizer.zero_grad(set_to_none=True)
             self.abandoned = True
             self.stopped_by = self._stop_reason()
