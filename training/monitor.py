@@ -1,40 +1,8 @@
-"""What the host learns of the optimizer steps, one step late, and the decision to stop: `StepMonitor`.
-
-The training loop calls it twice per batch at most: `count_batch` after every backward pass and `end_step` after
-every optimizer step. It owns every counter of the loop (non-finite steps in a row and in all, the loss and images
-since the last log line), the deferred read of the device's numbers (`training.sync.DeferredRead`: the host learns of
-step n while the device runs step n + 1, so no step waits for the device), the log lines waiting for their device
-half, the progress bar, and the decision to stop. It never writes a checkpoint itself: the loop reads `stopped_by`
-and `nonfinite_error` and acts.
-
-Stopping (SIGTERM, SIGINT, or the death of the `accelerate launch` process that started this one):
-- the first signal asks for a stop; the loop writes a checkpoint of the last whole optimizer step and the script
-  exits 0. Every later signal is absorbed until the checkpoint is written (Ctrl-C in a terminal under `accelerate
-  launch` delivers two: the terminal's SIGINT, then the SIGTERM the launcher forwards);
-- `accelerate launch` kills its child 5 s after forwarding a signal (30 s with several processes, torch elastic's
-  grace). With one process and no compile (with or without gradient accumulation), a signal during a forward or
-  backward pass abandons the whole optimizer step at the next U-Net block (`interruptible`): the gradients of its
-  micro-batches are dropped, its random draws and Accelerate's batch count are rolled back to its first
-  micro-batch, and the data position too, so a resumed run reads its batches again: the checkpoint is written at
-  once and the resumed run is the uninterrupted one, bit for bit;
-- with several processes (the stop is agreed on through the step's report, read one step late: all stop at the
-  same step) or with `--compile` (the hooks cannot run inside a compiled graph) the step is not abandoned: the
-  checkpoint comes after the rest of the current optimizer step and, the report being read one step late, one more
-  step. The grace needed is about (micro-batches left in the cycle + accumulation steps) x the micro-batch time + the
-  checkpoint's write time. Measured on 2 shared CPU cores (tiny U-Net slowed to ~1.5 s a micro-batch, two gloo
-  processes, accumulation 2, SIGTERM to the launcher early in step 2): the checkpoint of step 3 was written 6.4 s
-  after the signal, inside the launcher's 30 s; `--compile` (one process, 5 s) was not measured here: use the
-  formula. When a
-  signal comes under the launcher and that estimate exceeds its grace (5 s for one process, 30 s for several),
-  one warning line says so before the launcher kills the run (`StepMonitor.warn_if_late`);
-- a child whose launcher died (it is re-parented) stops the same way, so that no orphan keeps training;
-- outside the loop (the set-up before it, the final evaluation, sample grid and export after it) `exit_on_signal`
-  turns the first signal into one log line and exit status 128 + the signal (130 for SIGINT, 143 for SIGTERM).
-
-Data-loading workers ignore SIGINT and their first SIGTERM (`ignore_stop_signals`, their `worker_init_fn`): a signal
-to the whole process group (Slurm's scancel, systemd, Ctrl-C) is the main process's to act on; the workers end with
-it.
-"""
+"""What the host learns of the optimizer steps, one step late, and the decision to stop: `StepMonitor` owns the loop's
+counters, the deferred read of the device's numbers, the log lines and the progress bar; `StopSignal` turns SIGTERM and
+SIGINT into a stop after a checkpoint (with one process, the step in flight is abandoned at the next U-Net block and
+taken again on resume); `exit_on_signal` ends the set-up and the final export in one line; data-loading workers ignore
+the stop signals (`ignore_stop_signals`). What each case needs of the launcher's grace: docs/checkpoints.md."""
 
 from __future__ import annotations
 
