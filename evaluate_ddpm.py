@@ -29,11 +29,6 @@ import inspect
 import json
 import logging
 import math
-import os
-import re
-import signal
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,29 +40,35 @@ from accelerate import Accelerator
 from diffusers import UNet2DModel
 from diffusers.utils import make_image_grid, numpy_to_pil
 
-from checkpoints.checkpointing import CHECKPOINT_PREFIX
 from command_line.fields import POSITIVE, SEED, ZERO_OR_MORE, default_feature_extractor, first_range_error
 from command_line.flag_files import parse_flags_or_file
-from command_line.parsing import FlagParser, flags_holding_tokens, token_in_flags_message
+from command_line.parsing import FlagParser, flags_holding_tokens, launch_rank, one_line_exit, token_in_flags_message
 from evaluation import evaluate, load_feature_extractor, reference_id
 from evaluation.features import FeatureExtractorUnavailableError
+from evaluation.inputs import check_model_fits_data, check_output_dir, check_sample_count, check_schedule_flags
 from evaluation.pipeline_metrics import BPD_STREAM, SAMPLE_STREAM, as_pixels, model_range_and_bits, stream_generators
-from evaluation.sample_quality import sample_quality_metrics
-from hub_access.atomic_folder import INDEX_NAME
 from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full
-from hub_access.secrets import is_local_path, mask_logs_and_errors, public_path, redact, register
+from hub_access.secrets import mask_logs_and_errors, public_path, register
 from image_data.image_modes import channels_of_data
 from image_data.pixels import load_pixels
-from image_data.sources import (
-    FINGERPRINT_OF,
-    DatasetUnavailableError,
-    ImageDataError,
+from image_data.record import (
+    check_bit_depth,
+    check_data_count,
+    check_data_fingerprint,
     data_fingerprint,
-    find_image_column,
-    load_image_dataset,
+    describe_data,
+    fill_data_flags,
+    same_name_as_recorded,
 )
+from image_data.sources import DatasetUnavailableError, ImageDataError, find_image_column, load_image_dataset
 from pipelines import DDPMPaperPipeline, model_range_to_unit
-from pipelines.export import TRAINING_DATA_FILE, TrainingDataError, read_training_data
+from pipelines.export import (
+    TRAINING_DATA_FILE,
+    EvaluationInputError,
+    TrainingDataError,
+    check_pipeline_folder,
+    read_training_data,
+)
 from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
 from pipelines.utils import upscale
@@ -186,322 +187,7 @@ class EvaluationArguments:
     )
 
 
-# Which model, and which data --------------------------------------------------------------------------------------
-class EvaluationInputError(ValueError):
-    """The pipeline or the data flags cannot give a meaningful evaluation; the message says what to pass instead."""
-
-
-SOURCE_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "num_channels")
-"""Data flags that describe where the images come from: taken from the record only when no dataset is given."""
-PREPROCESSING_FLAGS = ("resolution", "center_crop", "preserve_input_precision")
-"""Data flags that describe what the model saw of each image: taken from the record unless given."""
-DATA_FLAG_DEFAULTS = {"split": "train", "center_crop": False, "preserve_input_precision": False}
-"""The defaults of the data flags that are not None, for an export without a record (before training_data.json)."""
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def check_pipeline_folder(pipeline: str) -> None:
-    """
-    Fails with a message that says what to pass when `--pipeline` names no exported pipeline: a missing folder, a
-    training checkpoint (`checkpoint-N`), or a training output folder that holds checkpoints but no export yet.
-    A name of the form `user/name` that is not a local folder is left to the Hub.
-    """
-    path = Path(pipeline).expanduser()
-    if (path / INDEX_NAME).is_file():
-        return
-    if not path.exists():
-        local = pipeline.startswith((".", "~", os.sep)) or Path(path.parts[0]).exists()  # e.g. ddpm-output/typo
-        if _HUB_ID.fullmatch(pipeline) and not local:
-            return
-        raise EvaluationInputError(f"--pipeline {pipeline}: no such folder (a Hub model id has the form user/name).")
-    if not path.is_dir():
-        raise EvaluationInputError(f"--pipeline {pipeline} is a file, not an exported pipeline folder.")
-    if not _is_checkpoint(path) and not any(_is_checkpoint(child) for child in path.iterdir()):
-        raise EvaluationInputError(
-            f"--pipeline {pipeline} has no {INDEX_NAME}: it is not an exported pipeline (train_ddpm.py exports one "
-            "into its --output_dir)."
-        )
-    run = path.parent if _is_checkpoint(path) else path
-    run_name = str(run) if path.is_absolute() else os.path.normpath(os.path.relpath(run))
-    finish = (
-        f"let train_ddpm.py finish (its flags with --output_dir {run_name} --resume_from_checkpoint latest), which "
-        f"exports into {run_name}"
-    )
-    if run == path:
-        raise EvaluationInputError(
-            f"--pipeline {pipeline} holds training checkpoints but no export yet (no {INDEX_NAME}): {finish}, then "
-            "pass it again."
-        )
-    what = f"--pipeline {pipeline} is a training checkpoint, not an exported pipeline"
-    if (run / INDEX_NAME).is_file():
-        raise EvaluationInputError(f"{what}: pass --pipeline {run_name}, the export of its run.")
-    raise EvaluationInputError(
-        f"{what}, and its run's folder {run_name} has no export yet: {finish}, then pass --pipeline {run_name}."
-    )
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", path.name) is not None
-
-
-def fill_data_flags(args: EvaluationArguments, record: dict | None) -> tuple[EvaluationArguments, list[str]]:
-    """
-    The data flags the user left unset, filled from the export's training record (`training_data.json`): where the
-    images come from when no dataset is given, and how they were cropped, sized and stored unless given. Without a
-    record, the previous defaults (the embedded digits, split train). Returns the arguments and the names of the
-    flags that came from the record.
-
-    Raises:
-        `EvaluationInputError`: the record names a local folder (by its base name) that is not in the working folder.
-    """
-    values = {}
-    if record is not None:
-        recorded = {name: record.get(name) for name in SOURCE_FLAGS + PREPROCESSING_FLAGS}
-        recorded["num_channels"] = record.get("channels")
-        recorded["preserve_input_precision"] = record.get("bit_depth") == 16
-        dataset_given = args.dataset_name is not None or args.train_data_dir is not None
-        names = PREPROCESSING_FLAGS + (() if dataset_given else SOURCE_FLAGS)
-        values = {name: recorded[name] for name in names if getattr(args, name) is None}
-    from_export = sorted(values)
-    for name, default in DATA_FLAG_DEFAULTS.items():
-        if values.get(name, getattr(args, name)) is None:
-            values[name] = default
-    args = replace(args, **values)
-    for flag in ("train_data_dir", "dataset_name"):
-        if flag in from_export and record.get("source") in ("image-folder", "local-dataset"):
-            folder = getattr(args, flag)
-            if folder is not None and not os.path.isdir(folder):
-                raise EvaluationInputError(
-                    f"The model was trained on the folder {folder!r} ({TRAINING_DATA_FILE} of --pipeline {args.pipeline} "
-                    f"names it by its base name), which is not in the working folder {os.getcwd()}: pass "
-                    f"--{flag} with its path."
-                )
-    return args, from_export
-
-
-def describe_data(args: EvaluationArguments) -> str:
-    """The evaluation data as a message names it."""
-    if args.dataset_name is not None:
-        return f"--dataset_name {args.dataset_name}"
-    if args.train_data_dir is not None:
-        return f"--train_data_dir {args.train_data_dir}"
-    return "the embedded digits (no --dataset_name or --train_data_dir)"
-
-
-def check_model_fits_data(
-    args: EvaluationArguments, from_export: list[str], sample_size: int, in_channels: int, data_channels: int | None
-) -> None:
-    """
-    Fails when the evaluation images would not be what the model samples: another resolution, or other channels
-    (`data_channels`, None when not known yet). Bits/dim and FID of such images measure nothing.
-    """
-    plural = "" if in_channels == 1 else "s"
-    model = f"the model samples {sample_size}x{sample_size} images with {in_channels} channel{plural}"
-    if args.resolution != sample_size:
-        given = f"{TRAINING_DATA_FILE} records" if "resolution" in from_export else "--resolution"
-        raise EvaluationInputError(
-            f"{model}, but {given} {args.resolution} asks for {args.resolution}x{args.resolution} evaluation images: "
-            f"its bits/dim and FID would score images it never saw. Leave --resolution out (the model's "
-            f"{sample_size})."
-        )
-    if data_channels is not None and data_channels != in_channels:
-        data_plural = "" if data_channels == 1 else "s"
-        if "num_channels" in from_export:
-            given = f"the training record ({TRAINING_DATA_FILE}) says {data_channels}"
-        elif args.num_channels is not None:
-            given = f"--num_channels {args.num_channels} asks for {data_channels}"
-        else:
-            given = f"the evaluation data, {describe_data(args)}, has {data_channels} channel{data_plural}"
-        raise EvaluationInputError(
-            f"{model}, but {given}: pass the data it was trained on (--dataset_name or --train_data_dir), or "
-            f"--num_channels {in_channels} to convert these images as train_ddpm.py would."
-        )
-
-
-def check_bit_depth(args: EvaluationArguments, record: dict | None, from_export: list[str]) -> None:
-    """
-    Fails when `--preserve_input_precision`, given, contradicts the bit depth the model was trained at (the record's
-    `bit_depth`): bits/dim over 65,536 levels of a model trained on 256, or the other way round, measure nothing.
-    """
-    if record is None or "preserve_input_precision" in from_export or record.get("bit_depth") not in (8, 16):
-        return
-    trained_bits, asked_bits = record["bit_depth"], 16 if args.preserve_input_precision else 8
-    if asked_bits != trained_bits:
-        raise EvaluationInputError(
-            f"--preserve_input_precision {args.preserve_input_precision} asks for {asked_bits}-bit evaluation images, "
-            f"but the model was trained on {trained_bits}-bit ones ({TRAINING_DATA_FILE} of --pipeline "
-            f"{args.pipeline}): its bits/dim would count levels it never saw. Leave --preserve_input_precision out."
-        )
-
-
-def check_schedule_flags(args: EvaluationArguments, num_train_timesteps: int) -> None:
-    """
-    Fails when a flag asks for more diffusion steps than the model has (its scheduler's T), or for a timestep it does
-    not have: `--num_inference_steps` in [1, T], `--bpd_timesteps` in [0, T], `--interpolation_timesteps` in [0, T-1].
-    """
-    T = num_train_timesteps
-    model = f"the model (--pipeline {args.pipeline})"
-    if args.num_inference_steps is not None and not 1 <= args.num_inference_steps <= T:
-        raise EvaluationInputError(
-            f"--num_inference_steps {args.num_inference_steps} is more than the T = {T} diffusion steps of {model}: "
-            f"pass 1 to {T}, or leave it out (all {T})."
-        )
-    if args.bpd_timesteps > T:
-        raise EvaluationInputError(
-            f"--bpd_timesteps {args.bpd_timesteps} is more than the T = {T} terms of the bound of {model}: pass at "
-            f"most {T}, or 0 for all {T} terms."
-        )
-    for t in args.interpolation_timesteps or []:
-        if not 0 <= t <= T - 1:
-            raise EvaluationInputError(
-                f"--interpolation_timesteps {t} is not a timestep of {model}, which has T = {T}: pass 0-based "
-                f"timesteps from 0 to {T - 1}, or leave the flag out (T/20, T/4 and T/2, minus 1)."
-            )
-
-
-OUTPUT_MIN_BYTES = 100_000
-"""Bytes the two matplotlib plots take at least (about 120 KB for any model); metrics.json adds `OUTPUT_STEP_BYTES` a
-diffusion step (its curves), the two image grids more."""
-OUTPUT_STEP_BYTES = 100
-
-
-def check_output_dir(output_dir: str, num_train_timesteps: int) -> None:
-    """
-    Fails before any work when `--output_dir` cannot take the results: it (or a folder in its path) is a file, its
-    nearest existing folder cannot be written (a probe file is written there and removed: a read-only or full disk),
-    or its disk has less room than metrics.json and the plots take at least. Creates nothing.
-    """
-    path = Path(output_dir).expanduser()
-    if (path.exists() or path.is_symlink()) and not path.is_dir():
-        raise EvaluationInputError(
-            f"--output_dir {output_dir} is a file, not a folder: pass a folder (created if missing), or move the "
-            "file away."
-        )
-    existing = path
-    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise EvaluationInputError(
-            f"--output_dir {output_dir} lies under {existing}, a file, not a folder: pass a folder path (created if "
-            "missing)."
-        )
-    try:  # a few KB written for real: a read-only disk, a full one, or a folder without write permission
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".evaluate_ddpm-probe-") as probe:
-            probe.write(b"\0" * 4096)
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as error:
-        if is_disk_full(error):
-            raise EvaluationInputError(
-                f"--output_dir {output_dir}: the disk of {existing} is full ({first_line(error)}; "
-                f"{format_bytes(free_bytes(existing))} free). Free space there, or pass another --output_dir."
-            ) from error
-        raise EvaluationInputError(
-            f"--output_dir {output_dir}: cannot write in {existing} ({first_line(error)}). Pass a folder you can "
-            "write to."
-        ) from error
-    needed, free = OUTPUT_MIN_BYTES + OUTPUT_STEP_BYTES * num_train_timesteps, free_bytes(existing)
-    if free < needed:
-        raise EvaluationInputError(
-            f"--output_dir {output_dir}: its disk has {format_bytes(free)} free, but metrics.json and the plots take "
-            f"more than {format_bytes(needed)}. Free space there, or pass another --output_dir."
-        )
-
-
-def check_data_count(args: EvaluationArguments, record: dict | None, from_export: list[str], count: int) -> None:
-    """
-    Fails when the data the record names (taken from it, not from flags) holds another number of images than the
-    model was trained on (the record's `num_images`, the whole split): other data behind the same base name.
-    """
-    if record is None or "dataset_name" not in from_export or not isinstance(record.get("num_images"), int):
-        return  # the data was given by flags, or an older record without the count
-    if args.split != record.get("split", "train") or record["num_images"] == count:
-        return
-    folder = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
-    where = f"'{os.path.abspath(folder)}'" if record.get("source") in ("image-folder", "local-dataset") else folder
-    if args.train_data_dir is not None:
-        what_to_pass = "the folder it was trained on with --train_data_dir (a dataset with --dataset_name)"
-    else:
-        what_to_pass = "the dataset it was trained on with --dataset_name (a plain folder with --train_data_dir)"
-    raise EvaluationInputError(
-        f"The model was trained on {record['num_images']} images of split '{args.split}' of {folder!r} "
-        f"({TRAINING_DATA_FILE} of --pipeline {args.pipeline}), but {where} has {count}: other data of the same "
-        f"name. Pass {what_to_pass}."
-    )
-
-
-def same_name_as_recorded(args: EvaluationArguments, record: dict | None, from_export: list[str]) -> bool:
-    """Whether the evaluation data goes by the name the training record gives its data: taken from the record, or
-    given by flags that name the same kind of source with the same (base) name, configuration and split."""
-    if record is None or args.split != record.get("split", "train"):
-        return False
-    if "dataset_name" in from_export:
-        return True
-    source = record.get("source")
-    if source == "image-folder":
-        return (
-            args.dataset_name is None
-            and args.train_data_dir is not None
-            and (_base_name(args.train_data_dir) == record.get("train_data_dir"))
-        )
-    if args.train_data_dir is not None or args.dataset_name is None:
-        return False
-    if source == "local-dataset":
-        return is_local_path(args.dataset_name) and _base_name(args.dataset_name) == record.get("dataset_name")
-    return source == "hub-dataset" and (args.dataset_name, args.dataset_config_name) == (
-        record.get("dataset_name"),
-        record.get("dataset_config_name"),
-    )
-
-
-def _base_name(path: str) -> str:
-    return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(path))))
-
-
-def check_data_fingerprint(args: EvaluationArguments, record: dict, fingerprint: str) -> None:
-    """
-    Fails when the data evaluated under the recorded name (see `same_name_as_recorded`) has another fingerprint
-    (`image_data.sources.data_fingerprint`) than the record's, unless --allow_other_data: other images of the same name
-    (and count), which metrics.json would report as the training data.
-    """
-    if args.allow_other_data or fingerprint == record["fingerprint"]:
-        return
-    if args.train_data_dir is not None:
-        where, name = f"--train_data_dir '{os.path.abspath(args.train_data_dir)}'", args.train_data_dir
-        what_to_pass = "--train_data_dir with the folder it was trained on (or a copy of it)"
-    elif args.dataset_name is not None:
-        local = is_local_path(args.dataset_name)
-        where = f"--dataset_name '{os.path.abspath(args.dataset_name) if local else args.dataset_name}'"
-        name = args.dataset_name
-        what_to_pass = "--dataset_name with the dataset it was trained on"
-    else:
-        where, name = "the embedded digits of this machine's scikit-learn", "embedded digits"
-        what_to_pass = "--dataset_name or --train_data_dir with the data it was trained on"
-    raise EvaluationInputError(
-        f"The model was trained on images with fingerprint {record['fingerprint']} ({TRAINING_DATA_FILE} of "
-        f"--pipeline {args.pipeline}), but {where} (split '{args.split}') has fingerprint {fingerprint} "
-        f"({FINGERPRINT_OF}): other images under the name {name!r}. Pass {what_to_pass}, or add --allow_other_data "
-        "to evaluate these images anyway."
-    )
-
-
-PRECISION_RECALL_K = inspect.signature(sample_quality_metrics).parameters["k"].default
-"""The nearest neighbours of precision and recall: each set of images needs more."""
-
-
-def check_sample_count(count: int, what: str) -> None:
-    """
-    Fails when `count` images (samples, or dataset images to compare them with) are too few for precision and recall
-    (more than `PRECISION_RECALL_K` each); `what` says what they are, with `{count}` where the count goes.
-    """
-    if 0 < count <= PRECISION_RECALL_K:
-        raise EvaluationInputError(
-            f"{what.format(count=count)} too few for the sample metrics (precision and recall compare each image "
-            f"with its {PRECISION_RECALL_K} nearest neighbours): they need at least {PRECISION_RECALL_K + 1}. Pass "
-            f"more, or --num_samples 0 to skip FID, KID, precision and recall."
-        )
-
-
+# Counts of the data ------------------------------------------------------------------------------------------------
 COUNT_DEFAULTS = {"num_images": 256, "rate_distortion_images": 16}
 """The defaults of the image counts (None in `EvaluationArguments`, to tell a count given from the default)."""
 
@@ -516,14 +202,13 @@ def used_counts(args: EvaluationArguments, given: set[str], available: int) -> d
         "num_reference_images": min(args.num_reference_images or available, available) if args.num_samples else 0,
         "rate_distortion_images": min(args.rate_distortion_images, available),
     }
+    data = describe_data(args.dataset_name, args.train_data_dir)
     for name, count in used.items():
         asked = getattr(args, name)
         if asked is not None and asked > count and (name != "num_reference_images" or args.num_samples):
             log = logger.warning if name in given else logger.info
             how = "asks for" if name in given else "defaults to"
-            log(
-                "--%s %s %d images, but %s has %d: using %d.", name, how, asked, describe_data(args), available, count
-            )  # fmt: skip
+            log("--%s %s %d images, but %s has %d: using %d.", name, how, asked, data, available, count)
     return used
 
 
@@ -692,8 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
         ImageDataError,
         LaunchError,
         TrainingDataError,
-    ) as error:  # expected failures: one line, as train_ddpm.py ends them
-        exit_with_one_line(f"evaluate_ddpm.py: error: {redact(str(error))}", error)
+    ) as error:  # expected failures: one line, as train_ddpm.py ends them, said once under a launcher
+        raise one_line_exit("evaluate_ddpm.py", str(error), main_rank_only=True) from error
     except Exception as error:  # a disk filled: the metrics and plots, or the datasets cache
         if not is_disk_full(error):
             raise
@@ -703,36 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         free = ", ".join(f"{name} '{folder}' {format_bytes(free_bytes(folder))}" for name, folder in folders.items())
         message = f"A disk is full: {first_line(error)}. Free now: {free}. Free space there, then run again."
-        exit_with_one_line(f"evaluate_ddpm.py: error: {redact(message)}", error)
-
-
-def launch_rank() -> int:
-    """This process's rank among those a launcher started (`RANK`, which torchrun sets); 0 without a launcher. Read
-    from the environment, not the Accelerator: processes that each run alone all believe they are the main one."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-OTHERS_WAIT_S = 30.0
-"""How long a process other than the main one waits, before it reports an error itself, for the launcher to stop it."""
-
-
-def exit_with_one_line(message: str, error: BaseException) -> None:
-    """
-    Ends the run with `message` (exit status 1). Under a launcher the checks fail alike on every process, so only the
-    main one (rank 0) prints it: the others wait up to `OTHERS_WAIT_S` for the launcher, which stops the rest once
-    the main process has ended, and then exit with status 1 too, silently; one still running after that failed on
-    its own, and says so with its rank.
-    """
-    rank = launch_rank()
-    if rank != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        logging.disable(logging.CRITICAL)
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(1))  # stopped by the launcher: the same status, quietly
-        time.sleep(OTHERS_WAIT_S)
-        message = message.replace("evaluate_ddpm.py: error:", f"evaluate_ddpm.py: error (process {rank}):", 1)
-    raise SystemExit(message) from error
+        raise one_line_exit("evaluate_ddpm.py", message, main_rank_only=True) from error
 
 
 def evaluate_pipeline(args: EvaluationArguments) -> dict:
@@ -748,7 +404,8 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
             "%s has no %s (an export older than the record): evaluating on the embedded digits unless "
             "--dataset_name or --train_data_dir says otherwise.", args.pipeline, TRAINING_DATA_FILE,
         )  # fmt: skip
-    args, from_export = fill_data_flags(args, record)
+    filled, from_export = fill_data_flags(asdict(args), record, args.pipeline)
+    args = replace(args, **filled)
     configs = {}
     for component, config_class in (("unet", UNet2DModel), ("scheduler", DDPMPaperScheduler)):
         try:
@@ -762,9 +419,10 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
     num_train_timesteps = configs["scheduler"].get("num_train_timesteps", default_T)
     args = replace(args, resolution=args.resolution or sample_size)
     embedded = args.dataset_name is None and args.train_data_dir is None
-    check_model_fits_data(args, from_export, sample_size, in_channels, args.num_channels or (1 if embedded else None))
-    check_bit_depth(args, record, from_export)
-    check_schedule_flags(args, num_train_timesteps)
+    data_channels = args.num_channels or (1 if embedded else None)
+    check_model_fits_data(asdict(args), from_export, sample_size, in_channels, data_channels)
+    check_bit_depth(args.preserve_input_precision, record, from_export, args.pipeline)
+    check_schedule_flags(asdict(args), num_train_timesteps)
     check_sample_count(args.num_samples, "--num_samples {count} generated samples are")
     check_output_dir(args.output_dir, num_train_timesteps)
 
@@ -791,7 +449,7 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
                 cache_dir=args.cache_dir,
                 split=args.split,
             )
-            check_model_fits_data(args, from_export, sample_size, in_channels, channels)
+            check_model_fits_data(asdict(args), from_export, sample_size, in_channels, channels)
         # The images are listed (not decoded) to count them: other data behind the recorded name fails now.
         listed = load_image_dataset(
             args.dataset_name,
@@ -802,14 +460,15 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
         )
         count = len(listed)
     # Every process checks (none waits for another that failed).
-    check_data_count(args, record, from_export, count)
+    check_data_count(asdict(args), record, from_export, count, args.pipeline)
     fingerprint = None
-    if record is not None and record.get("fingerprint") and same_name_as_recorded(args, record, from_export):
+    if record is not None and record.get("fingerprint") and same_name_as_recorded(asdict(args), record, from_export):
         fingerprint = data_fingerprint(listed, find_image_column(listed, args.image_column))  # bytes, not decoded
-        check_data_fingerprint(args, record, fingerprint)
+        check_data_fingerprint(asdict(args), record, fingerprint, args.pipeline, args.allow_other_data)
     if args.num_samples:
         compared = min(args.num_reference_images or count, count)
-        check_sample_count(compared, f"{describe_data(args)} has {count} images; {{count}} of them are")
+        data = describe_data(args.dataset_name, args.train_data_dir)
+        check_sample_count(compared, f"{data} has {count} images; {{count}} of them are")
 
     with accelerator.main_process_first():
         pipeline = DDPMPaperPipeline.from_pretrained(args.pipeline).to(device)

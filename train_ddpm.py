@@ -59,17 +59,12 @@ from checkpoints.checkpointing import (
 )
 from command_line.parsing import one_line_exit
 from evaluation import FeatureExtractorUnavailableError, evaluate, load_feature_extractor, reference_id
-from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full
+from hub_access.disk_space import first_line, format_bytes, free_bytes, is_disk_full, unwritable
 from hub_access.secrets import known_tokens, mask_logs_and_errors, public_argv, public_dataset_name, register
 from image_data.image_modes import channels_of_data
 from image_data.pixels import PixelBatches, collate_pixel_batch, collate_pixels, images_to_model_input, load_pixels
-from image_data.sources import (
-    DatasetUnavailableError,
-    ImageDataError,
-    held_out_count,
-    split_held_out,
-    training_data_record,
-)
+from image_data.record import training_data_record
+from image_data.sources import DatasetUnavailableError, ImageDataError, held_out_count, split_held_out
 from pipelines import DDPMPaperPipeline, DiskFullError, ModelCardInfo, PublishError, image_grid
 from pipelines.export import create_hub_repo
 from schedulers import DDPMPaperScheduler
@@ -81,7 +76,7 @@ from training.losses import diffusion_loss  # the loop calls it by this name (te
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
 from training.monitor import StepMonitor, end_workers_at_exit, exit_on_signal, ignore_stop_signals, restores_signals
 from training.output_lock import OutputDirLockedError, lock_output_dir, release_output_locks
-from training.preflight import check_output_paths, check_step_memory, lies_inside, unwritable, written_folders
+from training.preflight import check_output_paths, check_step_memory, lies_inside, written_folders
 from training.sync import adamw, step_unless_nonfinite
 
 logger = get_logger(__name__)

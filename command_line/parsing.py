@@ -2,13 +2,18 @@
 
 `FlagParser` reads a script's dataclass (a field's `range` stays out of argparse); `parse_strictly` takes no
 abbreviated flag and shows no token in an error; `flags_holding_tokens` finds the flags whose values would publish a
-token. Bad flags exit with status 2 (`parser.error`); later failures with `one_line_exit`, status 1.
+token. Bad flags exit with status 2 (`parser.error`); later failures with `one_line_exit`, status 1 (said once under
+a launcher when every process fails alike).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import logging
+import os
+import signal
+import time
 from collections.abc import Iterable
 from types import MappingProxyType
 from typing import Any
@@ -114,6 +119,32 @@ def token_in_flags_message(names: list[str]) -> str:
     )
 
 
-def one_line_exit(script: str, message: str) -> SystemExit:
-    """The exit (status 1) of an expected failure after parsing: `<script>: error: <message>`, tokens masked."""
+def launch_rank() -> int:
+    """This process's rank among those a launcher started (`RANK`, which torchrun sets); 0 without a launcher. Read
+    from the environment, not the Accelerator: processes that each run alone all believe they are the main one."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+OTHERS_WAIT_S = 30.0
+"""How long a process other than the main one waits, before it reports an error itself, for the launcher to stop it."""
+
+
+def one_line_exit(script: str, message: str, *, main_rank_only: bool = False) -> SystemExit:
+    """
+    The exit (status 1) of an expected failure after parsing: `<script>: error: <message>`, tokens masked.
+
+    With `main_rank_only`, for checks that fail alike on every process of a launcher, only the main one (rank 0) says
+    it: the others wait here up to `OTHERS_WAIT_S` for the launcher, which stops the rest once the main process has
+    ended, and then exit with status 1 too, silently; one still running after that failed on its own, and its exit
+    says so with its rank.
+    """
+    rank = launch_rank()
+    if main_rank_only and rank != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.disable(logging.CRITICAL)
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(1))  # stopped by the launcher: the same status, quietly
+        time.sleep(OTHERS_WAIT_S)
+        return SystemExit(f"{script}: error (process {rank}): {redact(message)}")
     return SystemExit(f"{script}: error: {redact(message)}")

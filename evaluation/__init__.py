@@ -1,5 +1,6 @@
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
-"""The metrics of a DDPM: bits/dim and sample quality (FID, KID, IS, precision/recall) over pluggable feature networks."""
+"""The metrics of a DDPM: bits/dim and sample quality (FID, KID, IS, precision/recall) over pluggable feature networks;
+`inputs` holds evaluate_ddpm.py's checks of its flags against the model."""
 
 from .features import (
     FEATURE_EXTRACTORS,

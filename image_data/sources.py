@@ -21,7 +21,6 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from PIL import Image
 
 from hub_access import forced_offline_mode, offline_mode_requested, work_offline
-from hub_access.secrets import is_local_path
 from image_data.folder_listing import (
     accepted_extensions,
     broken_links,
@@ -363,99 +362,3 @@ def split_held_out(dataset: Dataset, count: int) -> tuple[Dataset, Dataset]:
         )
     boundary = len(dataset) - count
     return dataset.select(range(boundary)), dataset.select(range(boundary, len(dataset)))
-
-
-def training_data_record(
-    *,
-    dataset_name: str | None,
-    dataset_config_name: str | None,
-    train_data_dir: str | None,
-    image_column: str,
-    resolution: int,
-    channels: int,
-    preserve_input_precision: bool,
-    center_crop: bool,
-    random_flip: bool,
-    held_out_images: int = 0,
-    num_images: int | None = None,
-    cache_dir: str | None = None,
-) -> dict[str, Any]:
-    r"""
-    What a run trained on, as the export records it (`training_data.json`, the card's `training_data:`) and
-    `evaluate_ddpm.py` reads it back: the data flags by their names, and `channels` / `bit_depth` of the cached images.
-
-    Local folders are named by their base name only (no path of this machine is published); a Hub dataset id is kept.
-    `source` says which of the four kinds it is (`embedded-digits`, `hub-dataset`, `local-dataset`, `image-folder`).
-
-    `num_images` is the number of images of the split `train` as loaded, before the last `held_out_images` are held
-    out (None when not known: `--streaming`). It is what `evaluate_ddpm.py` loads by default (the whole split), so a
-    folder of the same base name with another count is other data.
-
-    `fingerprint` is `data_fingerprint` of that split (read again from the `cache_dir` the run used), so that
-    `evaluate_ddpm.py` also tells other images of the same name and count; None when the split was streamed
-    (`num_images` None).
-    """
-    fingerprint = None
-    if num_images is not None:
-        loaded = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir=cache_dir)
-        fingerprint = data_fingerprint(loaded, find_image_column(loaded, image_column))
-    if dataset_name is not None and is_local_path(dataset_name):
-        source, dataset_name = "local-dataset", _base_name(dataset_name)
-    elif dataset_name is not None:
-        source = "hub-dataset"
-    elif train_data_dir is not None:
-        source, train_data_dir = "image-folder", _base_name(train_data_dir)
-    else:
-        source = "embedded-digits"
-    record = {
-        "source": source,
-        "dataset_name": dataset_name,
-        "dataset_config_name": dataset_config_name,
-        "train_data_dir": train_data_dir,
-        "image_column": image_column,
-        "split": "train",
-        "num_images": num_images,
-        "fingerprint": fingerprint,
-        "resolution": resolution,
-        "channels": channels,
-        "bit_depth": 16 if preserve_input_precision else 8,
-        "center_crop": center_crop,
-        "random_flip": random_flip,
-    }
-    if held_out_images:
-        record["held_out_images"] = held_out_images  # the last ones of the split, kept out of training
-    return record
-
-
-FINGERPRINT_OF = "sha256 of each image's encoded bytes, in the split's order"
-"""What `data_fingerprint` hashes, as messages name it."""
-
-
-def data_fingerprint(dataset: Dataset, image_column: str) -> str:
-    r"""
-    A fingerprint of the images of a (non-streaming) dataset: SHA-256 over the SHA-256 of each image's encoded bytes
-    (the file an image folder holds, the bytes a parquet or Arrow file stores), in the dataset's order; the embedded
-    digits (in memory, encoded by this machine's PIL) give their own fingerprint, a hash of their pixel values.
-
-    It depends on the images only: not on the folder's path, the working folder, the `datasets` cache, the files'
-    modification times, nor on the preprocessing flags. A copy of a folder elsewhere has the fingerprint of the
-    original; an image changed, added, removed or reordered changes it. (`Dataset._fingerprint` does not serve for a
-    plain folder: `_image_folder_dataset` sets it to the hash of the listing, absolute paths and modification times
-    included, so a copy elsewhere differs; for Hub datasets it was not measured.) Reads every image's bytes once: about 1 s for 100 MB on a 2-core CPU, no decoding.
-    """
-    if not dataset.cache_files and dataset._fingerprint == digits_dataset()._fingerprint:
-        return dataset._fingerprint  # the embedded digits: a hash of their pixels and labels
-    undecoded = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-    combined = hashlib.sha256()
-    for batch in undecoded.iter(batch_size=1000):
-        for value in batch[image_column]:
-            data = value.get("bytes") if isinstance(value, dict) else None
-            if data is None:
-                with open(value["path"], "rb") as file:
-                    data = file.read()
-            combined.update(hashlib.sha256(data).digest())
-    return combined.hexdigest()[:32]
-
-
-def _base_name(path: str) -> str:
-    return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(path))))

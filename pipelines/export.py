@@ -1,7 +1,8 @@
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
 """
 Export of a [`DDPMPaperPipeline`] as a folder that stock `diffusers.DDPMPipeline` loads, its model card, and
-publishing that folder to the Hugging Face Hub.
+publishing that folder to the Hugging Face Hub; what an export folder is (`check_pipeline_folder`) and its record of
+the training data (`read_training_data`), as evaluate_ddpm.py reads them.
 
 The pipeline's `save_pretrained` and `push_to_hub` call these functions; they read the pipeline's `unet` and
 `scheduler` and call it for the card's sample grid. A parameterisation DDPMScheduler cannot sample (`mean`
@@ -14,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +225,64 @@ def _write_export(
             (folder / TRAINING_DATA_FILE).write_text(json.dumps(card.training_data, indent=2) + "\n")
     if card.training_data is None:  # a record left by an earlier export would describe other data
         (save_directory / TRAINING_DATA_FILE).unlink(missing_ok=True)
+
+
+class EvaluationInputError(ValueError):
+    """The export, or what is passed with it to evaluate it (data flags against its record, flags against its model),
+    cannot give a meaningful evaluation; the message says what to pass instead."""
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+"""A training checkpoint's folder in a run, as `checkpoints.verify` names them (`CHECKPOINT_PREFIX` and the step);
+the room of the export cannot import it."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_pipeline_folder(pipeline: str) -> None:
+    """
+    Fails with a message that says what to pass when `--pipeline` names no exported pipeline: a missing folder, a
+    training checkpoint (`checkpoint-N`), or a training output folder that holds checkpoints but no export yet.
+    A name of the form `user/name` that is not a local folder is left to the Hub.
+
+    Raises:
+        `EvaluationInputError`: the message names the export to pass, or says to let training finish.
+    """
+    path = Path(pipeline).expanduser()
+    if (path / INDEX_NAME).is_file():
+        return
+    if not path.exists():
+        local = pipeline.startswith((".", "~", os.sep)) or Path(path.parts[0]).exists()  # e.g. ddpm-output/typo
+        if _HUB_ID.fullmatch(pipeline) and not local:
+            return
+        raise EvaluationInputError(f"--pipeline {pipeline}: no such folder (a Hub model id has the form user/name).")
+    if not path.is_dir():
+        raise EvaluationInputError(f"--pipeline {pipeline} is a file, not an exported pipeline folder.")
+    if not _is_checkpoint(path) and not any(_is_checkpoint(child) for child in path.iterdir()):
+        raise EvaluationInputError(
+            f"--pipeline {pipeline} has no {INDEX_NAME}: it is not an exported pipeline (train_ddpm.py exports one "
+            "into its --output_dir)."
+        )
+    run = path.parent if _is_checkpoint(path) else path
+    run_name = str(run) if path.is_absolute() else os.path.normpath(os.path.relpath(run))
+    finish = (
+        f"let train_ddpm.py finish (its flags with --output_dir {run_name} --resume_from_checkpoint latest), which "
+        f"exports into {run_name}"
+    )
+    if run == path:
+        raise EvaluationInputError(
+            f"--pipeline {pipeline} holds training checkpoints but no export yet (no {INDEX_NAME}): {finish}, then "
+            "pass it again."
+        )
+    what = f"--pipeline {pipeline} is a training checkpoint, not an exported pipeline"
+    if (run / INDEX_NAME).is_file():
+        raise EvaluationInputError(f"{what}: pass --pipeline {run_name}, the export of its run.")
+    raise EvaluationInputError(
+        f"{what}, and its run's folder {run_name} has no export yet: {finish}, then pass --pipeline {run_name}."
+    )
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name) is not None
 
 
 class TrainingDataError(ValueError):

@@ -21,6 +21,7 @@ from helpers import FAST, REPO, SMALL_UNET, random_images, run_env, run_training
 from safetensors.torch import save_file
 
 import evaluate_ddpm
+import evaluation.inputs
 from checkpoints.checkpointing import verify_checkpoint
 from checkpoints.verify import TRAINER_STATE_NAME, TrainerState, model_mismatch, write_manifest
 from command_line.fields import POSITIVE, RANGE, flag, flag_ranges
@@ -307,7 +308,7 @@ def test_a_full_disk_under_the_evaluation_output_names_it(tmp_path, small_disk, 
 
     pipeline = export(tmp_path / "export", channels=1)
     output = small_disk(16) / "evaluation"  # the plots need more than 16 KB
-    monkeypatch.setattr(evaluate_ddpm, "OUTPUT_MIN_BYTES", 0)  # past the early check (tests/test_eval_early.py)
+    monkeypatch.setattr(evaluation.inputs, "OUTPUT_MIN_BYTES", 0)  # past the early check (tests/test_eval_early.py)
     with pytest.raises(SystemExit) as exit_info:
         evaluate_ddpm.main(["--pipeline", str(pipeline), "--output_dir", str(output), *SMALL_EVAL])
     message = str(exit_info.value)

@@ -15,7 +15,8 @@ from test_eval_early import PREFIX, refusal
 from test_eval_metadata import RGB_RECORD, SMALL_EVAL, export
 
 import evaluate_ddpm
-from image_data.sources import data_fingerprint, digits_dataset, load_image_dataset, training_data_record
+from image_data.record import data_fingerprint, training_data_record
+from image_data.sources import digits_dataset, load_image_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = {"dataset_config_name": None, "image_column": "image", "resolution": 8, "channels": 3}

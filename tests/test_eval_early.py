@@ -13,6 +13,7 @@ import pytest
 from test_eval_metadata import RGB_RECORD, SMALL_EVAL, T, export, rgb_folder
 
 import evaluate_ddpm
+import evaluation.inputs
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "evaluate_ddpm.py: error: "
@@ -44,14 +45,11 @@ def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_any_work(tm
     afile = tmp_path / "afile"
     afile.write_text("keep me\n")
     message = refusal(["--pipeline", str(pipeline), "--output_dir", str(afile), *SMALL_EVAL])
-    assert (
-        message
-        == f"--output_dir {afile} is a file, not a folder: pass a folder (created if missing), or move the file away."
-    )
+    assert message == f"--output_dir '{afile}' is a file, not a folder: pass a folder's path (it is created)."
     message = refusal(["--pipeline", str(pipeline), "--output_dir", str(afile / "sub"), *SMALL_EVAL])
-    assert message == (
-        f"--output_dir {afile / 'sub'} lies under {afile}, a file, not a folder: pass a folder path (created if "
-        "missing)."
+    assert message == (  # the same check and words as training's preflight (hub_access.disk_space)
+        f"--output_dir '{afile / 'sub'}' lies under '{os.path.realpath(afile)}', which is a file, not a folder: pass "
+        "a folder's path (it is created)."
     )
     assert afile.read_text() == "keep me\n"
 
@@ -62,14 +60,16 @@ def test_a_full_or_read_only_disk_under_output_dir_is_refused_before_any_work_an
     pipeline = export(tmp_path / "export")
     small = mount_tmpfs(16)  # room for the probe, not for the plots (more than 100 KB)
     message = refusal(["--pipeline", str(pipeline), "--output_dir", str(small / "evaluation"), *SMALL_EVAL])
-    assert message.startswith(f"--output_dir {small / 'evaluation'}: its disk has ")
+    assert message.startswith(f"--output_dir '{small / 'evaluation'}': its disk has ")
     assert message.endswith(
         "free, but metrics.json and the plots take more than 102 KB. Free space there, or pass another --output_dir."
     )
     read_only = mount_tmpfs(1024, ",ro")
     message = refusal(["--pipeline", str(pipeline), "--output_dir", str(read_only / "a" / "b"), *SMALL_EVAL])
-    assert message.startswith(f"--output_dir {read_only / 'a' / 'b'}: cannot write in {read_only} (OSError: ")
-    assert "Read-only file system" in message and message.endswith("Pass a folder you can write to.")
+    assert message == (
+        f"--output_dir '{read_only / 'a' / 'b'}' cannot be written: '{os.path.realpath(read_only)}' is on a read-only "
+        "file system. Make it writable, or pass a folder you can write."
+    )
     assert list(small.iterdir()) == [] and list(read_only.iterdir()) == []  # no folder, no probe left
 
 
@@ -77,7 +77,7 @@ def test_a_full_or_read_only_disk_under_output_dir_is_refused_before_any_work_an
 def test_a_disk_that_fills_while_writing_removes_the_folder_the_run_created(tmp_path, mount_tmpfs, monkeypatch):
     pipeline = export(tmp_path / "export")
     small = mount_tmpfs(16)
-    monkeypatch.setattr(evaluate_ddpm, "OUTPUT_MIN_BYTES", 0)  # the early check lets it through: the plots fill it
+    monkeypatch.setattr(evaluation.inputs, "OUTPUT_MIN_BYTES", 0)  # the early check lets it through: the plots fill it
     output = small / "new" / "evaluation"
     message = refusal(["--pipeline", str(pipeline), "--output_dir", str(output), *SMALL_EVAL])
     assert message.startswith("A disk is full: ") and "No space left on device" in message

@@ -17,7 +17,8 @@ from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 
 import evaluate_ddpm
-from image_data.sources import data_fingerprint, load_image_dataset, training_data_record
+from image_data.record import data_fingerprint, training_data_record
+from image_data.sources import load_image_dataset
 from pipelines import DDPMPaperPipeline, ModelCardInfo
 from schedulers import DDPMPaperScheduler
 
@@ -274,6 +275,17 @@ def test_a_run_with_checkpoints_but_no_export_says_to_finish_training_first(tmp_
         )
         with pytest.raises(SystemExit, match=message):
             evaluate_ddpm.main(["--pipeline", str(pipeline)])
+
+
+def test_the_export_knows_checkpoint_folders_by_the_names_training_gives_them(tmp_path):
+    """pipelines/ cannot import checkpoints/: its own pattern must match the folders `checkpoint_path` names."""
+    from checkpoints.checkpointing import checkpoint_path
+    from pipelines.export import CHECKPOINT_NAME
+
+    names = [os.path.basename(checkpoint_path(str(tmp_path), step)) for step in (0, 7, 150000)]
+    assert names == ["checkpoint-0", "checkpoint-7", "checkpoint-150000"]
+    assert all(CHECKPOINT_NAME.fullmatch(name) for name in names)
+    assert not any(CHECKPOINT_NAME.fullmatch(name) for name in ("checkpoint-4.tmp", "checkpoint-", "checkpoints"))
 
 
 @pytest.mark.slow  # a new Python process

@@ -2,8 +2,9 @@
 
 Each check raises `ArgumentError` with one line that names the flag, the fault and what to do; none writes anything.
 - `check_output_paths`: the folders the run writes (`--output_dir`, which holds the checkpoints, `--logging_dir` and
-  `--cache_dir`) can be folders (no file in the way) that this process can write (`unwritable`), and `--output_dir`
-  does not lie inside the training images (the next run would read its samples and checkpoints as images).
+  `--cache_dir`) can be folders (no file in the way) that this process can write
+  (`hub_access.disk_space.output_folder_problem`, which evaluate_ddpm.py also asks), and `--output_dir` does not lie
+  inside the training images (the next run would read its samples and checkpoints as images).
 - `check_step_memory`: one training step of `--train_batch_size` images at `--resolution` can fit the device at all
   (a lower bound: one feature map of the net's first layer), before the data cache is built at that resolution.
 """
@@ -11,50 +12,13 @@ Each check raises `ArgumentError` with one line that names the flag, the fault a
 from __future__ import annotations
 
 import os
-import pwd
 
 import psutil
 import torch
 
-from hub_access.disk_space import format_bytes
+from hub_access.disk_space import format_bytes, output_folder_problem
 from hub_access.secrets import is_local_path
 from training.args import ArgumentError, TrainingArguments
-
-
-def _file_in_the_way(path: str) -> str | None:
-    """The first existing non-folder on the way to `path` (itself included), or None; links are followed first, as
-    the OS follows them (`link/..` is the link target's parent)."""
-    current = os.path.realpath(path)
-    while True:
-        if os.path.lexists(current) and not os.path.isdir(current):
-            return current
-        parent = os.path.dirname(current)
-        if parent == current:
-            return None
-        current = parent
-
-
-def unwritable(path: str) -> str | None:
-    """
-    Why this process cannot create `path` or write in it, or None: the nearest existing folder on the way to it (itself
-    included) must take new files. `os.access` asks the kernel, so a read-only file system counts for root too (a
-    mode bit does not stop root, and does not count here); nothing is written.
-    """
-    current = os.path.realpath(path)
-    while not os.path.exists(current) and os.path.dirname(current) != current:
-        current = os.path.dirname(current)
-    if os.access(current, os.W_OK | os.X_OK):
-        return None
-    if os.statvfs(current).f_flag & os.ST_RDONLY:
-        return f"'{current}' is on a read-only file system"
-    return f"this user ({_user()}) may not create files in '{current}' (its permissions or attributes)"
-
-
-def _user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
 
 
 def written_folders(args: TrainingArguments) -> list[tuple[str, str]]:
@@ -80,20 +44,9 @@ def check_output_paths(args: TrainingArguments) -> None:
             or a local `--dataset_name`).
     """
     for flag, path in written_folders(args):
-        if os.path.islink(path) and not os.path.exists(path):
-            raise ArgumentError(
-                f"{flag} '{path}' is a link to '{os.readlink(path)}', which does not exist: create its target, or "
-                "pass another folder."
-            )
-        blocking = _file_in_the_way(path)
-        if blocking is not None:
-            what = "is a file" if os.path.realpath(path) == blocking else f"lies under '{blocking}', which is a file"
-            raise ArgumentError(f"{flag} '{path}' {what}, not a folder: pass a folder's path (it is created).")
-        why = unwritable(path)
-        if why is not None:
-            raise ArgumentError(
-                f"{flag} '{path}' cannot be written: {why}. Make it writable, or pass a folder you can write."
-            )
+        problem = output_folder_problem(flag, path)
+        if problem is not None:
+            raise ArgumentError(problem)
     data = [("--train_data_dir", args.train_data_dir)]
     if args.dataset_name is not None and is_local_path(args.dataset_name):
         data.append(("--dataset_name", args.dataset_name))
