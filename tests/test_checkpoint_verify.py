@@ -13,18 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
 from helpers import FAST, REPO, RUN_TIMEOUT, SMALL_UNET, launch_command, run_env, run_training, trainer_state
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from checkpoints.checkpointing import (
-    TRAINER_STATE_NAME,
     CheckpointError,
     read_object_state,
     resolve_resume_checkpoint,
     verify_checkpoint,
 )
-from checkpoints.verify import MANIFEST_NAME, file_digest, write_manifest
+from checkpoints.verify import (
+    MANIFEST_NAME,
+    TRAINER_STATE_NAME,
+    TrainerState,
+    file_digest,
+    model_mismatch,
+    write_manifest,
+)
 
 RUN = ["--model_config_name_or_path", "unet.json", "--train_batch_size", "8", "--checkpointing_steps", "2", *FAST]
 EXPORT = [Path("model_index.json"), Path("unet") / "config.json", Path("unet") / "diffusion_pytorch_model.safetensors"]
@@ -382,3 +388,78 @@ def test_a_trainer_state_of_impossible_values_is_refused_naming_them(tmp_path, v
     write_manifest(str(checkpoint))
     with pytest.raises(CheckpointError, match=re.escape(problem)):
         verify_checkpoint(str(checkpoint))
+
+
+TINY_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4", *FAST]
+
+
+def last_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+# 1. A full disk ------------------------------------------------------------------------------------------------
+CHECKPOINTED_RUN = [*TINY_RUN, "--checkpointing_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_channel_run(workdir) -> Path:
+    """Checkpoint-2 of a 1-channel run on the embedded digits."""
+    run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", "one-channel"], processes=0)
+    return workdir / "one-channel"
+
+
+# 4. Resuming a checkpoint of another model -------------------------------------------------------------------------
+def small_unet(channels: int, widths=(8, 16)) -> UNet2DModel:
+    config = {key: value for key, value in SMALL_UNET.items() if key != "_class_name"}
+    return UNet2DModel(**{**config, "block_out_channels": list(widths)}, sample_size=8, in_channels=channels,
+                       out_channels=channels)  # fmt: skip
+
+
+def test_a_model_of_other_shapes_is_named_by_the_flag_that_differs_from_the_header_alone(tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    save_file(small_unet(1).state_dict(), str(checkpoint / "model.safetensors"))
+    saved_args = {"num_channels": None, "model_preset": None, "model_config_name_or_path": "unet.json"}
+    TrainerState(global_step=2, training_args=saved_args).save(str(checkpoint / TRAINER_STATE_NAME))
+    write_manifest(str(checkpoint))
+    verified = verify_checkpoint(str(checkpoint))  # the shapes come from the header, read when verifying
+    assert model_mismatch(verified, small_unet(1).state_dict(), saved_args) is None
+    message = model_mismatch(verified, small_unet(3).state_dict(), {**saved_args, "num_channels": 3})
+    assert message == (
+        f"{checkpoint} holds a model of another shape than this run's: it was written with --num_channels 1 (this "
+        "run: --num_channels 3). Resume with the flags of the run that wrote it, or train this model in a new "
+        "--output_dir (or start over with --overwrite_output_dir)."
+    )
+    # The same flags, another model: the config file changed in place; the parameters are named instead.
+    message = model_mismatch(verified, small_unet(1, (8, 24)).state_dict(), saved_args)
+    assert "its parameters differ: " in message and " is [16] there, [24] here" in message
+    assert "(has unet.json changed since?)" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--num_channels", "3"], "--num_channels 1 (this run: --num_channels 3)"),
+        (["--variance_type", "learned_range"], "--variance_type fixed_small (this run: --variance_type learned_range)"),
+        (["--model_config_name_or_path", "wide.json"], "--model_config_name_or_path unet.json (this run: "
+         "--model_config_name_or_path wide.json)"),
+    ],
+)  # fmt: skip
+def test_resuming_a_checkpoint_of_another_model_names_the_flag_and_loads_nothing(
+    workdir, one_channel_run, flags, named
+):
+    (workdir / "wide.json").write_text(json.dumps({**SMALL_UNET, "block_out_channels": [8, 24]}))
+    before = {path: path.read_bytes() for path in (one_channel_run / "checkpoint-2").iterdir()}
+    args = [*CHECKPOINTED_RUN, "--max_train_steps", "4", "--output_dir", str(one_channel_run)]
+    result = run_training(workdir, [*args, "--resume_from_checkpoint", "latest", *flags], processes=0, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Data:" not in result.stderr  # refused from the header before the data cache is built
+    assert last_line(result) == (
+        f"train_ddpm.py: error: {one_channel_run / 'checkpoint-2'} holds a model of another shape than this run's: it "
+        f"was written with {named}. Resume with the flags of the run that wrote it, or train this model in a new "
+        "--output_dir (or start over with --overwrite_output_dir)."
+    )
+    assert {path: path.read_bytes() for path in (one_channel_run / "checkpoint-2").iterdir()} == before
+    assert sorted(path.name for path in one_channel_run.glob("checkpoint-*")) == ["checkpoint-2"]

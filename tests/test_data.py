@@ -1,13 +1,18 @@
 """image_data.sources: the embedded digits, local and Hub datasets, the uint8 image cache and per-batch model input."""
 
+import io
+import json
+import logging
 import os
 import time
+from pathlib import Path
 
 import datasets
 import huggingface_hub
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, SMALL_UNET, random_images, run_training
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -15,7 +20,7 @@ import hub_access
 from image_data import folder_listing as image_folder
 from image_data import pixels as pixel_cache
 from image_data import sources as data
-from image_data.pixels import collate_pixels, images_to_model_input, preprocess_images
+from image_data.pixels import collate_pixels, images_to_model_input, load_pixels, preprocess_images
 from image_data.sources import (
     DatasetUnavailableError,
     ImageDataError,
@@ -356,3 +361,209 @@ def test_pixel_batches_serve_the_same_pixels_as_datasets_formatting(digits, tmp_
     )
     first = next(iter(loader))
     assert torch.equal(first, cached[:64]["pixels"])
+
+
+TINY_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4", *FAST]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("errors")
+    (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
+    return folder
+
+
+def last_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def save_images(folder: Path, count: int = 3, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(random_images(count, (8, 8), seed=seed)):
+        image.save(folder / f"{index}.png")
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    random_images(1, (8, 8), seed=seed)[0].save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def hub_layout(folder: Path, rows: dict[str, int]) -> Path:
+    """A local folder laid out like a Hub dataset repository: data/{split}-00000-of-00001.parquet with `rows` images."""
+    import datasets
+
+    (folder / "data").mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image()})
+    for split, count in rows.items():
+        images = random_images(count, (8, 8), seed=0) if count else []
+        table = datasets.Dataset.from_dict({"image": images}, features=features)
+        table.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+EMPTY_OR_MISSING_SPLITS = {
+    # the splits' rows, the split asked for, how the message starts, what it says to do
+    "empty-train": (
+        {"train": 0},
+        "train",
+        "The split 'train' of the dataset {!r} has no rows: its data",
+        "data/train-*",
+    ),
+    "empty-test": ({"train": 2, "test": 0}, "test", "The split 'test' of the dataset {!r} has no rows", "data/test-*"),
+    "no-test": ({"train": 2}, "test", "The dataset {!r} has no split 'test' (", "with --eval_split"),
+    "no-train": ({"test": 2}, "train", "The dataset {!r} has no split 'train' (", "data/train-*.parquet (training"),
+}
+
+
+# 3. Data that cannot be used -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", [{}, {"notes.txt": "x", "more/readme.md": "y"}], ids=["empty", "only-text"])
+def test_a_folder_without_images_says_no_images_and_the_extensions_accepted(tmp_path, content):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, text in content.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert str(error.value).startswith(f"No images found in --train_data_dir {str(folder)!r}")
+    assert ".png, .jpg, .jpeg" in str(error.value) and "split" not in str(error.value)
+
+
+def test_a_folder_without_images_whose_names_look_like_splits_says_no_images(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "notes.txt").write_text("x")
+    with pytest.raises(ImageDataError, match="^No images found in --train_data_dir"):
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+
+
+def test_an_image_whose_name_is_not_utf8_is_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "data"
+    save_images(folder)
+    descriptor = os.open(os.fsencode(folder) + b"/bad\xff.png", os.O_WRONLY | os.O_CREAT)
+    os.write(descriptor, png_bytes())
+    os.close(descriptor)
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert str(error.value).startswith(r"The image b'bad\xff.png' in --train_data_dir")
+    assert "not valid UTF-8" in str(error.value) and "Rename it" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["missing-target", "loop", "in-a-split-folder"])
+def test_an_image_that_is_a_broken_link_is_refused_naming_the_link_and_its_target(tmp_path, kind):
+    folder = tmp_path / "data"
+    save_images(folder / "train" if kind == "in-a-split-folder" else folder)  # split folders: `datasets`' listing
+    link = folder / ("train/gone.png" if kind == "in-a-split-folder" else "gone.png")
+    if kind == "loop":
+        (folder / "other.png").symlink_to("gone.png")
+        link.symlink_to("other.png")
+        target, why = "other.png", "is a loop of links"
+    else:
+        link.symlink_to("/nonexistent/x.png")
+        target, why = "/nonexistent/x.png", "does not exist"
+    name = os.path.relpath(link, folder)
+    more = " (and 1 more)" if kind == "loop" else ""  # other.png is a link of the loop too
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert str(error.value) == (
+        f"The image {name!r}{more} in --train_data_dir {str(folder)!r} is a link to {target!r}, which {why}. Remove "
+        "the link or fix its target, then run again."
+    )
+    assert not (tmp_path / "cache" / "ddpm_imagefolder").exists()  # refused before anything is cached
+    link.unlink()
+    (folder / "other.png").unlink(missing_ok=True)
+    assert len(load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))) == 3
+
+
+def test_a_link_to_a_folder_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    folder, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    save_images(folder)
+    save_images(elsewhere)
+    (folder / "more").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "loop").symlink_to(".", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="image_data.folder_listing"):
+        dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == 3  # as `datasets` loads it: the linked folders' images are not trained on
+    warnings = sorted(record.getMessage() for record in caplog.records)
+    assert warnings == [
+        f"Skipping {name!r} in --train_data_dir {str(folder)!r}: it is a link to the folder {target!r}, which "
+        "`datasets` does not follow. Move or copy the images there into the folder (or link each image) to train on "
+        "them."
+        for name, target in (("loop", "."), ("more", str(elsewhere)))
+    ]
+
+
+@pytest.mark.parametrize("content", [os.urandom(64), png_bytes()[:60]], ids=["random-bytes", "truncated"])
+def test_a_broken_image_is_refused_naming_the_file(tmp_path, content):
+    folder = tmp_path / "data"
+    save_images(folder)
+    (folder / "zz-broken.png").write_bytes(content)
+    with pytest.raises(ImageDataError, match=r"^Cannot decode the image '.*zz-broken\.png' \(row 3\)"):
+        load_pixels(None, None, str(folder), resolution=8, channels=3, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_class_label_column_given_as_image_column_names_its_type_and_the_image_columns(tmp_path):
+    folder = tmp_path / "data"
+    save_images(folder / "train" / "cat", seed=1)  # a split folder: `datasets` loads it, with a `label` column
+    save_images(folder / "train" / "dog", seed=2)
+    with pytest.raises(
+        ImageDataError, match=r"'label' holds class labels, not images; its image columns are \['image'\]"
+    ):
+        load_pixels(None, None, str(folder), resolution=8, channels=3, image_column="label",
+                    cache_dir=str(tmp_path / "cache"))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_with_a_non_utf8_name_exits_1_with_one_line(workdir):
+    folder = workdir / "bad-name"
+    save_images(folder)
+    (folder / "bad\udcff.png").write_bytes(png_bytes())  # Python's name for the bytes b"bad\xff.png"
+    result = run_training(workdir, [*TINY_RUN, "--train_data_dir", str(folder), "--output_dir", "bad-name-out"],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last_line(result).startswith(r"train_ddpm.py: error: The image b'bad\xff.png' in --train_data_dir")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("kind", list(EMPTY_OR_MISSING_SPLITS))
+def test_a_hub_layout_folder_whose_split_is_empty_or_missing_says_so_naming_the_folder(tmp_path, kind, streaming):
+    rows, split, expected, hint = EMPTY_OR_MISSING_SPLITS[kind]
+    folder = hub_layout(tmp_path / "repo", rows)
+    with pytest.raises(ImageDataError) as error:
+        load_image_dataset(str(folder), split=split, cache_dir=str(tmp_path / "cache"), streaming=streaming)
+    message = str(error.value)
+    assert message.startswith(expected.format(str(folder))) and hint in message and "\n" not in message
+
+
+def test_parquet_files_written_without_datasets_metadata_or_damaged_are_one_line(tmp_path):
+    """A 0-row parquet written by pyarrow alone (no `datasets` features) ended in an ArrowInvalid traceback
+    ("BatchSize must be greater than 0"); a file that is no parquet at all in a DatasetGenerationError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "repo"
+    (folder / "data").mkdir(parents=True)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([], type=image)}), folder / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(ImageDataError, match=f"^The split 'train' of the dataset '{folder}' has no rows"):
+        load_image_dataset(str(folder), cache_dir=str(tmp_path / "cache"))
+    (folder / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1" + os.urandom(64) + b"PAR1")
+    with pytest.raises(
+        ImageDataError, match=f"^`datasets` cannot read the data files of '{folder}' \\(split 'train'\\)"
+    ):
+        load_image_dataset(str(folder), cache_dir=str(tmp_path / "cache2"))
+
+
+@pytest.mark.slow
+def test_training_on_a_hub_layout_folder_of_0_rows_exits_1_with_one_line(workdir):
+    folder = hub_layout(workdir / "empty-repo", {"train": 0})
+    result = run_training(workdir, [*TINY_RUN, "--dataset_name", str(folder), "--output_dir", "empty-repo-out"],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last_line(result) == (
+        f"train_ddpm.py: error: The split 'train' of the dataset {str(folder)!r} has no rows: its data files hold no "
+        "examples. Put the images in them (a local folder: data/train-*.parquet with an image column), or choose a "
+        "dataset or split that has images."
+    )

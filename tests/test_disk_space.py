@@ -1,0 +1,156 @@
+"""A full disk anywhere in a run (a checkpoint, the export, the datasets cache, the evaluation's output), on a real
+small tmpfs: the run ends in one line naming the disk, the room needed and the newest checkpoint that still verifies,
+and leaves nothing half-written."""
+
+import errno
+import json
+import re
+from pathlib import Path
+
+import pytest
+from helpers import FAST, SMALL_UNET, random_images, run_training
+
+import evaluate_ddpm
+import evaluation.inputs
+from checkpoints.checkpointing import verify_checkpoint
+from hub_access.atomic_folder import STAGING_NAME
+from hub_access.disk_space import is_disk_full
+
+TINY_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4", *FAST]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("errors")
+    (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
+    return folder
+
+
+def last_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def save_images(folder: Path, count: int = 3, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(random_images(count, (8, 8), seed=seed)):
+        image.save(folder / f"{index}.png")
+
+
+# 1. A full disk ------------------------------------------------------------------------------------------------
+CHECKPOINTED_RUN = [*TINY_RUN, "--checkpointing_steps", "2"]
+
+
+@pytest.fixture
+def small_disk(mount_tmpfs):
+    """A real tmpfs of the size asked (`mount_tmpfs` of tests/conftest.py)."""
+    return mount_tmpfs
+
+
+@pytest.fixture(scope="module")
+def one_channel_run(workdir) -> Path:
+    """Checkpoint-2 of a 1-channel run on the embedded digits."""
+    run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", "one-channel"], processes=0)
+    return workdir / "one-channel"
+
+
+def kilobytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) // 1024
+
+
+@pytest.fixture(scope="module")
+def sizes(one_channel_run) -> tuple[int, int]:
+    """The KB of one checkpoint and of one export of these runs (about 870 and 200 with torch 2.13)."""
+    return kilobytes(one_channel_run / "checkpoint-2"), kilobytes(one_channel_run / "unet")
+
+
+def remains(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if ".tmp" in path.name)
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_names_the_disk_the_need_and_the_intact_checkpoint(workdir, small_disk, sizes):
+    output = small_disk(int(1.55 * sizes[0]) + 40) / "run"  # room for checkpoint-2 and the logs, not checkpoint-4
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "6", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith(f"train_ddpm.py: error: The disk holding '{output}' is full: writing checkpoint-4 failed")
+    assert re.search(r"a checkpoint needs about \d+ KB \(the size of checkpoint-2\)", line)
+    assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line
+    assert remains(output) == [] and sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    verify_checkpoint(str(output / "checkpoint-2"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_datasets_cache_names_it_and_its_free_space(workdir, small_disk):
+    cache = small_disk(128)  # 300 images of 3x16x16 need 230 KB in the pixel cache
+    save_images(workdir / "many", count=300, seed=3)
+    output = workdir / "cache-full-out"
+    result = run_training(workdir, [*TINY_RUN, "--resolution", "16", "--train_data_dir", "many", "--output_dir",
+                                    str(output)], processes=0, check=False, env={"HF_DATASETS_CACHE": str(cache)})  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith("train_ddpm.py: error: A disk is full: OSError: [Errno 28] No space left on device")
+    assert f"Free now: the datasets cache '{cache}' 0 bytes, --output_dir '{output}' " in line
+    assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
+    # The image listing, complete (written to a staging folder, then renamed); no half-written pixel cache: the failed
+    # `.map` left its temporary file (`tmp` and 8 characters), which is removed.
+    left = sorted(str(path.relative_to(cache)) for path in cache.rglob("*") if path.is_file())
+    assert [re.sub(r"/[0-9a-f]{32}/", "/LISTING/", path) for path in left] == [
+        f"ddpm_imagefolder/LISTING/{name}" for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")
+    ]
+
+
+@pytest.mark.fresh_process  # evaluate_ddpm.main builds an Accelerator
+def test_a_full_disk_under_the_evaluation_output_names_it(tmp_path, small_disk, monkeypatch):
+    from test_eval_metadata import SMALL_EVAL, export
+
+    pipeline = export(tmp_path / "export", channels=1)
+    output = small_disk(16) / "evaluation"  # the plots need more than 16 KB
+    monkeypatch.setattr(evaluation.inputs, "OUTPUT_MIN_BYTES", 0)  # past the early check (tests/test_eval_early.py)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_ddpm.main(["--pipeline", str(pipeline), "--output_dir", str(output), *SMALL_EVAL])
+    message = str(exit_info.value)
+    assert message.startswith("evaluate_ddpm.py: error: A disk is full: ") and "No space left on device" in message
+    assert f"Free now: --output_dir '{output}' " in message and message.endswith("Free space there, then run again.")
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_first_checkpoint_estimates_the_need_and_says_none_is_intact(workdir, small_disk, sizes):
+    output = small_disk(sizes[0] // 2) / "run"
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert "is full: writing checkpoint-2 failed" in line
+    assert re.search(r"needs about \d+ KB \(the model, optimizer and EMA states it holds\)", line)
+    assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
+    assert remains(output) == [] and list(output.glob("checkpoint-*")) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_export_keeps_the_checkpoint_and_leaves_no_partial_export(workdir, small_disk, sizes):
+    output = small_disk(sizes[0] + sizes[1] // 2 + 60) / "run"  # room for checkpoint-2 and a grid, not the export
+    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
+                          processes=0, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith(f"train_ddpm.py: error: The disk holding '{output}' is full: exporting the pipeline failed")
+    assert "an export needs about" in line and "There was no export there before." in line
+    assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line
+    assert not (output / STAGING_NAME).exists() and not (output / "model_index.json").exists()
+    verify_checkpoint(str(output / "checkpoint-2"))
+
+
+def test_torchs_short_write_counts_as_a_full_disk_only_when_the_disk_lacks_room(tmp_path):
+    short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 319104 vs 318996")
+    assert not is_disk_full(short_write, tmp_path, needed=1)
+    assert is_disk_full(short_write, tmp_path, needed=10**18)
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(
+        RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+    )
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path, needed=10**18)
