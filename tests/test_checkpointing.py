@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ from checkpoints.checkpointing import (
     TRAINER_STATE_NAME,
     CheckpointError,
     TrainerState,
+    changed_objective,
     check_fresh_start,
     find_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    prepare_output_dir,
     register_checkpoint_state,
     remove_checkpoints,
     remove_incomplete_checkpoints,
@@ -21,6 +24,7 @@ from checkpoints.checkpointing import (
     save_checkpoint,
 )
 from checkpoints.verify import verify_checkpoint, write_manifest
+from training.args import parse_args, public_config
 from training.ema import EMA
 
 
@@ -169,3 +173,51 @@ def test_remove_checkpoints_removes_every_checkpoint_folder_and_nothing_else(tmp
     removed = remove_checkpoints(str(tmp_path))
     assert sorted(os.path.basename(path) for path in removed) == ["checkpoint-10", "checkpoint-12.tmp", "checkpoint-2"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-notes.txt", "model_index.json", "samples"]
+
+
+def test_resuming_from_a_folder_that_is_no_checkpoint_says_so(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(CheckpointError, match="'.*images' is not a checkpoint \\(a checkpoint is a folder named"):
+        resolve_resume_checkpoint(str(tmp_path / "out"), str(images))
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="is not a complete checkpoint .*probably interrupted"):
+        resolve_resume_checkpoint(str(tmp_path / "out"), "checkpoint-3")
+
+
+def test_resuming_a_checkpoint_of_another_folder_keeps_this_folders_files(tmp_path):
+    """Resuming `other/checkpoint-2` into a folder that holds an export or a README.md overwrote them silently."""
+    (tmp_path / "other" / "checkpoint-2").mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    with pytest.raises(
+        CheckpointError, match=re.escape("holds files that this run's export would replace (README.md)")
+    ):
+        prepare_output_dir(None, str(out), str(tmp_path / "other" / "checkpoint-2"), overwrite=False)
+    prepare_output_dir(None, str(out), str(out / "checkpoint-2"), overwrite=False)  # its own run goes on
+
+
+def test_a_named_checkpoint_is_verified_when_resolved(tmp_path):
+    """A named checkpoint that does not verify was refused only when loaded, after the data cache was built."""
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    save_file({"weight": torch.zeros(4)}, str(checkpoint / "model.safetensors"))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    write_manifest(str(checkpoint))
+    assert resolve_resume_checkpoint(str(tmp_path), str(checkpoint)).path == str(checkpoint)
+    save_file({"weight": torch.ones(4)}, str(checkpoint / "model.safetensors"))  # same size, other bytes
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        resolve_resume_checkpoint(str(tmp_path), str(checkpoint))
+
+
+def test_resuming_with_another_objective_is_named(monkeypatch):
+    """Resuming with another --prediction_type or schedule went on without a word (the export then described
+    weights trained for another process)."""
+    saved = TrainerState(training_args=public_config(parse_args([])))
+    config = public_config(parse_args(["--prediction_type", "sample", "--ddpm_beta_schedule", "squaredcos_cap_v2"]))
+    assert changed_objective(saved, config) == [
+        "--prediction_type epsilon -> sample",
+        "--ddpm_beta_schedule linear -> squaredcos_cap_v2",
+    ]
+    assert changed_objective(saved, public_config(parse_args(["--learning_rate", "1e-5"]))) == []

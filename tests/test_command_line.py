@@ -152,3 +152,75 @@ def test_a_flag_out_of_range_stops_the_script_at_once_with_one_line(workdir, scr
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last_line(result) == f"{script}: error: {message}"
     assert time.monotonic() - started < 60 and not (workdir / "never").exists()
+
+
+def parse_error(capsys, parse, argv) -> str:
+    """The one-line error of `parse(argv)`, which must exit with status 2 (argparse's convention)."""
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# A file of flags ------------------------------------------------------------------------------------------------------
+FLAG_FILES = [
+    ("list.json", "[1, 2]", "list.json: holds a JSON list, not a mapping of flag names to values"),
+    ("list.yaml", "- 1\n- 2\n", "list.yaml: holds a YAML list, not a mapping"),
+    ("scalar.yaml", "8\n", "scalar.yaml: holds a YAML str, not a mapping"),
+    ("broken.json", "{bad", "broken.json: not valid JSON: Expecting property name enclosed in double quotes"),
+    ("broken.yaml", "a: [1\n", "broken.yaml: not valid YAML: expected ',' or ']', but got '<stream end>' at line 2"),
+    ("typo.yaml", "resolutoin: 8\n", "typo.yaml: unknown key(s): 'resolutoin' (did you mean resolution?)"),
+    ("type.yaml", "resolution: abc\n", "type.yaml: argument --resolution: invalid int value: 'abc'"),
+    ("nested.yaml", "resolution: {a: 1}\n", "nested.yaml: the value of 'resolution' must be a single value"),
+    ("missing.yaml", None, "missing.yaml: cannot read this YAML file of flags (No such file or directory)"),
+    ("twice.yaml", "seed: 1\nseed: 2\n", "twice.yaml: not valid YAML: the key 'seed' is given twice at line 2"),
+    ("twice.json", '{"seed": 1, "seed": 2}', "twice.json: not valid JSON: the key 'seed' is given twice"),
+    (
+        "list-value.json",
+        '{"seed": [1, 2]}',
+        "list-value.json: the value of 'seed' is a list, but --seed takes a single value",
+    ),
+    ("empty.yaml", "", "empty.yaml: holds no flags. Pass at least one, or run the script without arguments"),
+    ("on.yaml", "center_crop: on\n", "on.yaml: argument --center_crop/--center-crop: Truthy value expected: got on"),
+]
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+@pytest.mark.parametrize("name, content, message", FLAG_FILES, ids=[case[0] for case in FLAG_FILES])
+def test_a_bad_file_of_flags_is_one_line_naming_the_file(tmp_path, capsys, script, name, content, message):
+    """Both scripts read a file of flags the same way: a file that is not a mapping, not valid, misspelled or of the
+    wrong types ends in one argparse error (status 2) that names the file (was a traceback)."""
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    parse = parse_args if script == "train" else evaluate_ddpm.parse_args
+    line = parse_error(capsys, parse, [str(path)])
+    assert message in line, line
+
+
+def test_a_file_of_flags_is_read_as_the_command_line(tmp_path):
+    """Keys are flags: YAML's `1e-4` (a string to YAML 1.1) is the float 1e-4, booleans switch, lists are nargs,
+    null keeps the default, and a value may start with a dash."""
+    path = tmp_path / "flags.yaml"
+    path.write_text(
+        "learning_rate: 1e-4\ncenter_crop: true\nrandom_flip: false\nnum_epochs: 3\neval_split: null\n"
+        "local_rank: -1\nhub_model_id: me/model\n"
+    )
+    args = parse_args([str(path)])
+    assert (args.learning_rate, args.center_crop, args.random_flip, args.num_epochs) == (1e-4, True, False, 3)
+    assert (args.eval_split, args.local_rank, args.hub_model_id) == (None, -1, "me/model")
+    path = tmp_path / "evaluation.json"
+    path.write_text(json.dumps({"pipeline": "p", "interpolation_timesteps": [1, 5], "center_crop": True}))
+    args = evaluate_ddpm.parse_args([str(path)])
+    assert (args.pipeline, args.interpolation_timesteps, args.center_crop) == ("p", [1, 5], True)
+
+
+def test_yaml_scalars_are_read_as_the_command_line_reads_them(tmp_path):
+    """YAML 1.1 reads `010` as 8 and `12:30` as 750 (base 60): a folder named so went elsewhere, silently."""
+    path = tmp_path / "flags.yaml"
+    path.write_text("output_dir: 010\nlogging_dir: 12:30\nseed: 0x10\nhub_model_id: yes\n")
+    with pytest.raises(SystemExit):  # `0x10` is no int to argparse, as on the command line
+        parse_args([str(path)])
+    path.write_text("output_dir: 010\nlogging_dir: 12:30\nhub_model_id: yes\ncenter_crop: yes\n")
+    args = parse_args([str(path)])
+    assert (args.output_dir, args.logging_dir, args.hub_model_id, args.center_crop) == ("010", "12:30", "yes", True)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import FAST, SMALL_UNET, random_images, run_training
+from helpers import FAST, REPO, SMALL_UNET, random_images, run_training
 
 import evaluate_ddpm
 import evaluation.inputs
@@ -154,3 +154,48 @@ def test_torchs_short_write_counts_as_a_full_disk_only_when_the_disk_lacks_room(
         )
     )
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path, needed=10**18)
+
+
+# A folder that stops taking writes during the run -----------------------------------------------------------------
+# The output folder is made immutable (`chattr +i`, which stops root too) right after checkpoint-2 is written, in the
+# training process: a real EPERM on the next file created there, at a known point of the run. (`mount -o remount,ro`
+# cannot serve mid-run: the kernel refuses it, busy, while the run holds its lock file and event log open for writing.)
+IMMUTABLE_AFTER_FIRST_CHECKPOINT = """
+import subprocess, sys
+sys.path.insert(0, {repo!r})
+import train_ddpm
+
+save = train_ddpm.save
+
+
+def save_then_freeze(accelerator, args, *rest):
+    path = save(accelerator, args, *rest)
+    subprocess.run(["chattr", "+i", args.output_dir], check=True)
+    return path
+
+
+train_ddpm.save = save_then_freeze
+train_ddpm.main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["checkpoint", "sample-grid"])
+def test_an_output_folder_that_stops_taking_files_names_the_newest_good_checkpoint(tmp_path, mount_tmpfs, what):
+    """A write refused under --output_dir during the run was a traceback that named no checkpoint to resume; it is
+    now one line naming the folder, the error and the checkpoint that verifies, which is kept intact."""
+    (tmp_path / "unet.json").write_text(json.dumps(SMALL_UNET))
+    output = mount_tmpfs(8192) / "run"  # a tmpfs: `chattr +i` works there, and the unmount undoes it
+    script = tmp_path / "immutable_after_checkpoint.py"
+    script.write_text(IMMUTABLE_AFTER_FIRST_CHECKPOINT.format(repo=str(REPO)))
+    args = [*TINY_RUN, "--checkpointing_steps", "2", "--max_train_steps", "6", "--output_dir", str(output)]
+    if what == "sample-grid":  # the next write is the grid of step 3, not checkpoint-4
+        args += ["--save_images_steps", "3"]
+    result = run_training(tmp_path, args, processes=0, script=script, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert line.startswith(f"train_ddpm.py: error: Cannot write under --output_dir '{output}'"), line
+    assert "Operation not permitted" in line and "may not create files in" in line
+    assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    verify_checkpoint(str(output / "checkpoint-2"))

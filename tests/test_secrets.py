@@ -21,6 +21,7 @@ from training.output_lock import LOCK_FILE_NAME
 
 TOKEN = "hf_trustFlagToken0123456789abcdefgh"
 ENV_TOKEN = "hf_trustEnvToken0123456789abcdefghi"
+SHAPED_TOKEN = "hf_" + "Q" * 34  # the shape of a Hub token: masked even when unknown
 SHORT_RUN = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "2", "--checkpointing_steps", "1", *FAST]
 
 
@@ -180,3 +181,87 @@ def test_an_image_column_of_numbers_is_refused_naming_the_image_columns(workdir,
     message = r"--image_column 'label' holds values of type int64, not images; its image columns are \['img'\]"
     with pytest.raises(SystemExit, match=message):
         in_process("--dataset_name", str(folder.parent), "--image_column", "label", *SHORT_RUN, "--resolution", "8")
+
+
+def parse_error(capsys, parse, argv) -> str:
+    """The one-line error of `parse(argv)`, which must exit with status 2 (argparse's convention)."""
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+@pytest.mark.parametrize(
+    "argv, content",
+    [
+        (["--resolution", SHAPED_TOKEN], None),
+        (["--num_channels", SHAPED_TOKEN], None),
+        (None, f"resolution: {SHAPED_TOKEN}\n"),
+        (None, f"{SHAPED_TOKEN}: 1\n"),
+    ],
+    ids=["int-flag", "choice-flag", "int-in-a-file", "a-key"],
+)
+def test_a_token_shaped_value_is_never_echoed_by_an_error(tmp_path, capsys, script, argv, content):
+    """argparse echoes the value it refuses: a token there (not otherwise known to this process) was printed."""
+    if content is not None:
+        (tmp_path / "flags.yaml").write_text(content)
+        argv = [str(tmp_path / "flags.yaml")]
+    parse = parse_args if script == "train" else evaluate_ddpm.parse_args
+    line = parse_error(capsys, parse, argv)
+    assert "***" in line and SHAPED_TOKEN not in line + capsys.readouterr().err
+
+
+def test_a_long_name_that_starts_like_a_token_is_not_one():
+    for name in ("runs/hf_cifar10baselinelr2e4batch128ema9999", "xhf_" + "a" * 34, "hf_" + "a" * 33):
+        assert parse_args(["--output_dir", name]).output_dir == name
+
+
+def test_a_token_in_a_file_of_flags_never_reaches_an_error(tmp_path, capsys):
+    path = tmp_path / "flags.yaml"
+    path.write_text(f"hub_token: {SHAPED_TOKEN}\nnum_epochs: many\n")
+    line = parse_error(capsys, parse_args, [str(path)])
+    assert "invalid int value: 'many'" in line and SHAPED_TOKEN not in capsys.readouterr().err
+
+
+# Tokens in the wrong flag ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--hub_model_id", f"me/{SHAPED_TOKEN}"],
+        ["--hub_model_id", SHAPED_TOKEN],
+        ["--output_dir", f"runs/{SHAPED_TOKEN}"],
+        ["--dataset_name", SHAPED_TOKEN, "--hub_token", SHAPED_TOKEN],
+    ],
+    ids=["in-a-repo-id", "as-a-repo-id", "in-a-path", "also-given-as-token"],
+)
+def test_a_token_in_a_flag_that_is_published_is_refused_without_showing_it(capsys, flags):
+    """A repo id is a public name, and paths and settings go into the card: a token there is refused, naming the
+    flag, never the value (was pushed to a repo named by it, and masked only in some places)."""
+    line = parse_error(capsys, parse_args, flags)
+    assert f"{flags[0]} holds what looks like a Hub access token (not shown)" in line
+    assert SHAPED_TOKEN not in capsys.readouterr().err + line
+
+
+def test_a_known_token_in_another_flag_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "my-own-secret-value")
+    line = parse_error(capsys, parse_args, ["--hub_model_id", "me/my-own-secret-value"])
+    assert "--hub_model_id holds what looks like a Hub access token" in line and "my-own-secret" not in line
+    assert parse_args(["--hub_model_id", "me/model", "--hub_token", SHAPED_TOKEN]).hub_model_id == "me/model"
+
+
+# The output folder -----------------------------------------------------------------------------------------------------
+def test_an_absolute_logging_dir_is_published_by_its_base_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path.parent / "elsewhere-logs"
+    config = public_config(parse_args(["--logging_dir", str(elsewhere)]))
+    assert config["logging_dir"] == "elsewhere-logs"
+    assert public_config(parse_args(["--logging_dir", str(tmp_path / "a" / "logs")]))["logging_dir"] == "a/logs"
+    assert public_config(parse_args([]))["logging_dir"] == "logs"
+
+
+def test_evaluate_refuses_a_token_in_its_flags(capsys):
+    """metrics.json's settings hold every flag of evaluate_ddpm.py: a token there is refused, never shown."""
+    line = parse_error(capsys, evaluate_ddpm.parse_args, ["--pipeline", f"me/{SHAPED_TOKEN}"])
+    assert "evaluate_ddpm.py: error: --pipeline holds what looks like a Hub access token (not shown)" in line
+    assert SHAPED_TOKEN not in line

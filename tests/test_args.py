@@ -1,12 +1,118 @@
-"""train_ddpm.py is a drop-in for diffusers' train_unconditional.py: every flag of that script keeps its name, type,
-default, choices and action whenever a dataset is given. The peer's argument table is held here as data, read from
-its source; the run with no dataset (the embedded digits) may differ only in `training.args.RUN_DEFAULTS`."""
+"""The flags of train_ddpm.py (training/args.py): every flag of diffusers' train_unconditional.py keeps its name, type,
+default and choices; `~` and variables are expanded in every path flag; an empty text flag is refused in one line."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import json
 
-from training.args import RUN_DEFAULTS, make_parser, parse_args
+import pytest
+from helpers import FAST, SMALL_UNET, run_training
+
+from training.args import PATH_FLAGS, RUN_DEFAULTS, TrainingArguments, make_parser, parse_args
+
+TINY_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4", *FAST]
+
+
+def parse_error(capsys, argv) -> str:
+    """The last line of `parse_args(argv)`'s error, which must exit with status 2."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def last_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+# `~` and variables ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source", ["yaml", "json", "command-line"])
+def test_home_and_variables_in_every_path_flag_are_expanded(tmp_path, monkeypatch, source):
+    """A `~` in a file of flags became a folder named `~` in the working folder (a shell expands it only on a command
+    line); so did `$VARIABLE`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.chdir(tmp_path)
+    values = {name: f"~/{name}" if index % 2 else f"$SCRATCH/{name}" for index, name in enumerate(PATH_FLAGS)}
+    values["dataset_name"] = "${SCRATCH}/dataset_name"  # one of the two; the other is given as --train_data_dir
+    values.pop("train_data_dir")
+    if source == "command-line":
+        argv = [item for name, value in values.items() for item in (f"--{name}", value)]
+    else:
+        path = tmp_path / f"flags.{source}"
+        path.write_text(json.dumps(values))  # JSON is YAML too
+        argv = [str(path)]
+    args = parse_args(argv)
+    for name, value in values.items():
+        expected = value.replace("~", str(tmp_path / "home")).replace("${SCRATCH}", str(tmp_path / "scratch"))
+        assert getattr(args, name) == expected.replace("$SCRATCH", str(tmp_path / "scratch")), name
+    assert parse_args(["--train_data_dir", "~/images"]).train_data_dir == str(tmp_path / "home" / "images")
+    assert parse_args(["--resume_from_checkpoint", "latest"]).resume_from_checkpoint == "latest"
+    assert parse_args(["--dataset_name", "uoft-cs/cifar10"]).dataset_name == "uoft-cs/cifar10"
+
+
+@pytest.mark.parametrize(
+    "flag, value, names",
+    [
+        ("--output_dir", "$NO_SUCH_VARIABLE_HERE/run", "$NO_SUCH_VARIABLE_HERE"),
+        ("--cache_dir", "${NO_SUCH_VARIABLE_HERE}/cache", "${NO_SUCH_VARIABLE_HERE}"),
+        ("--logging_dir", "~no-such-user-here/logs", "~no-such-user-here"),
+    ],
+)
+def test_a_path_that_cannot_be_expanded_is_one_line_naming_it(capsys, flag, value, names):
+    line = parse_error(capsys, [flag, value])
+    assert flag in line and f"'{value}'" in line and names in line, line
+
+
+@pytest.mark.slow
+def test_a_file_of_flags_with_home_paths_trains_into_the_home_folder(tmp_path):
+    """The whole script: the run from a file of `~` paths writes under $HOME, and no folder named `~` appears."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "unet.json").write_text(json.dumps(SMALL_UNET))
+    flags = {"model_config_name_or_path": "~/unet.json", "output_dir": "~/run", "logging_dir": "~/logs"}
+    flags.update(resolution=8, train_batch_size=4, max_train_steps=1, ddpm_num_steps=50, ddpm_num_inference_steps=2)
+    flags.update(eval_batch_size=2)
+    (tmp_path / "flags.json").write_text(json.dumps(flags))
+    result = run_training(tmp_path, ["flags.json"], processes=0, check=False, env={"HOME": str(home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (home / "run" / "model_index.json").is_file() and any((home / "logs").iterdir())
+    assert not (tmp_path / "~").exists()
+
+
+# Empty text flags -------------------------------------------------------------------------------------------------
+# (A flag with choices refuses '' as argparse does, already one line naming it.)
+TEXT_FLAGS = [
+    f.name
+    for f in dataclasses.fields(TrainingArguments)
+    if f.type in ("str | None", "str") and "choices" not in f.metadata
+]
+
+
+@pytest.mark.parametrize("source", ["command-line", "file"])
+@pytest.mark.parametrize("name", TEXT_FLAGS)
+def test_an_empty_text_flag_is_one_line_naming_it(tmp_path, capsys, name, source):
+    """An empty text flag (`--output_dir ""`, `--dataset_name ""`, ...) was taken as given, to fail later with a message
+    that did not name it, or not at all; now it is refused at once, naming it."""
+    argv = [f"--{name}", ""]
+    if source == "file":
+        (tmp_path / "flags.yaml").write_text(f'{name}: ""\n')
+        argv = [str(tmp_path / "flags.yaml")]
+    line = parse_error(capsys, argv)
+    assert f"--{name} '' is empty" in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--output_dir", "--dataset_name"])
+def test_the_script_refuses_an_empty_path_at_once(tmp_path, flag):
+    (tmp_path / "unet.json").write_text(json.dumps(SMALL_UNET))
+    result = run_training(tmp_path, [*TINY_RUN, "--max_train_steps", "1", flag, ""], processes=0, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{flag} '' is empty" in last_line(result)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["unet.json"]
+
 
 # The argument table of diffusers' examples/unconditional_image_generation/train_unconditional.py, `parse_args()`, at
 # huggingface/diffusers main 58eb52c0803ea9af3abec60841c2a093bdf1f951 (2026-08-23, version 0.40.0.dev0; the file last
