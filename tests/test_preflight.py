@@ -1,5 +1,6 @@
-"""What is checked before any long work starts: a file of flags, the output folder, tokens in the wrong flag, the
-memory one step needs, the Hub repo of --push_to_hub and the checkpoint to resume. Each fault ends in one line that
+"""What training checks before any long work starts (training/preflight.py): the output folders (in the way,
+unwritable, inside the training images, holding an earlier export), the memory one step needs and the Hub repo of
+--push_to_hub. Each fault ends in one line that
 names it and says what to do, and leaves nothing behind."""
 
 import dataclasses
