@@ -337,7 +337,8 @@ def load_data(
 ) -> tuple[torch.utils.data.DataLoader, torch.Tensor | None, dict]:
     """
     The training batches of uint8 images (decoded and resized once into a cache, the main process first), the
-    held-out uint8 images of the evaluation (`--eval_steps`) or None, and the record of the data for the exports.
+    held-out uint8 images of the evaluation (`--eval_steps`) or None, and the record of the data for the exports
+    (main process only; None on the others).
     """
     data_flags = {
         "resolution": args.resolution,
@@ -397,6 +398,8 @@ def load_data(
     )
     if args.dataloader_num_workers > 0:
         end_workers_at_exit()  # workers that absorb a SIGTERM are ended by the main process's exit, not waited for
+    if not accelerator.is_main_process:  # only the main process exports: the others skip reading every image again
+        return loader, held_out, None
     record = training_data_record(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
