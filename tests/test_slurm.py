@@ -1,6 +1,7 @@
 """The Slurm script of docs/cluster.md on a real one-host Slurm cluster started by the test: the job trains past a
-checkpoint, gets the SIGTERM that `#SBATCH --signal=B:TERM@...` sends before the time limit, writes a stop
-checkpoint, requeues itself, and the requeued run resumes from that checkpoint and trains to the end.
+checkpoint, gets the SIGUSR1 that `#SBATCH --signal=B:USR1@...` sends before the time limit, writes a stop
+checkpoint, requeues itself, and the requeued run resumes from that checkpoint and trains to the end; a job ended
+with a plain `scancel` writes its checkpoint and stays cancelled.
 
 Needs Debian's slurm-wlm (slurmctld, slurmd, munge) and root (slurmd starts jobs as their user)."""
 
@@ -23,6 +24,7 @@ PAGE = REPO / "docs" / "cluster.md"
 START_TIMEOUT = 60  # the daemons up, the node idle
 RUN_TIMEOUT = 300  # each wait on the job
 MAX_STEPS, EVERY = 200, 20
+CRED_EXPIRE = 10  # s: how long a requeued job waits before it may start again (120 by default)
 TRAIN = ["--cpu", "--model_preset", "tiny", "--train_batch_size", "8", "--ddpm_num_steps", "50"]
 TRAIN += ["--ddpm_num_inference_steps", "2", "--eval_batch_size", "2"]
 TRAIN += ["--checkpointing_steps", str(EVERY), "--max_train_steps", str(MAX_STEPS)]
@@ -81,8 +83,8 @@ class Cluster:
             check=True, timeout=30,
         )  # fmt: skip
         self.munge_pid = int(_wait("munged wrote its pid", lambda: _read(munge / "pid").strip(), 10))
-        # cred_expire is also how long a requeued job waits before it may start again (120 s by default), and the
-        # scheduler looks at it again every bf_interval s (30 s by default).
+        # A requeued job may start cred_expire s after the requeue, at the scheduler's next pass: sched_interval
+        # (60 s by default) and bf_interval (30 s) make that 1 s.
         self.conf.write_text(
             f"""ClusterName=test
 SlurmctldHost={self.node}
@@ -91,7 +93,7 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={socket_path},cred_expire=10
+AuthInfo=socket={socket_path},cred_expire={CRED_EXPIRE}
 StateSaveLocation={folder / "state"}
 SlurmdSpoolDir={folder / "spool"}
 SlurmctldPidFile={folder / "slurmctld.pid"}
@@ -108,7 +110,7 @@ MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
 MinJobAge=600
-SchedulerParameters=bf_interval=1
+SchedulerParameters=bf_interval=1,sched_interval=1
 NodeName={self.node} CPUs=2 State=UNKNOWN
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """
@@ -184,9 +186,8 @@ def cluster(tmp_path):
         cluster.stop()
 
 
-@pytest.mark.slow
-def test_a_job_stopped_before_its_time_limit_checkpoints_requeues_itself_and_finishes(cluster, tmp_path):
-    output, log = tmp_path / "ddpm", tmp_path / "job.log"
+def _submit(cluster: Cluster, output: Path, log: Path) -> str:
+    """sbatch the docs' script as it is; only what this cluster lacks is overridden on sbatch's command line."""
     env = {
         **cluster.env,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -196,26 +197,32 @@ def test_a_job_stopped_before_its_time_limit_checkpoints_requeues_itself_and_fin
         "CUDA_VISIBLE_DEVICES": "",
         "MAIN_PORT": str(_free_port()),
     }
-    # The docs' script as it is; only what this cluster lacks is overridden on sbatch's command line.
     options = [f"--partition={cluster.partition}", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"]
     options += ["--time=30", f"--output={log}"]
-    submitted = cluster.run(
-        "sbatch", "--parsable", *options, str(SCRIPT), *TRAIN, "--output_dir", str(output), env=env, cwd=REPO
-    )
-    job = submitted.stdout.strip().split(";")[0]
+    args = [*TRAIN, "--output_dir", str(output)]
+    submitted = cluster.run("sbatch", "--parsable", *options, str(SCRIPT), *args, env=env, cwd=REPO)
+    return submitted.stdout.strip().split(";")[0]
 
-    def until(what: str, done):
+
+@pytest.mark.slow
+def test_a_job_signalled_before_its_time_limit_checkpoints_requeues_itself_and_finishes_and_scancel_ends_one(
+    cluster, tmp_path
+):
+    output, log = tmp_path / "ddpm", tmp_path / "job.log"
+    job = _submit(cluster, output, log)
+
+    def until(what: str, done, log=log, job=job):
         why = lambda: f"{_read(log)[-4000:]}\n{cluster.job(job)}\n{cluster.logs()}"  # noqa: E731
         ended = lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")  # noqa: E731
         return _wait(what, done, RUN_TIMEOUT, why, ended)
 
     until(f"checkpoint-{EVERY} was saved", lambda: f"Saved checkpoint {output / f'checkpoint-{EVERY}'}" in _read(log))
-    # What `#SBATCH --signal=B:TERM@300` does 300 s before the time limit: SIGTERM to the batch shell only.
+    # What `#SBATCH --signal=B:USR1@300` does 300 s before the time limit: SIGUSR1 to the batch shell only.
     signalled = time.monotonic()
-    cluster.run("scancel", "--batch", "--signal=TERM", job)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
     stop_step = int(until("the run stopped", lambda: re.search(r"Stopped by SIGTERM at step (\d+)", _read(log)))[1])
     assert EVERY <= stop_step < MAX_STEPS
-    until("the script requeued the job", lambda: "after SIGTERM; requeueing" in _read(log))
+    until("the script requeued the job", lambda: "after SIGUSR1; requeueing" in _read(log))
     stop_checkpoint = output / f"checkpoint-{stop_step}"
     assert TrainerState.load(str(stop_checkpoint / TRAINER_STATE_NAME)).global_step == stop_step
     assert not (output / "model_index.json").exists()  # no export: the run stopped, it did not finish
@@ -232,3 +239,19 @@ def test_a_job_stopped_before_its_time_limit_checkpoints_requeues_itself_and_fin
     assert (output / "model_index.json").exists() and (output / "unet").is_dir()
     assert TrainerState.load(str(output / f"checkpoint-{MAX_STEPS}" / TRAINER_STATE_NAME)).global_step == MAX_STEPS
     print(f"from the signal to the resume of the requeued run: {resume_seconds:.1f} s")
+
+    # `scancel <job>` (SIGTERM to the batch shell and the steps) stops the training with a checkpoint, and the job
+    # stays cancelled: the script requeues on SIGUSR1 only.
+    output, log = tmp_path / "cancelled", tmp_path / "cancelled.log"
+    job = _submit(cluster, output, log)
+    until("training started", lambda: "Training 200 optimizer steps" in _read(log), log, job)
+    cluster.run("scancel", job)
+    stop_step = int(
+        until("the run stopped", lambda: re.search(r"Stopped by SIGTERM at step (\d+)", _read(log)), log, job)[1]
+    )
+    assert TrainerState.load(str(output / f"checkpoint-{stop_step}" / TRAINER_STATE_NAME)).global_step == stop_step
+    _wait("the script ended", lambda: "training ended" in _read(log), RUN_TIMEOUT, lambda: _read(log))
+    time.sleep(CRED_EXPIRE + 3)  # a requeued job would be running again by now
+    state, text = cluster.job(job), _read(log)
+    assert (state["JobState"], state["Restarts"]) == ("CANCELLED", "0"), text[-4000:]
+    assert "requeueing" not in text and "run 2:" not in text
