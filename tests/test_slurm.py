@@ -244,11 +244,12 @@ def test_a_job_signalled_before_its_time_limit_checkpoints_requeues_itself_and_f
     # stays cancelled: the script requeues on SIGUSR1 only.
     output, log = tmp_path / "cancelled", tmp_path / "cancelled.log"
     job = _submit(cluster, output, log)
-    until("training started", lambda: "Training 200 optimizer steps" in _read(log), log, job)
-    cluster.run("scancel", job)
-    stop_step = int(
-        until("the run stopped", lambda: re.search(r"Stopped by SIGTERM at step (\d+)", _read(log)), log, job)[1]
+    until(
+        f"checkpoint-{EVERY} was saved", lambda: f"checkpoint {output / f'checkpoint-{EVERY}'}" in _read(log), log, job
     )
+    cluster.run("scancel", job)
+    stopped = lambda: re.search(r"Stopped by SIGTERM at step (\d+)", _read(log))  # noqa: E731
+    stop_step = int(_wait("the run stopped", stopped, RUN_TIMEOUT, lambda: _read(log))[1])  # the job is CANCELLED now
     assert TrainerState.load(str(output / f"checkpoint-{stop_step}" / TRAINER_STATE_NAME)).global_step == stop_step
     _wait("the script ended", lambda: "training ended" in _read(log), RUN_TIMEOUT, lambda: _read(log))
     time.sleep(CRED_EXPIRE + 3)  # a requeued job would be running again by now
