@@ -1,27 +1,13 @@
 #!/usr/bin/env python
 # Copyright 2026 The ddpm-paper authors. Licensed under the Apache License, Version 2.0.
-"""
-Evaluate a trained DDPM as Ho et al. 2020 (arXiv:2006.11239) do, and plot what the paper plots.
+"""Evaluate a trained DDPM as Ho et al. 2020 do, and plot what the paper plots.
 
     python evaluate_ddpm.py --pipeline ddpm-output                       # the embedded digits, digits features
-    python evaluate_ddpm.py --pipeline me/ddpm-cifar10 --dataset_name uoft-cs/cifar10 --split test \\
-        --bpd_timesteps 100 --num_samples 50000
+    python evaluate_ddpm.py configs/eval-paper.yaml --pipeline me/ddpm-cifar10   # 50k samples, the test split's NLL
 
-Writes to `--output_dir`:
-- `metrics.json`: bits/dim (Table 2) with its standard error and the prior term L_T, FID, KID, precision and recall
-  of generated samples against the dataset, their Inception Score (mean and std over 10 splits), the settings, and the curves behind the plots;
-- `rate_distortion.png`: progressive lossy compression, rate and distortion against reverse steps (Sec. 4.3, Fig. 5);
-- `bpd_terms.png`: the terms L_t of the bound per timestep;
-- `progressive.png`: the predicted x_0 along sampling chains, progressive generation (Fig. 6);
-- `interpolation.png`: interpolation in x_t decoded by the reverse process, one row per t (Figs. 8 and 9).
-
-The data flags are those of train_ddpm.py. Under `accelerate launch --multi_gpu --num_processes N` (add `--device cpu`
-on a machine without GPUs) the images and samples are split across the processes, and only the main one writes;
-every image and sample has its own random stream, so the numbers do not depend on N.
-
-The scalar metrics come from `evaluation.evaluate(pipeline, images, ...)`, which train_ddpm.py also calls during
-training; this script adds the command line, the plots and metrics.json.
-"""
+Writes `metrics.json` (bits/dim, FID, KID, precision/recall, Inception Score, the settings) and the plots of the
+paper (rate-distortion, the terms of the bound, progressive generation, interpolation) into `--output_dir`. The input
+checks live in the rooms they check; every metric and flag: docs/evaluation.md."""
 
 from __future__ import annotations
 

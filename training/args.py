@@ -1,15 +1,6 @@
-"""The command line of train_ddpm.py: one typed dataclass (each numeric flag with its range), its run defaults and
-`resolve_args`; the parser and flag files are command_line's, shared with evaluate_ddpm.py.
-
-Every flag of diffusers' `examples/unconditional_image_generation/train_unconditional.py` keeps its name, default and
-meaning whenever a dataset is given (where the paper used another value, `--help` gives it); the flags it lacks are
-marked "(new)" in `--help` and default to the paper's values where the paper has one (`--max_grad_norm 1.0`,
-`--variance_type fixed_small`). The run with no dataset (the embedded digits, which needs no flags) has its own
-defaults for the flags in `RUN_DEFAULTS`, the one table of run-dependent defaults: those flags default to `None` here,
-`resolve_args` fills them in from it, and `--help` prints both of its columns.
-
-The same keys work in one JSON or YAML file: `train_ddpm.py config.yaml`.
-"""
+"""The flags of train_ddpm.py: one typed dataclass (each numeric flag with its range), the run defaults of the embedded
+digits (`RUN_DEFAULTS`) and `resolve_args`; the parser and flag files are command_line's. Every flag of diffusers'
+train_unconditional.py keeps its name, default and meaning when a dataset is given (docs/differences.md)."""
 
 from __future__ import annotations
 
