@@ -71,7 +71,7 @@ from schedulers import DDPMPaperScheduler
 from training.args import ArgumentError, TrainingArguments, image_channels, parse_args, public_config
 from training.data_position import images_consumed, rest_of_epoch
 from training.ema import EMA
-from training.launch import LaunchError, ensure_one_job
+from training.launch import LaunchError, arrive_for_stopped_launcher, ensure_one_job
 from training.losses import diffusion_loss  # the loop calls it by this name (tests wrap it)
 from training.models import ModelConfigUnavailableError, build_unet, count_parameters
 from training.monitor import StepMonitor, end_workers_at_exit, exit_on_signal, ignore_stop_signals, restores_signals
@@ -790,9 +790,11 @@ def train(args: TrainingArguments) -> TrainingOutcome:
             "--mixed_precision no, and check the data for broken images."
         )
     if monitor.stop_after_checkpoint() is not None:
+        # The main process says it; so does each other node that got the signal itself (its own log says why).
+        own_signal = monitor.signal.received is not None and accelerator.is_local_main_process
         logger.warning(
             "Stopped by %s at step %d; resume with --resume_from_checkpoint latest (checkpoint %s).",
-            monitor.stopped_by, state.global_step, path,
+            monitor.stopped_by, state.global_step, path, main_process_only=not own_signal,
         )  # fmt: skip
     else:
         # A signal now ends the run with one line (status 128 + the signal: the export asked for is missing).
@@ -806,7 +808,7 @@ def train(args: TrainingArguments) -> TrainingOutcome:
         samples_and_export(
             accelerator, args, trained, state.global_step, images, metrics, grid=True, export=True, final=True
         )
-    teardown(accelerator)
+    teardown(accelerator, stopped_by_own_signal=monitor.signal.received is not None)
     return TrainingOutcome(state.global_step, unet=model, ema=ema, stopped_by=monitor.stopped_by, metrics=metrics)
 
 
@@ -850,15 +852,19 @@ def write_failure_message(args: TrainingArguments, error: BaseException) -> str 
     return None
 
 
-def teardown(accelerator: Accelerator) -> None:
+def teardown(accelerator: Accelerator, stopped_by_own_signal: bool = False) -> None:
     """
     The end of a run, explicit: every process reaches it, the trackers are closed, and the process group is destroyed
     (a group left to the interpreter's exit was seen to hang a gloo job, whose launcher then reported a failure).
+    After a stop by a signal this process received (its launcher got it too, and exits without waiting for the other
+    nodes' launchers), it checks in for its launcher, so that the other nodes' launchers end at once, not 300 s later.
     """
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if stopped_by_own_signal:
+        arrive_for_stopped_launcher()
 
 
 def main(argv: list[str] | None = None) -> TrainingOutcome:

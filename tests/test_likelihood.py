@@ -374,12 +374,25 @@ with accelerator.split_between_processes(list(range(len(images)))) as indices:
         generator=[torch.Generator().manual_seed(100 + i) for i in indices],
     )
 totals = accelerator.gather(accelerator.pad_across_processes(output.total, dim=0))
+# Each process generates its share of the samples: count the images of every pipeline call during `evaluate`.
+generated, call = [], type(pipeline).__call__
+
+
+def counted(self, *args, **kwargs):
+    generated.append(kwargs["batch_size"])
+    return call(self, *args, **kwargs)
+
+
+type(pipeline).__call__ = counted
 metrics = evaluate(pipeline, pixels, num_images=5, num_samples=9, batch_size=4, accelerator=accelerator)
+type(pipeline).__call__ = call
+shares = accelerator.gather(torch.tensor([sum(generated)])).tolist()
 # The command line: only the main process writes the report (and returns it).
 report = main([*CLI_FLAGS, "--pipeline", sys.argv[3], "--output_dir", sys.argv[4]])
 assert ("settings" in report) == accelerator.is_main_process, report.keys()
 if accelerator.is_main_process:
     result = {"num_processes": accelerator.num_processes, "totals": totals.tolist(), "metrics": metrics}
+    result["samples_per_process"] = shares
     json.dump(result, open(sys.argv[1], "w"))
 """
 CLI_FLAGS = ["--num_images", "5", "--bpd_timesteps", "3", "--num_samples", "9", "--rate_distortion_images", "2"]
@@ -424,6 +437,7 @@ def test_bits_per_dim_evaluate_and_the_cli_are_the_same_on_one_and_two_processes
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(result_file.read_text())
     assert result["num_processes"] == 2
+    assert result["samples_per_process"] == [4, 5]  # the 9 samples split, each generated once, not 9 on each process
 
     single = bits_per_dim(
         ZeroNoisePredictor(), scheduler, images, generator=[torch.Generator().manual_seed(100 + i) for i in range(6)]

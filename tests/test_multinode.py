@@ -273,17 +273,18 @@ def final_weights(output: Path) -> dict:
     return tensors
 
 
+# The status of the launcher that got the SIGTERM: accelerate launch exits 143; torchrun lets its SignalException end
+# it with a traceback, status 1 (its own behaviour, whatever its child does).
+SIGNALLED_LAUNCHER_STATUS = {"accelerate": 143, "torchrun": 1}
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="measured: both nodes stop at the same step with a checkpoint (about 1 s after the signal), but not every "
-    "launcher ended within 60 s (a hang at the end of a multi-process run, after the checkpoint)",
-    strict=False,
-)
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_two_nodes_stopped_by_sigterm_to_one_node_resume_bit_for_bit(workdir, launcher):
     """
     Two nodes (one process each) on loopback; SIGTERM to node 1's launcher after the checkpoint of step 2: both nodes
-    stop at the same step with a checkpoint that verifies, every launcher ends within 60 s, and the resume on two
+    stop at the same step with a checkpoint that verifies, every launcher ends within 60 s (node 0's with status 0,
+    node 1's with its launcher's status for a signal), each node's log says why it stopped, and the resume on two
     nodes ends with the weights (and EMA) of the uninterrupted two-node run, bit for bit.
     """
     script = workdir / "slow.py"
@@ -303,10 +304,13 @@ def test_two_nodes_stopped_by_sigterm_to_one_node_resume_bit_for_bit(workdir, la
     codes, seconds = wait_all(nodes, workdir, name, 60)
     print(f"{launcher}: SIGTERM to node 1's launcher: exit statuses {codes}, all ended after {seconds:.1f} s")
     output = logs(workdir, name)
-    assert codes[0] == 0 and codes[1] in (0, 143), output[-6000:]  # the main node's run ended well
+    assert codes == [0, SIGNALLED_LAUNCHER_STATUS[launcher]], output[-6000:]
     newest = latest_checkpoint(str(stopped))
     step = trainer_state(Path(newest)).global_step
-    assert 2 <= step < STEPS and f"Stopped by SIGTERM at step {step}" in output, output[-6000:]
+    node0, node1 = ((workdir / f"{name}-node{rank}.log").read_text() for rank in range(2))
+    assert 2 <= step < STEPS, output[-6000:]
+    assert f"Stopped by a signal to another process at step {step}" in node0, node0[-4000:]
+    assert f"Stopped by SIGTERM at step {step}" in node1, node1[-4000:]
     verify_checkpoint(newest)  # intact: every file as its manifest says
 
     nodes = launch_nodes(workdir, launcher, script, [*args, "--output_dir", str(stopped), "--resume_from_checkpoint",
