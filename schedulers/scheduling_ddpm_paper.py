@@ -301,6 +301,8 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         # then the posterior (Eqs. 6-7) and the reverse process's variances from `_chain_coefficients`.
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
+        with np.errstate(divide="ignore"):  # abar_T = 0 under rescale_betas_zero_snr: 1/abar_T is infinite
+            recip_alphas_cumprod = 1.0 / alphas_cumprod
         forward = {
             "betas": betas,
             "alphas": alphas,
@@ -309,8 +311,8 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
             "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
             "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+            "sqrt_recip_alphas_cumprod": np.sqrt(recip_alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(recip_alphas_cumprod - 1.0),
         }
         training, _ = _chain_coefficients(alphas_cumprod, np.arange(num_train_timesteps)[::-1].copy())
         training.update(forward)
@@ -411,8 +413,24 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         sqrt_recipm1_alphas_cumprod = self._extract("training", "sqrt_recipm1_alphas_cumprod", t, xt)
         # A scalar t (each sampling step) computes the same sum in two kernels.
         if isinstance(sqrt_recipm1_alphas_cumprod, float):
+            if math.isinf(sqrt_recip_alphas_cumprod):  # abar_t = 0 (zero terminal SNR): see `_predict_x0_at_zero_snr`
+                return self._predict_x0_at_zero_snr(xt, t, eps)
             return torch.mul(xt, sqrt_recip_alphas_cumprod).add_(eps, alpha=-sqrt_recipm1_alphas_cumprod)  # Eq. 15
-        return sqrt_recip_alphas_cumprod * xt - sqrt_recipm1_alphas_cumprod * eps  # Eq. 15
+        x0 = sqrt_recip_alphas_cumprod * xt - sqrt_recipm1_alphas_cumprod * eps  # Eq. 15
+        zero_snr = torch.isinf(sqrt_recip_alphas_cumprod)
+        if zero_snr.any():
+            x0 = torch.where(zero_snr, self._predict_x0_at_zero_snr(xt, t, eps), x0)
+        return x0
+
+    def _predict_x0_at_zero_snr(self, xt: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """
+        Eq. 15 as a quotient, (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): where abar_t = 0 it is +-inf with the sign of
+        x_t - eps (as DDPMScheduler computes it), which clipping or thresholding makes +-1; the product form of
+        `predict_x0_from_eps` would give inf - inf = NaN there.
+        """
+        sqrt_alphas_cumprod = self._extract("training", "sqrt_alphas_cumprod", t, xt)
+        sqrt_one_minus_alphas_cumprod = self._extract("training", "sqrt_one_minus_alphas_cumprod", t, xt)
+        return (xt - sqrt_one_minus_alphas_cumprod * eps) / sqrt_alphas_cumprod  # Eq. 15
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1): Eq. 15 solved for eps."""
