@@ -76,6 +76,7 @@ from pipelines import DDPMPaperPipeline, model_range_to_unit
 from pipelines.export import TRAINING_DATA_FILE, TrainingDataError, read_training_data
 from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
+from pipelines.samplers import SAMPLERS, SamplerError, check_sampler, make_sampler
 from pipelines.utils import upscale
 from schedulers import DDPMPaperScheduler
 from training import flag_ranges
@@ -150,6 +151,18 @@ class EvaluationArguments:
     num_samples: int = field(default=1000, metadata={"help": "Samples generated for FID, KID, precision/recall."})
     num_inference_steps: int | None = field(
         default=None, metadata={"help": "Sampling steps (respaced chain); defaults to the T of training."}
+    )
+    scheduler: str = field(
+        default="ddpm",
+        metadata={
+            "help": "The sampler of the samples (docs/sampling.md says which at which step count): ddpm (the "
+            "export's spacing), ddpm-respaced (T-1 to 0 evenly), or a diffusers scheduler built from the export's "
+            "config. Bits/dim and the plots always use DDPM.",
+            "choices": list(SAMPLERS),
+        },
+    )
+    ddim_eta: float = field(
+        default=0.0, metadata={"help": "DDIM's eta (--scheduler ddim): 0 deterministic, 1 DDPM-like noise."}
     )
     num_reference_images: int | None = field(
         default=None, metadata={"help": "Dataset images the samples are compared with; all by default."}
@@ -776,6 +789,10 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
     check_model_fits_data(args, from_export, sample_size, in_channels, args.num_channels or (1 if embedded else None))
     check_bit_depth(args, record, from_export)
     check_schedule_flags(args, num_train_timesteps)
+    try:  # before any sampling: a mean-prediction export with a diffusers sampler, for one
+        check_sampler(args.scheduler, configs["scheduler"].get("prediction_type", "epsilon"))
+    except SamplerError as error:
+        raise EvaluationInputError(f"{error} (--pipeline {args.pipeline})") from error
     check_sample_count(args.num_samples, "--num_samples {count} generated samples are")
     check_output_dir(args.output_dir, num_train_timesteps)
 
@@ -850,6 +867,8 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
         num_samples=args.num_samples,
         num_inference_steps=args.num_inference_steps,
         feature_extractor=extractor if extractor is not None else extractor_name,
+        sampler=make_sampler(args.scheduler, pipeline.scheduler.config),
+        eta=args.ddim_eta,
         num_reference_images=args.num_reference_images,
         dataset_id=reference_id(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split),
         batch_size=args.batch_size,
