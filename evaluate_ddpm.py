@@ -57,6 +57,7 @@ from pipelines.export import (
 )
 from pipelines.interpolation import interpolate
 from pipelines.likelihood import BitsPerDimOutput, bits_per_dim, rate_distortion_curve
+from pipelines.samplers import SAMPLERS, SamplerError, check_sampler, make_sampler
 from pipelines.utils import upscale
 from schedulers import DDPMPaperScheduler
 from training.launch import LaunchError, ensure_one_job
@@ -141,6 +142,19 @@ class EvaluationArguments:
     num_inference_steps: int | None = field(
         default=None,
         metadata={"help": "Sampling steps (respaced chain); defaults to the T of training.", "range": POSITIVE},
+    )
+    scheduler: str = field(
+        default="ddpm",
+        metadata={
+            "help": "The sampler of the samples (docs/sampling.md says which at which step count): ddpm (the "
+            "export's spacing), ddpm-respaced (T-1 to 0 evenly), or a diffusers scheduler built from the export's "
+            "config. Bits/dim and the plots always use DDPM.",
+            "choices": list(SAMPLERS),
+        },
+    )
+    ddim_eta: float = field(
+        default=0.0,
+        metadata={"help": "DDIM's eta (--scheduler ddim): 0 deterministic, 1 DDPM-like noise.", "range": ZERO_OR_MORE},
     )
     num_reference_images: int | None = field(
         default=None,
@@ -409,6 +423,10 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
     check_model_fits_data(asdict(args), from_export, sample_size, in_channels, data_channels)
     check_bit_depth(args.preserve_input_precision, record, from_export, args.pipeline)
     check_schedule_flags(asdict(args), num_train_timesteps)
+    try:  # before any sampling: a mean-prediction export with a diffusers sampler, for one
+        check_sampler(args.scheduler, configs["scheduler"].get("prediction_type", "epsilon"))
+    except SamplerError as error:
+        raise EvaluationInputError(f"{error} (--pipeline {args.pipeline})") from error
     check_sample_count(args.num_samples, "--num_samples {count} generated samples are")
     check_output_dir(args.output_dir, num_train_timesteps)
 
@@ -484,6 +502,8 @@ def evaluate_pipeline(args: EvaluationArguments) -> dict:
         num_samples=args.num_samples,
         num_inference_steps=args.num_inference_steps,
         feature_extractor=extractor if extractor is not None else extractor_name,
+        sampler=make_sampler(args.scheduler, pipeline.scheduler.config),
+        eta=args.ddim_eta,
         num_reference_images=args.num_reference_images,
         dataset_id=reference_id(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split),
         batch_size=args.batch_size,

@@ -93,6 +93,8 @@ def _generate(
     num_inference_steps: int,
     batch_size: int,
     show_progress: bool,
+    sampler=None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """Samples number `indices` (each from its own generator) as uint8 (N, C, H, W)."""
     batches = []
@@ -104,6 +106,8 @@ def _generate(
             num_inference_steps=num_inference_steps,
             output_type="pt",
             show_progress=show_progress,
+            sampler=sampler,
+            eta=eta,
         ).images
         batches.append((images * 255).round().to(torch.uint8).cpu())
     unet = pipeline.unet.config
@@ -125,6 +129,8 @@ def evaluate(
     seed: int = 0,
     accelerator=None,
     show_progress: bool = False,
+    sampler=None,
+    eta: float = 0.0,
 ) -> dict[str, float]:
     r"""
     The scalar metrics of a DDPM: bits/dim on dataset images and sample quality of generated images.
@@ -160,6 +166,11 @@ def evaluate(
             process.
         show_progress (`bool`, defaults to `False`):
             Show the sampling progress bars.
+        sampler (`SchedulerMixin`, *optional*):
+            The scheduler the samples are drawn with (`pipelines.samplers.make_sampler`); the pipeline's own DDPM
+            scheduler by default. Bits/dim is always the pipeline's scheduler's bound.
+        eta (`float`, defaults to 0.0):
+            DDIM's eta, when `sampler` is DDIM.
 
     Returns:
         `dict[str, float]`: `bits_per_dim`, `bits_per_dim_stderr` (standard error over images, which includes the
@@ -210,6 +221,8 @@ def evaluate(
                 num_inference_steps=num_inference_steps or T,
                 batch_size=batch_size,
                 show_progress=show_progress,
+                sampler=sampler,
+                eta=eta,
             )
             fake = _gather(extract_features(extractor, samples, batch_size), accelerator, sizes)
             real_images = _as_8_bit(as_pixels(images, num_reference_images))

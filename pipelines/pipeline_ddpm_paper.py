@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DDPMPipeline, DiffusionPipeline, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -66,6 +68,8 @@ class DDPMPaperPipeline(DiffusionPipeline):
         return_x0_trajectory: bool = False,
         trajectory_every: int | None = None,
         show_progress: bool | None = None,
+        sampler: SchedulerMixin | None = None,
+        eta: float = 0.0,
     ) -> DDPMPaperPipelineOutput | tuple:
         r"""
         Draws samples with Algorithm 2: x_T ~ N(0, I), then x_{t-1} ~ p_theta(x_{t-1}|x_t) down to x_0.
@@ -80,6 +84,11 @@ class DDPMPaperPipeline(DiffusionPipeline):
                 Also return the predicted x_0 every `trajectory_every` steps (progressive generation, Fig. 6).
             trajectory_every (`int`, *optional*): Snapshot spacing in steps; defaults to a tenth of the chain.
             show_progress (`bool`, *optional*): Show the progress bar (default: as `set_progress_bar_config` says).
+            sampler (`SchedulerMixin`, *optional*):
+                Another scheduler to sample with, built from this one's config (`pipelines.samplers.make_sampler`):
+                DDIM, DPM-Solver++, ... Samplers other than DDPM get the model's prediction without its variance
+                channels (a learned-variance model is sampled with their own variances).
+            eta (`float`, defaults to 0.0): DDIM's eta (0: deterministic, 1: DDPM's sigma); other samplers ignore it.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
@@ -89,13 +98,26 @@ class DDPMPaperPipeline(DiffusionPipeline):
         device = self._execution_device
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps)
-        timesteps = self.scheduler.timesteps.tolist()  # plain ints: no device sync per step
+        scheduler = self.scheduler if sampler is None else sampler
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        ancestral = isinstance(scheduler, DDPMPaperScheduler)  # the paper's sampler (any respacing), or diffusers' one
+        step_kwargs = {"generator": generator}
+        if not ancestral:  # diffusers' samplers: their initial noise scale, DDIM's eta, a generator if they draw
+            if return_x0_trajectory:
+                raise ValueError("return_x0_trajectory needs a DDPMPaperScheduler sampler (or none).")
+            image = image * scheduler.init_noise_sigma
+            accepted = inspect.signature(scheduler.step).parameters
+            step_kwargs = {name: value for name, value in (("generator", generator), ("eta", eta)) if name in accepted}
+        # Plain ints for ours (no device sync per step); diffusers' samplers look their (float) timesteps up as given.
+        timesteps = scheduler.timesteps.tolist() if ancestral else scheduler.timesteps
         every = trajectory_every or max(1, len(timesteps) // 10)
         snapshots, snapshot_timesteps = [], []
         for i, t in enumerate(self._progress(timesteps, show_progress)):
-            model_output = self.unet(image, t).sample  # eps_theta(x_t, t)
-            step = self.scheduler.step(model_output, t, image, generator=generator)
+            model_input = image if ancestral else scheduler.scale_model_input(image, t)
+            model_output = self.unet(model_input, t).sample  # eps_theta(x_t, t)
+            if not ancestral:  # they read no variance channels
+                model_output = model_output[:, : config.in_channels]
+            step = scheduler.step(model_output, t, image, **step_kwargs)
             image = step.prev_sample  # x_{t-1} = mu_theta + sigma_t z (Algorithm 2, line 4)
             if return_x0_trajectory and (i % every == 0 or i == len(timesteps) - 1):
                 snapshots.append(model_range_to_unit(step.pred_original_sample.float()).cpu())

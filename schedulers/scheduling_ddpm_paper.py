@@ -301,6 +301,8 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         # then the posterior (Eqs. 6-7) and the reverse process's variances from `_chain_coefficients`.
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
+        with np.errstate(divide="ignore"):  # abar_T = 0 under rescale_betas_zero_snr: 1/abar_T is infinite
+            recip_alphas_cumprod = 1.0 / alphas_cumprod
         forward = {
             "betas": betas,
             "alphas": alphas,
@@ -309,8 +311,8 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
             "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
             "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+            "sqrt_recip_alphas_cumprod": np.sqrt(recip_alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(recip_alphas_cumprod - 1.0),
         }
         training, _ = _chain_coefficients(alphas_cumprod, np.arange(num_train_timesteps)[::-1].copy())
         training.update(forward)
@@ -340,17 +342,22 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         """Precomputes the step coefficients of the chain `step` walks, so that a step only looks them up."""
         alphas_cumprod = self._tables["training"]["alphas_cumprod"]
         table, self._prev_timestep = _chain_coefficients(alphas_cumprod, np.asarray(timesteps, dtype=np.int64))
+        # The respaced chain's own diffusion, for its bound (`vlb_terms(chain="respaced")`): the paper's clipped
+        # log-variance at its last step, as the training chain has.
+        self._tables["respaced"] = dict(table)
         # Sampling floors beta-tilde at 1e-20 as DDPMScheduler does, rather than borrowing the previous step's value:
         # the two differ only where the chain's last step has t > 0 (`trailing` spacing, `steps_offset`), and there
         # `fixed_small` draws with this variance and `learned_range` interpolates from its log.
         table["posterior_variance"] = np.maximum(table["posterior_variance"], 1e-20)
         table["posterior_log_variance_clipped"] = np.log(table["posterior_variance"])
         self._tables["sampling"] = table
-        self._device_tables = {key: value for key, value in self._device_tables.items() if key[0] != "sampling"}
+        self._device_tables = {
+            key: value for key, value in self._device_tables.items() if key[0] not in ("sampling", "respaced")
+        }
 
     def _extract(self, chain: str, name: str, t: int | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
         """
-        Coefficient `name` of `chain` ("training" or "sampling") at timestep t, shaped to broadcast against `like`:
+        Coefficient `name` of `chain` ("training", "sampling" or "respaced") at timestep t, shaped to broadcast against `like`:
         a Python float for a scalar t (no kernel, no host-device copy), else a gather from a tensor cached on
         `like`'s device.
         """
@@ -394,15 +401,16 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         return mean, torch.exp(log_variance), log_variance
 
     def q_posterior_mean_variance(
-        self, x0: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor
+        self, x0: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor, chain: str = "training"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean mu-tilde_t(x_t, x_0), variance beta-tilde_t and clipped log-variance of q(x_{t-1}|x_t,x_0) (Eqs. 6-7)."""
-        posterior_mean_coef1 = self._extract("training", "posterior_mean_coef1", t, xt)
-        posterior_mean_coef2 = self._extract("training", "posterior_mean_coef2", t, xt)
+        """Mean mu-tilde_t(x_t, x_0), variance beta-tilde_t and clipped log-variance of q(x_{t-1}|x_t,x_0) (Eqs. 6-7);
+        `chain="respaced"`: of q(x_s|x_t,x_0), s the timestep after t of the chain `set_timesteps` set."""
+        posterior_mean_coef1 = self._extract(chain, "posterior_mean_coef1", t, xt)
+        posterior_mean_coef2 = self._extract(chain, "posterior_mean_coef2", t, xt)
         mean = posterior_mean_coef1 * x0 + posterior_mean_coef2 * xt  # Eq. 7, mu-tilde_t(x_t, x_0)
         ones = torch.ones_like(xt)
-        variance = self._extract("training", "posterior_variance", t, xt) * ones  # Eq. 7, beta-tilde_t
-        log_variance = self._extract("training", "posterior_log_variance_clipped", t, xt) * ones
+        variance = self._extract(chain, "posterior_variance", t, xt) * ones  # Eq. 7, beta-tilde_t
+        log_variance = self._extract(chain, "posterior_log_variance_clipped", t, xt) * ones
         return mean, variance, log_variance  # Eq. 6: q(x_{t-1}|x_t,x_0) = N(mean, variance I)
 
     def predict_x0_from_eps(self, xt: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -411,8 +419,24 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         sqrt_recipm1_alphas_cumprod = self._extract("training", "sqrt_recipm1_alphas_cumprod", t, xt)
         # A scalar t (each sampling step) computes the same sum in two kernels.
         if isinstance(sqrt_recipm1_alphas_cumprod, float):
+            if math.isinf(sqrt_recip_alphas_cumprod):  # abar_t = 0 (zero terminal SNR): see `_predict_x0_at_zero_snr`
+                return self._predict_x0_at_zero_snr(xt, t, eps)
             return torch.mul(xt, sqrt_recip_alphas_cumprod).add_(eps, alpha=-sqrt_recipm1_alphas_cumprod)  # Eq. 15
-        return sqrt_recip_alphas_cumprod * xt - sqrt_recipm1_alphas_cumprod * eps  # Eq. 15
+        x0 = sqrt_recip_alphas_cumprod * xt - sqrt_recipm1_alphas_cumprod * eps  # Eq. 15
+        zero_snr = torch.isinf(sqrt_recip_alphas_cumprod)
+        if zero_snr.any():
+            x0 = torch.where(zero_snr, self._predict_x0_at_zero_snr(xt, t, eps), x0)
+        return x0
+
+    def _predict_x0_at_zero_snr(self, xt: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """
+        Eq. 15 as a quotient, (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): where abar_t = 0 it is +-inf with the sign of
+        x_t - eps (as DDPMScheduler computes it), which clipping or thresholding makes +-1; the product form of
+        `predict_x0_from_eps` would give inf - inf = NaN there.
+        """
+        sqrt_alphas_cumprod = self._extract("training", "sqrt_alphas_cumprod", t, xt)
+        sqrt_one_minus_alphas_cumprod = self._extract("training", "sqrt_one_minus_alphas_cumprod", t, xt)
+        return (xt - sqrt_one_minus_alphas_cumprod * eps) / sqrt_alphas_cumprod  # Eq. 15
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1): Eq. 15 solved for eps."""
@@ -459,9 +483,10 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         # Mean prediction on the chain it was trained for (every training step, and a sampling step from t to t - 1):
         # the output is mu_theta itself, used unclipped as in the paper's code; only the reported x_0 is clipped. A
         # respaced sampling step instead takes the posterior mean of its own chain at the (clipped) x_0 below.
-        own_mean = self.config.prediction_type == "mean" and (
-            chain == "training" or int(self._prev_timestep[int(t)]) == int(t) - 1
-        )
+        own_mean = self.config.prediction_type == "mean"
+        if own_mean and chain != "training":
+            steps = np.atleast_1d(t.cpu().numpy() if torch.is_tensor(t) else np.asarray(t))
+            own_mean = bool(np.all(self._prev_timestep[steps] == steps - 1))
         if clip and self.config.thresholding:
             pred_x0 = self._threshold_sample(pred_x0)
         elif clip and self.config.clip_sample:
@@ -504,12 +529,17 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         return torch.exp(log_variance), log_variance
 
     def p_mean_variance(
-        self, model_output: torch.Tensor, xt: torch.Tensor, t: int | torch.Tensor, clip_denoised: bool = False
+        self,
+        model_output: torch.Tensor,
+        xt: torch.Tensor,
+        t: int | torch.Tensor,
+        clip_denoised: bool = False,
+        chain: str = "training",
     ) -> DDPMPaperMeanVarianceOutput:
         """Mean (Eq. 11 for epsilon prediction), variance, log-variance and predicted x_0 of p_theta(x_{t-1}|x_t)."""
         model_output, predicted_variance = self._split_variance(model_output, xt)
-        mean, pred_x0 = self._p_mean(model_output, xt, t, "training", clip=clip_denoised)
-        variance, log_variance = self._p_variance("training", t, xt, predicted_variance)
+        mean, pred_x0 = self._p_mean(model_output, xt, t, chain, clip=clip_denoised)
+        variance, log_variance = self._p_variance(chain, t, xt, predicted_variance)
         ones = torch.ones_like(xt)
         return DDPMPaperMeanVarianceOutput(
             mean=mean, variance=variance * ones, log_variance=log_variance * ones, pred_original_sample=pred_x0
@@ -576,6 +606,7 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         t: int | torch.Tensor,
         clip_denoised: bool = False,
         bits: int = 8,
+        chain: str = "training",
     ) -> DDPMPaperVLBOutput:
         """
         L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for t > 0 and L_0 = -log p_theta(x_0|x_1) for t = 0,
@@ -583,11 +614,13 @@ class DDPMPaperScheduler(SchedulerMixin, ConfigMixin):
         the paper's x_1 -> x_0 step. `clip_denoised` clips the predicted x_0 as `step` does, giving the terms of the
         model the sampler draws from (the paper code's `calc_bpd_loop` default). `bits` is the data's bit depth: the
         decoder's bins are 2/(2^bits - 1) wide (8: the paper's 2/255; 16: `--preserve_input_precision` data).
+        `chain="respaced"`: the terms of the respaced chain `set_timesteps` set (Nichol & Dhariwal 2021, Appendix),
+        KL(q(x_s|x_t,x_0) || p_theta(x_s|x_t)) with s the chain's next timestep, and L_0 at t = 0.
         """
         if not torch.is_tensor(t) or t.ndim == 0:
             t = torch.full((x0.shape[0],), int(t), device=x0.device, dtype=torch.long)
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
-        p = self.p_mean_variance(model_output, xt, t, clip_denoised=clip_denoised)
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t, chain=chain)
+        p = self.p_mean_variance(model_output, xt, t, clip_denoised=clip_denoised, chain=chain)
         kl = _mean_over_dims(normal_kl(true_mean, true_log_variance, p.mean, p.log_variance)) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance, bits=bits)
         decoder_nll = _mean_over_dims(nll) / math.log(2.0)
