@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from helpers import FAST, SMALL_UNET, run_training
+from helpers import FAST, SMALL_UNET, one_thread, run_training
 
 from training.args import PATH_FLAGS, RUN_DEFAULTS, TrainingArguments, make_parser, parse_args
 
@@ -67,17 +67,23 @@ def test_a_path_that_cannot_be_expanded_is_one_line_naming_it(capsys, flag, valu
 
 
 @pytest.mark.slow
-def test_a_file_of_flags_with_home_paths_trains_into_the_home_folder(tmp_path):
-    """The whole script: the run from a file of `~` paths writes under $HOME, and no folder named `~` appears."""
+@pytest.mark.fresh_process
+def test_a_file_of_flags_with_home_paths_trains_into_the_home_folder(tmp_path, monkeypatch):
+    """The whole run (`train_ddpm.main`, in the fresh process): the run from a file of `~` paths writes under $HOME,
+    and no folder named `~` appears."""
+    import train_ddpm
+
     home = tmp_path / "home"
     home.mkdir()
     (home / "unet.json").write_text(json.dumps(SMALL_UNET))
     flags = {"model_config_name_or_path": "~/unet.json", "output_dir": "~/run", "logging_dir": "~/logs"}
     flags.update(resolution=8, train_batch_size=4, max_train_steps=1, ddpm_num_steps=50, ddpm_num_inference_steps=2)
-    flags.update(eval_batch_size=2)
+    flags.update(eval_batch_size=2, cpu=True, cache_dir=str(tmp_path / "cache"))
     (tmp_path / "flags.json").write_text(json.dumps(flags))
-    result = run_training(tmp_path, ["flags.json"], processes=0, check=False, env={"HOME": str(home)})
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with one_thread():  # as the script runs (OMP_NUM_THREADS=1)
+        train_ddpm.main(["flags.json"])
     assert (home / "run" / "model_index.json").is_file() and any((home / "logs").iterdir())
     assert not (tmp_path / "~").exists()
 
@@ -105,12 +111,29 @@ def test_an_empty_text_flag_is_one_line_naming_it(tmp_path, capsys, name, source
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag", ["--output_dir", "--dataset_name"])
-def test_the_script_refuses_an_empty_path_at_once(tmp_path, flag):
+def test_the_script_refuses_an_empty_path_at_once(tmp_path):
+    """The script itself: exit status 2, one line naming the flag, no traceback, nothing written."""
     (tmp_path / "unet.json").write_text(json.dumps(SMALL_UNET))
-    result = run_training(tmp_path, [*TINY_RUN, "--max_train_steps", "1", flag, ""], processes=0, check=False)
+    result = run_training(
+        tmp_path, [*TINY_RUN, "--max_train_steps", "1", "--output_dir", ""], processes=0, check=False
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert f"{flag} '' is empty" in last_line(result)
+    assert "--output_dir '' is empty" in last_line(result)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["unet.json"]
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--dataset_name"])
+def test_main_refuses_an_empty_path_before_anything_else(tmp_path, monkeypatch, capsys, flag):
+    """`train_ddpm.main` (what the script runs) stops in the parsing, before any Accelerator or file: in this process."""
+    import train_ddpm
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unet.json").write_text(json.dumps(SMALL_UNET))
+    with pytest.raises(SystemExit) as exited:
+        train_ddpm.main([*TINY_RUN, "--max_train_steps", "1", flag, ""])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{flag} '' is empty" in err.strip().splitlines()[-1]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["unet.json"]
 
 

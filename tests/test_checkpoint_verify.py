@@ -3,6 +3,7 @@ previous one loadable. Real checkpoints of real short runs of train_ddpm.py (the
 embedded digits), damaged on disk, then resumed by real runs."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,7 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
-from helpers import FAST, REPO, RUN_TIMEOUT, SMALL_UNET, launch_command, run_env, run_training, trainer_state
+from helpers import (
+    FAST,
+    REPO,
+    RUN_TIMEOUT,
+    SMALL_UNET,
+    launch_command,
+    one_thread,
+    run_env,
+    run_training,
+    trainer_state,
+)
 from safetensors.torch import load_file, save_file
 
 from checkpoints.checkpointing import (
@@ -49,6 +60,43 @@ def base_run(workdir) -> Path:
     """4 steps, checkpoints at 2 and 4, the export of step 4: the uninterrupted reference."""
     run_training(workdir, [*RUN, "--max_train_steps", "4", "--output_dir", "base"], processes=0)
     return workdir / "base"
+
+
+def train_here(workdir: Path, *args: str):
+    """`train_ddpm.main` in this process (a test marked fresh_process: accelerate's state is process-wide)."""
+    import train_ddpm
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        with one_thread():  # as the script runs (OMP_NUM_THREADS=1)
+            return train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def fresh_base_run(workdir) -> Path:
+    """The run of `base_run`, trained in the fresh process for the tests there (which compare nothing with
+    `base_run`: the two are never mixed)."""
+    assert "DDPM_TESTS_FRESH_PROCESS_REPORTS" in os.environ, "mark its tests @pytest.mark.fresh_process"
+    train_here(workdir, *RUN, "--max_train_steps", "4", "--output_dir", "fresh-base")
+    return workdir / "fresh-base"
+
+
+def resume_here_ok(output: Path, checkpoint: str, steps: int = 4, *flags: str):
+    """A resume in this process that must succeed."""
+    args = [*RUN, "--max_train_steps", str(steps), "--output_dir", str(output), "--resume_from_checkpoint", checkpoint]
+    return train_here(output.parent, *args, *flags)
+
+
+def resume_here(output: Path, checkpoint: str, steps: int) -> str:
+    """A resume in this process that must be refused: its one line (SystemExit with a message is exit status 1)."""
+    args = [*RUN, "--max_train_steps", str(steps), "--output_dir", str(output), "--resume_from_checkpoint", checkpoint]
+    with pytest.raises(SystemExit) as exited:
+        train_here(output.parent, *args)
+    assert isinstance(exited.value.code, str) and "\n" not in exited.value.code, exited.value.code
+    return exited.value.code
 
 
 def copy_run(base: Path, workdir: Path, name: str) -> Path:
@@ -88,9 +136,10 @@ def plant(path: Path, marker: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process
 # What a checkpoint holds ---------------------------------------------------------------------------------------------
-def test_a_checkpoint_holds_no_pickle_of_ours_and_a_manifest_of_every_file(base_run):
-    checkpoint = base_run / "checkpoint-4"
+def test_a_checkpoint_holds_no_pickle_of_ours_and_a_manifest_of_every_file(fresh_base_run):
+    checkpoint = fresh_base_run / "checkpoint-4"
     files = sorted(path.name for path in checkpoint.iterdir())
     assert files == sorted(
         ["ema.safetensors", "lr_scheduler.json", MANIFEST_NAME, "model.safetensors", "optimizer.bin"]
@@ -107,38 +156,42 @@ def test_a_checkpoint_holds_no_pickle_of_ours_and_a_manifest_of_every_file(base_
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process
 # Damage ------------------------------------------------------------------------------------------------------------
-def test_truncated_random_states_latest_skips_it_and_ends_bitwise_equal(workdir, base_run):
+def test_truncated_random_states_latest_skips_it_and_ends_bitwise_equal(workdir, fresh_base_run, caplog):
     """The issue's case: truncating random_states_0.pkl of the newest checkpoint gave a silent resume with other
-    weights. Now `latest` skips it with a warning naming the file, resumes from checkpoint-2 and ends equal."""
-    output = copy_run(base_run, workdir, "truncated-rng")
+    weights. Now `latest` skips it with a warning naming the file, resumes from checkpoint-2 and ends equal (both
+    runs in the fresh process, on one thread)."""
+    caplog.set_level(logging.INFO)
+    output = copy_run(fresh_base_run, workdir, "truncated-rng")
     damaged = output / "checkpoint-4" / "random_states_0.pkl"
     damaged.write_bytes(damaged.read_bytes()[:100])
-    result = resume(workdir, output, "latest")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Skipping {output / 'checkpoint-4'}: it does not verify: {damaged} has 100 bytes" in result.stderr
-    assert f"Resumed from {output / 'checkpoint-2'}: step 2" in result.stderr
+    resume_here_ok(output, "latest")
+    assert f"Skipping {output / 'checkpoint-4'}: it does not verify: {damaged} has 100 bytes" in caplog.text
+    assert f"Resumed from {output / 'checkpoint-2'}: step 2" in caplog.text
     for name in ("model.safetensors", "optimizer.bin", "ema.safetensors", "random_states_0.pkl"):
-        assert (output / "checkpoint-4" / name).read_bytes() == (base_run / "checkpoint-4" / name).read_bytes(), name
-    assert (output / EXPORT[2]).read_bytes() == (base_run / EXPORT[2]).read_bytes()
+        expected = (fresh_base_run / "checkpoint-4" / name).read_bytes()
+        assert (output / "checkpoint-4" / name).read_bytes() == expected, name
+    assert (output / EXPORT[2]).read_bytes() == (fresh_base_run / EXPORT[2]).read_bytes()
     verify_checkpoint(str(output / "checkpoint-4"))  # rewritten whole
 
 
 @pytest.mark.slow
-def test_a_named_damaged_checkpoint_is_refused_with_one_line_naming_the_file(workdir, base_run):
-    output = copy_run(base_run, workdir, "truncated-optimizer")
+@pytest.mark.fresh_process
+def test_a_named_damaged_checkpoint_is_refused_with_one_line_naming_the_file(workdir, fresh_base_run):
+    output = copy_run(fresh_base_run, workdir, "truncated-optimizer")
     damaged = output / "checkpoint-4" / "optimizer.bin"
     damaged.write_bytes(damaged.read_bytes()[:-10])
     before = snapshot(output)
-    result = resume(workdir, output, "checkpoint-4", steps=6)
-    assert result.returncode == 1
-    assert error_line(result).startswith(f"train_ddpm.py: error: {damaged} has ")
-    assert "truncated or altered" in error_line(result) and "Traceback" not in result.stderr
+    line = resume_here(output, "checkpoint-4", steps=6)
+    assert line.startswith(f"train_ddpm.py: error: {damaged} has ")
+    assert "truncated or altered" in line
     assert snapshot(output) == before  # nothing loaded, nothing written, the damaged checkpoint kept for inspection
 
 
-def test_latest_refuses_when_no_checkpoint_verifies(workdir, base_run):
-    output = copy_run(base_run, workdir, "all-damaged")
+@pytest.mark.fresh_process
+def test_latest_refuses_when_no_checkpoint_verifies(workdir, fresh_base_run):
+    output = copy_run(fresh_base_run, workdir, "all-damaged")
     (output / "checkpoint-2" / "ema.safetensors").write_bytes(b"not the ema")
     (output / "checkpoint-4" / MANIFEST_NAME).unlink()
     (output / "checkpoint-4" / "model.safetensors").write_bytes(b"{}")
@@ -150,12 +203,13 @@ def test_latest_refuses_when_no_checkpoint_verifies(workdir, base_run):
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process
 # Hostile files -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("manifest", ["replaced", "regenerated"])
-def test_a_payload_in_every_file_runs_nothing_and_is_refused(workdir, base_run, manifest):
+def test_a_payload_in_every_file_runs_nothing_and_is_refused(workdir, fresh_base_run, manifest):
     """Every file of checkpoint-4 replaced by a pickle that would create a marker; the attacker also rewrites the
     manifest to match (or plants the payload in it too). The resume stops with exit 1; no code ran."""
-    output, marker = copy_run(base_run, workdir, f"payload-{manifest}"), workdir / f"pwned-{manifest}"
+    output, marker = copy_run(fresh_base_run, workdir, f"payload-{manifest}"), workdir / f"pwned-{manifest}"
     checkpoint = output / "checkpoint-4"
     for path in checkpoint.iterdir():
         if path.name != MANIFEST_NAME or manifest == "replaced":
@@ -163,17 +217,19 @@ def test_a_payload_in_every_file_runs_nothing_and_is_refused(workdir, base_run, 
     if manifest == "regenerated":
         (checkpoint / MANIFEST_NAME).unlink(missing_ok=True)
         write_manifest(str(checkpoint))
-    result = resume(workdir, output, "checkpoint-4", steps=6)
+    line = resume_here(output, "checkpoint-4", steps=6)
     assert not marker.exists()
-    assert result.returncode == 1 and error_line(result).startswith(f"train_ddpm.py: error: {checkpoint}")
-    assert "Traceback" not in result.stderr and not (output / "checkpoint-6").exists()
+    assert line.startswith(f"train_ddpm.py: error: {checkpoint}") and not (output / "checkpoint-6").exists()
 
 
-def test_each_planted_file_is_refused_under_a_regenerated_manifest(workdir, base_run):
+@pytest.mark.fresh_process
+def test_each_planted_file_is_refused_under_a_regenerated_manifest(workdir, fresh_base_run):
     """One file at a time, so that no check hides behind an earlier one: each is refused, naming it; nothing runs."""
     marker = workdir / "pwned-one"
-    for name in sorted(path.name for path in (base_run / "checkpoint-4").iterdir() if path.name != MANIFEST_NAME):
-        output = copy_run(base_run, workdir, f"payload-{name}")
+    for name in sorted(
+        path.name for path in (fresh_base_run / "checkpoint-4").iterdir() if path.name != MANIFEST_NAME
+    ):
+        output = copy_run(fresh_base_run, workdir, f"payload-{name}")
         checkpoint = output / "checkpoint-4"
         plant(checkpoint / name, marker)
         (checkpoint / MANIFEST_NAME).unlink(missing_ok=True)
@@ -184,9 +240,10 @@ def test_each_planted_file_is_refused_under_a_regenerated_manifest(workdir, base
         shutil.rmtree(output)
 
 
-def test_a_checkpoint_without_a_manifest_is_refused_in_one_line(workdir, base_run):
+@pytest.mark.fresh_process
+def test_a_checkpoint_without_a_manifest_is_refused_in_one_line(workdir, fresh_base_run):
     """Checkpoints written before the manifest (no manifest.json) are not read: the line says so and what to do."""
-    output = copy_run(base_run, workdir, "no-manifest")
+    output = copy_run(fresh_base_run, workdir, "no-manifest")
     (output / "checkpoint-4" / MANIFEST_NAME).unlink()
     with pytest.raises(CheckpointError) as error:
         verify_checkpoint(str(output / "checkpoint-4"))
@@ -331,35 +388,37 @@ def test_a_first_export_killed_midway_leaves_no_partial_pipeline(workdir):
 
 # The output folder's other checkpoints --------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_users_backup_copy_of_a_checkpoint_is_kept_and_can_be_resumed(workdir, base_run):
+@pytest.mark.fresh_process
+def test_a_users_backup_copy_of_a_checkpoint_is_kept_and_can_be_resumed(workdir, fresh_base_run, caplog):
     """`checkpoint-4.bak` (a user's copy) was deleted by every run as "incomplete", and refused by name."""
-    output = copy_run(base_run, workdir, "backup")
+    caplog.set_level(logging.INFO)
+    output = copy_run(fresh_base_run, workdir, "backup")
     shutil.copytree(output / "checkpoint-4", output / "checkpoint-4.bak")
     before = snapshot(output / "checkpoint-4.bak")
-    result = resume(workdir, output, "checkpoint-4.bak", steps=6)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resumed from {output / 'checkpoint-4.bak'}: step 4" in result.stderr
-    assert "Removing" not in result.stderr and snapshot(output / "checkpoint-4.bak") == before
+    resume_here_ok(output, "checkpoint-4.bak", 6)
+    assert f"Resumed from {output / 'checkpoint-4.bak'}: step 4" in caplog.text
+    assert "Removing" not in caplog.text and snapshot(output / "checkpoint-4.bak") == before
     assert resolve_resume_checkpoint(str(output), "latest").path == str(output / "checkpoint-6")
 
 
 @pytest.mark.slow
-def test_the_total_limit_never_deletes_good_checkpoints_for_a_damaged_newer_one(workdir, base_run):
+@pytest.mark.fresh_process
+def test_the_total_limit_never_deletes_good_checkpoints_for_a_damaged_newer_one(workdir, fresh_base_run, caplog):
     """With checkpoint-4 damaged, `latest` resumes checkpoint-2 and writes checkpoint-3; --checkpoints_total_limit 1
     deleted 2 and 3 and kept the damaged 4, so every later resume failed: all work lost."""
-    output = copy_run(base_run, workdir, "limit")
+    caplog.set_level(logging.INFO)
+    output = copy_run(fresh_base_run, workdir, "limit")
     (output / "checkpoint-4" / "model.safetensors").write_bytes(b"0123456789")
-    args = [*RUN, "--max_train_steps", "3", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1"]
-    result = run_training(workdir, [*args, "--output_dir", str(output), "--resume_from_checkpoint", "latest"],
-                          processes=0)  # fmt: skip
-    assert f"Resumed from {output / 'checkpoint-2'}: step 2" in result.stderr
+    resume_here_ok(output, "latest", 3, "--checkpointing_steps", "3", "--checkpoints_total_limit", "1")
+    assert f"Resumed from {output / 'checkpoint-2'}: step 2" in caplog.text
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert resolve_resume_checkpoint(str(output), "latest").path == str(output / "checkpoint-3")
 
 
-def test_a_checkpoint_under_another_steps_name_does_not_verify(workdir, base_run, caplog):
+@pytest.mark.fresh_process
+def test_a_checkpoint_under_another_steps_name_does_not_verify(workdir, fresh_base_run, caplog):
     """A stale copy named `checkpoint-9` was taken for step 9: every `latest` went back to its step 2."""
-    output = copy_run(base_run, workdir, "renamed")
+    output = copy_run(fresh_base_run, workdir, "renamed")
     shutil.copytree(output / "checkpoint-2", output / "checkpoint-9")
     with pytest.raises(CheckpointError, match="checkpoint-9 holds step 2 .*Rename it checkpoint-2"):
         verify_checkpoint(str(output / "checkpoint-9"))
@@ -404,8 +463,9 @@ CHECKPOINTED_RUN = [*TINY_RUN, "--checkpointing_steps", "2"]
 
 @pytest.fixture(scope="module")
 def one_channel_run(workdir) -> Path:
-    """Checkpoint-2 of a 1-channel run on the embedded digits."""
-    run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", "one-channel"], processes=0)
+    """Checkpoint-2 of a 1-channel run on the embedded digits, trained in the fresh process (its tests' only)."""
+    assert "DDPM_TESTS_FRESH_PROCESS_REPORTS" in os.environ, "mark its tests @pytest.mark.fresh_process"
+    train_here(workdir, *CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", "one-channel")
     return workdir / "one-channel"
 
 
@@ -438,6 +498,7 @@ def test_a_model_of_other_shapes_is_named_by_the_flag_that_differs_from_the_head
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process
 @pytest.mark.parametrize(
     "flags, named",
     [
@@ -448,15 +509,22 @@ def test_a_model_of_other_shapes_is_named_by_the_flag_that_differs_from_the_head
     ],
 )  # fmt: skip
 def test_resuming_a_checkpoint_of_another_model_names_the_flag_and_loads_nothing(
-    workdir, one_channel_run, flags, named
+    workdir, one_channel_run, monkeypatch, flags, named
 ):
+    """In the fresh process: a refusal ends in one line (SystemExit with its message: exit status 1, as the script
+    runs of this file pin), before the data."""
+    import train_ddpm
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the run reached the data")
+
+    monkeypatch.setattr(train_ddpm, "load_pixels", no_data)  # refused from the header before the data cache is built
     (workdir / "wide.json").write_text(json.dumps({**SMALL_UNET, "block_out_channels": [8, 24]}))
     before = {path: path.read_bytes() for path in (one_channel_run / "checkpoint-2").iterdir()}
     args = [*CHECKPOINTED_RUN, "--max_train_steps", "4", "--output_dir", str(one_channel_run)]
-    result = run_training(workdir, [*args, "--resume_from_checkpoint", "latest", *flags], processes=0, check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "Data:" not in result.stderr  # refused from the header before the data cache is built
-    assert last_line(result) == (
+    with pytest.raises(SystemExit) as exited:
+        train_here(workdir, *args, "--resume_from_checkpoint", "latest", *flags)
+    assert exited.value.code == (
         f"train_ddpm.py: error: {one_channel_run / 'checkpoint-2'} holds a model of another shape than this run's: it "
         f"was written with {named}. Resume with the flags of the run that wrote it, or train this model in a new "
         "--output_dir (or start over with --overwrite_output_dir)."

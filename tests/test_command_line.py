@@ -134,17 +134,18 @@ def test_a_channel_count_out_of_the_choices_in_a_config_file_is_refused(tmp_path
         config.write_text("pipeline: ddpm-output\nnum_channels: 2\n")
 
 
+OUT_OF_RANGE = [
+    ("train_ddpm.py", ["--train_batch_size", "0"], "--train_batch_size 0 is out of range: it must be > 0."),
+    ("train_ddpm.py", ["--adam_beta1", "1.5"], "--adam_beta1 1.5 is out of range: it must be in [0, 1)."),
+    ("train_ddpm.py", ["--ddpm_num_steps", "0"], "--ddpm_num_steps 0 is out of range: it must be > 0."),
+    ("train_ddpm.py", ["--preprocessing_num_workers", "0"], "--preprocessing_num_workers 0 is out of range: it must be > 0."),
+    ("evaluate_ddpm.py", ["--pipeline", "missing", "--batch_size", "0"], "--batch_size 0 is out of range: it must be > 0."),
+]  # fmt: skip
+
+
+# The scripts themselves (one run of each): exit status 2, the line last, no traceback, at once, nothing written.
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "script, flags, message",
-    [
-        ("train_ddpm.py", ["--train_batch_size", "0"], "--train_batch_size 0 is out of range: it must be > 0."),
-        ("train_ddpm.py", ["--adam_beta1", "1.5"], "--adam_beta1 1.5 is out of range: it must be in [0, 1)."),
-        ("train_ddpm.py", ["--ddpm_num_steps", "0"], "--ddpm_num_steps 0 is out of range: it must be > 0."),
-        ("train_ddpm.py", ["--preprocessing_num_workers", "0"], "--preprocessing_num_workers 0 is out of range: it must be > 0."),
-        ("evaluate_ddpm.py", ["--pipeline", "missing", "--batch_size", "0"], "--batch_size 0 is out of range: it must be > 0."),
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("script, flags, message", [OUT_OF_RANGE[0], OUT_OF_RANGE[-1]])
 def test_a_flag_out_of_range_stops_the_script_at_once_with_one_line(workdir, script, flags, message):
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(REPO / script), *flags, "--output_dir", "never"], cwd=workdir,
@@ -152,6 +153,21 @@ def test_a_flag_out_of_range_stops_the_script_at_once_with_one_line(workdir, scr
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last_line(result) == f"{script}: error: {message}"
     assert time.monotonic() - started < 60 and not (workdir / "never").exists()
+
+
+# Every case through the scripts' `main` (what each script runs), in this process: it stops in the parsing.
+@pytest.mark.parametrize("script, flags, message", OUT_OF_RANGE)
+def test_a_flag_out_of_range_stops_main_at_once_with_one_line(tmp_path, monkeypatch, capsys, script, flags, message):
+    import train_ddpm
+
+    main = {"train_ddpm.py": train_ddpm.main, "evaluate_ddpm.py": evaluate_ddpm.main}[script]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main([*flags, "--output_dir", "never"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"{script}: error: {message}"
+    assert not (tmp_path / "never").exists()
 
 
 def parse_error(capsys, parse, argv) -> str:

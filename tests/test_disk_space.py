@@ -4,11 +4,12 @@ and leaves nothing half-written."""
 
 import errno
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
-from helpers import FAST, REPO, SMALL_UNET, random_images, run_training
+from helpers import FAST, REPO, SMALL_UNET, one_thread, random_images, run_training
 
 import evaluate_ddpm
 import evaluation.inputs
@@ -47,10 +48,34 @@ def small_disk(mount_tmpfs):
     return mount_tmpfs
 
 
+def train_here(workdir: Path, *args: str):
+    """`train_ddpm.main` in this process, in `workdir` (tests marked fresh_process: accelerate's state is
+    process-wide)."""
+    import train_ddpm
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        with one_thread():  # as the script runs (OMP_NUM_THREADS=1)
+            return train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
+    finally:
+        os.chdir(cwd)
+
+
+def refused_here(workdir: Path, *args: str) -> str:
+    """The one line a run in this process ends in (a SystemExit with a message: exit status 1, as the script run of
+    test_a_full_disk_under_the_datasets_cache_names_it_and_its_free_space pins)."""
+    with pytest.raises(SystemExit) as exited:
+        train_here(workdir, *args)
+    assert isinstance(exited.value.code, str) and "\n" not in exited.value.code, exited.value.code
+    return exited.value.code
+
+
 @pytest.fixture(scope="module")
 def one_channel_run(workdir) -> Path:
-    """Checkpoint-2 of a 1-channel run on the embedded digits."""
-    run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", "one-channel"], processes=0)
+    """Checkpoint-2 of a 1-channel run on the embedded digits (in the fresh process, as its tests' runs)."""
+    assert "DDPM_TESTS_FRESH_PROCESS_REPORTS" in os.environ, "mark its tests @pytest.mark.fresh_process"
+    train_here(workdir, *CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", "one-channel")
     return workdir / "one-channel"
 
 
@@ -69,12 +94,10 @@ def remains(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process
 def test_a_full_disk_at_a_checkpoint_names_the_disk_the_need_and_the_intact_checkpoint(workdir, small_disk, sizes):
     output = small_disk(int(1.55 * sizes[0]) + 40) / "run"  # room for checkpoint-2 and the logs, not checkpoint-4
-    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "6", "--output_dir", str(output)],
-                          processes=0, check=False)  # fmt: skip
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = last_line(result)
+    line = refused_here(workdir, *CHECKPOINTED_RUN, "--max_train_steps", "6", "--output_dir", str(output))
     assert line.startswith(f"train_ddpm.py: error: The disk holding '{output}' is full: writing checkpoint-4 failed")
     assert re.search(r"a checkpoint needs about \d+ KB \(the size of checkpoint-2\)", line)
     assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line
@@ -117,12 +140,10 @@ def test_a_full_disk_under_the_evaluation_output_names_it(tmp_path, small_disk, 
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process
 def test_a_full_disk_at_the_first_checkpoint_estimates_the_need_and_says_none_is_intact(workdir, small_disk, sizes):
     output = small_disk(sizes[0] // 2) / "run"
-    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
-                          processes=0, check=False)  # fmt: skip
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = last_line(result)
+    line = refused_here(workdir, *CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output))
     assert "is full: writing checkpoint-2 failed" in line
     assert re.search(r"needs about \d+ KB \(the model, optimizer and EMA states it holds\)", line)
     assert line.endswith(f"No intact checkpoint is in '{output}': the run must start again.")
@@ -130,12 +151,10 @@ def test_a_full_disk_at_the_first_checkpoint_estimates_the_need_and_says_none_is
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process
 def test_a_full_disk_at_the_export_keeps_the_checkpoint_and_leaves_no_partial_export(workdir, small_disk, sizes):
     output = small_disk(sizes[0] + sizes[1] // 2 + 60) / "run"  # room for checkpoint-2 and a grid, not the export
-    result = run_training(workdir, [*CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output)],
-                          processes=0, check=False)  # fmt: skip
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = last_line(result)
+    line = refused_here(workdir, *CHECKPOINTED_RUN, "--max_train_steps", "2", "--output_dir", str(output))
     assert line.startswith(f"train_ddpm.py: error: The disk holding '{output}' is full: exporting the pipeline failed")
     assert "an export needs about" in line and "There was no export there before." in line
     assert f"{output / 'checkpoint-2'} is the newest intact checkpoint (it verifies)" in line

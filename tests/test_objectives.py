@@ -1,10 +1,8 @@
 """The objectives of Table 2 (training/losses.py) and mean prediction in the scheduler, against closed forms computed
 here in float64 from the betas, and one short real training run with `--loss_type vlb --prediction_type mean`."""
 
+import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -227,23 +225,20 @@ def test_mean_prediction_config_round_trips_and_is_not_offered_to_stock_diffuser
 
 
 @pytest.mark.slow
-def test_short_vlb_mean_training_run_exports_a_loadable_paper_pipeline(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.update(HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"), CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+@pytest.mark.fresh_process  # train_ddpm.main, in this process, builds an Accelerator
+def test_short_vlb_mean_training_run_exports_a_loadable_paper_pipeline(tmp_path, monkeypatch, caplog):
+    from helpers import one_thread
+
+    import train_ddpm
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.chdir(tmp_path)
     args = ["--cpu", "--model_preset", "tiny", "--max_train_steps", "3", "--loss_type", "vlb"]
     args += ["--prediction_type", "mean", "--variance_type", "learned_range", "--output_dir", "out"]
     args += ["--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "5", "--eval_batch_size", "4", "--use_ema"]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train_ddpm.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "exported as a DDPMPaperPipeline folder" in result.stderr
+    with one_thread():  # as the script runs (OMP_NUM_THREADS=1)
+        train_ddpm.main([*args, "--cache_dir", str(tmp_path / "datasets-cache")])
+    assert "exported as a DDPMPaperPipeline folder" in caplog.text
     pipeline = DDPMPaperPipeline.from_pretrained(tmp_path / "out")
     assert pipeline.scheduler.config.prediction_type == "mean"
     assert pipeline.scheduler.config.variance_type == "learned_range"

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import FAST, SMALL_UNET, run_training
+from helpers import FAST, SMALL_UNET, one_thread, run_training
 
 from checkpoints.checkpointing import (
     CheckpointError,
@@ -114,40 +114,82 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
+# One run of the script itself pins the mechanism: exit status 1, one line, no traceback, before the data, nothing left.
 @pytest.mark.slow
+def test_train_ddpm_refuses_before_any_data_or_training(workdir):
+    """Each was a traceback, an OOM kill or a failure after training (the push): now one line, exit 1, before the
+    data cache is built, and the output folder is left as it was (here: not there). The other faults of the same
+    mechanism are the in-process cases below."""
+    args = [*TINY_RUN, "--output_dir", "out", "--logging_dir", "../afile"]
+    result = run_training(workdir, args, processes=0, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "--logging_dir 'out/../afile' is a file, not a folder" in result.stderr.strip().splitlines()[-1]
+    assert "Data:" not in result.stderr and "Training" not in result.stderr
+    assert not (workdir / "out").exists()
+
+
+def _no_data(*args, **kwargs):
+    raise AssertionError("the run reached the data")
+
+
+@pytest.fixture
+def in_process(request, workdir, monkeypatch):
+    """`train_ddpm.main` here, in `workdir`, stopped should it reach the data: in a test marked fresh_process."""
+    assert request.node.get_closest_marker("fresh_process"), "mark the test @pytest.mark.fresh_process"
+    import train_ddpm
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(train_ddpm, "load_pixels", _no_data)
+    return lambda *args: train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
+
+
+def refusal(in_process, *args) -> str:
+    """The one line of an expected failure (SystemExit with a message is exit status 1 and that line on stderr)."""
+    with pytest.raises(SystemExit) as exited:
+        in_process(*args)
+    assert isinstance(exited.value.code, str) and "\n" not in exited.value.code, exited.value.code
+    return exited.value.code
+
+
+@pytest.mark.slow
+@pytest.mark.fresh_process
 @pytest.mark.parametrize(
     "flags, env, message",
     [
-        (["--logging_dir", "../afile"], {}, "--logging_dir 'out/../afile' is a file, not a folder"),
         (["--push_to_hub", "--hub_model_id", "me/m"], {"HF_HUB_OFFLINE": "1"},
          "Publishing to the Hub repo 'me/m' failed: OfflineModeIsEnabled"),
         (["--resolution", "65536"], {}, "--resolution 65536 with --train_batch_size 4: one feature map"),
         (["--resume_from_checkpoint", "images"], {}, "'images' is not a checkpoint"),
     ],
-    ids=["logging-dir-is-a-file", "push-offline", "resolution-65536", "resume-from-a-file"],
+    ids=["push-offline", "resolution-65536", "resume-from-a-file"],
 )  # fmt: skip
-def test_train_ddpm_refuses_before_any_data_or_training(workdir, flags, env, message):
-    """Each was a traceback, an OOM kill or a failure after training (the push): now one line, exit 1, before the
-    data cache is built, and the output folder is left as it was (here: not there)."""
-    args = [*TINY_RUN, "--output_dir", "out", *flags]
-    result = run_training(workdir, args, processes=0, check=False, env=env)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert message in result.stderr.strip().splitlines()[-1]
-    assert "Data:" not in result.stderr and "Training" not in result.stderr
-    assert not (workdir / "out").exists()
+def test_train_ddpm_refuses_other_faults_before_any_data_or_training(workdir, in_process, monkeypatch, flags, env,
+                                                                     message):  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = refusal(in_process, *TINY_RUN, "--output_dir", "out-in-process", *flags)
+    assert line.startswith("train_ddpm.py: error: ") and message in line, line
+    assert not (workdir / "out-in-process").exists()
 
 
 @pytest.mark.slow
-def test_a_users_readme_in_the_output_folder_is_kept(workdir):
+@pytest.mark.fresh_process
+def test_a_users_readme_in_the_output_folder_is_kept(workdir, in_process, monkeypatch):
     out = workdir / "mine"
     out.mkdir()
     (out / "README.md").write_text("my notes")
-    result = run_training(workdir, [*TINY_RUN, "--output_dir", "mine"], processes=0, check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "holds files that this run's export would replace (README.md)" in result.stderr.splitlines()[-1]
+    line = refusal(in_process, *TINY_RUN, "--output_dir", "mine")
+    assert line.startswith("train_ddpm.py: error: ")
+    assert "holds files that this run's export would replace (README.md)" in line
     assert sorted(path.name for path in out.iterdir()) == ["README.md"]
     assert (out / "README.md").read_text() == "my notes"
-    run_training(workdir, [*TINY_RUN, "--output_dir", "mine", "--overwrite_output_dir"], processes=0)
+    monkeypatch.undo()  # the data back, the working folder too
+    monkeypatch.chdir(workdir)
+    import train_ddpm
+
+    with one_thread():  # as the script runs (OMP_NUM_THREADS=1)
+        train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *TINY_RUN, "--output_dir", "mine",
+                         "--overwrite_output_dir"])  # fmt: skip
     assert (out / "model_index.json").is_file() and (out / "README.md").read_text() != "my notes"
 
 
@@ -200,12 +242,15 @@ def test_a_folder_the_run_cannot_write_is_refused_by_the_preflight(tmp_path, mon
 
 
 @pytest.mark.slow
-def test_a_read_only_logging_dir_stops_the_script_before_the_data(tmp_path, read_only):
+@pytest.mark.fresh_process
+def test_a_read_only_logging_dir_stops_the_script_before_the_data(tmp_path, read_only, monkeypatch):
+    import train_ddpm
+
     (tmp_path / "unet.json").write_text(json.dumps(SMALL_UNET))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_ddpm, "load_pixels", _no_data)
     logs = read_only / "existing" / "logs"
     args = [*TINY_RUN, "--max_train_steps", "1", "--output_dir", "out", "--logging_dir", str(logs)]
-    result = run_training(tmp_path, args, processes=0, check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = last_line(result)
+    line = refusal(lambda *a: train_ddpm.main(["--cpu", *a]), *args)
     assert f"--logging_dir '{logs}' cannot be written" in line and "read-only" in line, line
-    assert "Data:" not in result.stderr and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()

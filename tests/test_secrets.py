@@ -64,12 +64,28 @@ def files_holding(folder: Path, *needles: str) -> list[str]:
 # Credentials and local paths ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_abbreviated_token_flag_is_refused_without_showing_the_token(workdir):
-    for argv in (["--hub_tok", TOKEN], [f"--hub_tok={TOKEN}"], ["--hub_to", TOKEN]):
-        result = run_training(workdir, [*SHORT_RUN, "--output_dir", "abbreviated", *argv], processes=0, check=False)
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert "--hub_tok" in result.stderr and "did you mean --hub_token" in result.stderr
-        assert TOKEN not in result.stdout + result.stderr
+    """The script itself once; every form through `train_ddpm.main` in the next test."""
+    result = run_training(workdir, [*SHORT_RUN, "--output_dir", "abbreviated", "--hub_tok", TOKEN], processes=0,
+                          check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--hub_tok" in result.stderr and "did you mean --hub_token" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
     assert not (workdir / "abbreviated").exists()
+
+
+@pytest.mark.parametrize("argv", [["--hub_tok", TOKEN], [f"--hub_tok={TOKEN}"], ["--hub_to", TOKEN]])
+def test_abbreviated_token_flag_is_refused_by_main_without_showing_the_token(tmp_path, monkeypatch, capsys, argv):
+    import train_ddpm
+
+    (tmp_path / "unet.json").write_text(json.dumps(SMALL_UNET))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        train_ddpm.main([*SHORT_RUN, "--output_dir", "abbreviated", *argv])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert "--hub_tok" in err and "did you mean --hub_token" in err
+    assert TOKEN not in out + err
+    assert not (tmp_path / "abbreviated").exists()
     with pytest.raises(SystemExit) as exit_info:
         evaluate_ddpm.parse_args(["--pipeline", "p", "--num_samp", "3"])
     assert exit_info.value.code == 2

@@ -1,8 +1,10 @@
-"""train_ddpm.py end to end: real runs through `accelerate launch` on the CPU, with a 45k-parameter U-Net on 8x8
-images, T = 50 and 5 sampling steps, so that each run takes seconds. Runs shared by several tests are module-scoped
-fixtures."""
+"""train_ddpm.py end to end: real runs on the CPU with a 45k-parameter U-Net on 8x8 images, T = 50 and 5 sampling
+steps, so that each run takes seconds; through `accelerate launch` where the launcher is part of what a test pins
+(the digits run, with the project's config, and the multi-process runs), else as plain `python train_ddpm.py`. Runs
+shared by several tests are module-scoped fixtures."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -97,7 +99,9 @@ def digits_run(workdir) -> tuple[Path, LocalHub]:
 
 @pytest.fixture(scope="module")
 def hub_run(workdir, hub_layout_dataset) -> Path:
-    run_training(workdir, ["--dataset_name", str(hub_layout_dataset), *HUB_RUN, "--output_dir", "hub"])
+    # Plain `python train_ddpm.py` (the launcher with the project config is digits_run's): the resume test that
+    # compares with this run bit for bit runs the same way.
+    run_training(workdir, ["--dataset_name", str(hub_layout_dataset), *HUB_RUN, "--output_dir", "hub"], processes=0)
     return workdir / "hub"
 
 
@@ -235,7 +239,7 @@ def test_image_folder_streaming_with_v_prediction_and_learned_variance(workdir, 
     # Bits/dim on an --eval_split (a stream has no end to hold out), loaded without streaming, the first 6 images.
     args += ["--eval_steps", "2", "--eval_split", "train", "--eval_holdout_images", "6", "--eval_num_images", "4"]
     args += ["--eval_bpd_timesteps", "5", "--eval_num_samples", "0"]
-    result = run_training(workdir, [*args, *FAST])
+    result = run_training(workdir, [*args, *FAST], processes=0)
     assert "Evaluation every 2 steps on 6 held-out images (split 'train')" in result.stderr
     output = workdir / "folder"
     bits_per_dim = logged_scalars(output, "eval/bits_per_dim")
@@ -376,7 +380,7 @@ def test_resume_after_sigkill_mid_checkpoint_is_bitwise_exact(workdir, hub_layou
     args = ["--dataset_name", str(hub_layout_dataset), *HUB_RUN, "--output_dir", str(output)]
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            launch_command(script, args, processes=None),
+            launch_command(script, args, processes=0),  # as hub_run, which it is compared with
             cwd=workdir,
             env=run_env(workdir),
             stdin=subprocess.PIPE,
@@ -394,7 +398,7 @@ def test_resume_after_sigkill_mid_checkpoint_is_bitwise_exact(workdir, hub_layou
     assert (output / "checkpoint-4.tmp" / "model.safetensors").is_file()
     assert not (output / "checkpoint-4").exists()
 
-    result = run_training(workdir, [*args, "--resume_from_checkpoint", "latest"])
+    result = run_training(workdir, [*args, "--resume_from_checkpoint", "latest"], processes=0)
     assert "Skipping" in result.stderr and "checkpoint-4.tmp" in result.stderr
     assert "Resumed from" in result.stderr and "checkpoint-2: step 2" in result.stderr
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -436,43 +440,32 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(workdir):
     assert not list(output.glob("*.tmp")) and not (output / "model_index.json").exists()
 
 
-NAN_LOSSES = """
-import sys
-sys.path.insert(0, {repo!r})
-import train_ddpm
-
-loss, calls = train_ddpm.diffusion_loss, 0
-
-
-def sometimes_nan(*args, **kwargs):
-    global calls
-    calls += 1
-    value = loss(*args, **kwargs)
-    return value * float("nan") if calls in (2, 3) or calls >= 6 else value
-
-
-train_ddpm.diffusion_loss = sometimes_nan
-train_ddpm.main()
-"""
-
-
 @pytest.mark.slow
-def test_non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run(workdir):
+@pytest.mark.fresh_process  # train_ddpm.main, in this process, builds an Accelerator
+def test_non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run(workdir, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     output = workdir / "nan"
-    script = workdir / "nan_losses.py"
-    script.write_text(NAN_LOSSES.format(repo=str(REPO)))
+    loss, calls = train_ddpm.diffusion_loss, []
+
+    def sometimes_nan(*args, **kwargs):
+        calls.append(None)
+        value = loss(*args, **kwargs)
+        return value * float("nan") if len(calls) in (2, 3) or len(calls) >= 6 else value
+
+    monkeypatch.setattr(train_ddpm, "diffusion_loss", sometimes_nan)
+    monkeypatch.chdir(workdir)
     args = ["--model_config_name_or_path", "unet.json", "--max_train_steps", "20", "--checkpointing_steps", "4"]
     args += ["--max_nonfinite_steps", "3", "--train_batch_size", "8", "--output_dir", str(output), *FAST]
-    result = run_training(workdir, args, processes=0, script=script, check=False)
+    with pytest.raises(SystemExit) as exited, one_thread():  # one thread, as the script runs (OMP_NUM_THREADS=1)
+        train_ddpm.main(["--cpu", "--cache_dir", str(workdir / "in-process-cache"), *args])
     # Steps 2 and 3 skipped, 4 and 5 fine, 6 onwards skipped. The host learns of a step one step late (it never waits for
     # the device): the third in a row (step 8) stops the run after step 9, after a checkpoint of the weights of step 5
-    # (the skipped steps never touched them), so that no work is lost.
-    assert result.returncode == 1
-    assert "Step 3: non-finite gradient (loss nan); step skipped (2 in a row, 2 in all)" in result.stderr
-    assert "3 optimizer steps in a row had a non-finite loss or gradient (up to step 8); stopping at step 9" in (
-        result.stderr
-    )
-    assert f"Resume with --resume_from_checkpoint {output / 'checkpoint-9'}" in result.stderr
+    # (the skipped steps never touched them), so that no work is lost. A SystemExit with a message: exit status 1.
+    said = f"{caplog.text}\n{exited.value.code}"
+    assert isinstance(exited.value.code, str)
+    assert "Step 3: non-finite gradient (loss nan); step skipped (2 in a row, 2 in all)" in said
+    assert "3 optimizer steps in a row had a non-finite loss or gradient (up to step 8); stopping at step 9" in said
+    assert f"Resume with --resume_from_checkpoint {output / 'checkpoint-9'}" in said
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8", "checkpoint-9"]
     assert trainer_state(output / "checkpoint-4").skipped_nonfinite_steps == 2
     state = trainer_state(output / "checkpoint-9")
