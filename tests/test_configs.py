@@ -166,6 +166,7 @@ def test_only_whole_flags_after_one_file_are_accepted(tmp_path, capsys):
 
 # The CIFAR-10 recipe runs ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.fresh_process  # train_ddpm.main, in this process, builds an Accelerator
 def test_cifar10_recipe_trains_two_steps_on_a_local_hub_layout_folder(tmp_path, monkeypatch):
     """The file as shipped, with the dataset, steps, batch and sampling cut down by flags after it."""

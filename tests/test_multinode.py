@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from checkpoints.checkpointing import TRAINER_STATE_NAME, TrainerState, latest_checkpoint
 from checkpoints.verify import verify_checkpoint
 
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes each: `python -m pytest -m long`
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
 NUM_IMAGES = 26

@@ -18,6 +18,8 @@ import pytest
 
 from checkpoints.checkpointing import TRAINER_STATE_NAME, TrainerState
 
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes each: `python -m pytest -m long`
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "docs" / "slurm" / "train_ddpm.sbatch"
 PAGE = REPO / "docs" / "cluster.md"

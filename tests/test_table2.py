@@ -69,6 +69,7 @@ def smoke_run(tmp_path_factory):
     return runs, digests(before), digests(after)
 
 
+@pytest.mark.long
 def test_smoke_run_leaves_docs_and_results_byte_identical_and_writes_its_own_folder(smoke_run):
     runs, before, after = smoke_run
     assert after == before
@@ -85,6 +86,7 @@ def test_smoke_run_leaves_docs_and_results_byte_identical_and_writes_its_own_fol
     assert settings["train"]["max_train_steps"] == 6 and settings["evaluate"]["num_samples"] == 8
 
 
+@pytest.mark.long
 def test_write_docs_fills_the_given_docs_and_results_and_a_rerun_only_reads(smoke_run, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(smoke_run[0], runs)
@@ -102,6 +104,7 @@ def test_write_docs_fills_the_given_docs_and_results_and_a_rerun_only_reads(smok
         table2.main(smoke_argv(runs) + ["--docs_dir", str(docs)])
 
 
+@pytest.mark.long
 def test_rerun_with_other_settings_refuses_then_redoes_and_never_reports_the_old_numbers(smoke_run, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(smoke_run[0], runs)
@@ -156,6 +159,7 @@ def kill_training_when_it_steps(folder, log, killed: list, stop: threading.Event
         time.sleep(0.05)
 
 
+@pytest.mark.long
 def test_a_killed_row_is_retried_by_the_next_run_and_gets_real_numbers(tmp_path, monkeypatch):
     row = table2.Row(
         "eps-simple-ckpt", "epsilon", "L_simple, a checkpoint every 2 steps",
