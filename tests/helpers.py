@@ -122,3 +122,9 @@ def trainer_state(checkpoint: Path) -> TrainerState:
 def random_images(count: int, size: tuple[int, int], seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def last_line(result) -> str:
+    """The last line a finished run wrote to stderr: where its one-line error is."""
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from helpers import FAST, SMALL_UNET, one_thread, run_training
+from helpers import FAST, SMALL_UNET, last_line, one_thread, run_training
 
 from training.args import PATH_FLAGS, RUN_DEFAULTS, TrainingArguments, make_parser, parse_args
 
@@ -20,11 +20,6 @@ def parse_error(capsys, argv) -> str:
         parse_args(argv)
     assert exited.value.code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
-
-
-def last_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 # `~` and variables ------------------------------------------------------------------------------------------------

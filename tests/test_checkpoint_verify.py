@@ -452,11 +452,6 @@ def test_a_trainer_state_of_impossible_values_is_refused_naming_them(tmp_path, v
 TINY_RUN = ["--model_config_name_or_path", "unet.json", "--resolution", "8", "--train_batch_size", "4", *FAST]
 
 
-def last_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
-
-
 # 1. A full disk ------------------------------------------------------------------------------------------------
 CHECKPOINTED_RUN = [*TINY_RUN, "--checkpointing_steps", "2"]
 

@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SMALL_UNET, run_env
+from helpers import REPO, SMALL_UNET, last_line, run_env
 
 import evaluate_ddpm
 from command_line.fields import POSITIVE, RANGE, flag, flag_ranges
@@ -22,11 +22,6 @@ def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("errors")
     (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
     return folder
-
-
-def last_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 # 2. Numeric flags out of range ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, SMALL_UNET, random_images, run_training
+from helpers import FAST, SMALL_UNET, last_line, random_images, run_training
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -371,11 +371,6 @@ def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("errors")
     (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
     return folder
-
-
-def last_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 def save_images(folder: Path, count: int = 3, seed: int = 0) -> None:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import FAST, REPO, SMALL_UNET, one_thread, random_images, run_training
+from helpers import FAST, REPO, SMALL_UNET, last_line, one_thread, random_images, run_training
 
 import evaluate_ddpm
 import evaluation.inputs
@@ -25,11 +25,6 @@ def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("errors")
     (folder / "unet.json").write_text(json.dumps(SMALL_UNET))
     return folder
-
-
-def last_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 def save_images(folder: Path, count: int = 3, seed: int = 0) -> None:

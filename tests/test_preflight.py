@@ -205,11 +205,6 @@ def test_links_in_the_output_paths_are_followed_as_the_os_follows_them(tmp_path,
         check_output_paths(parse_args(["--output_dir", "dangling"]))
 
 
-def last_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
-
-
 # Folders the run cannot write -------------------------------------------------------------------------------------
 @pytest.fixture
 def read_only(mount_tmpfs) -> Path:
